@@ -1,0 +1,89 @@
+//! Where things live in guest physical memory (DESIGN.md "x86_64 guest memory map").
+
+/// Boot GDT and IDT.
+pub const BOOT_GDT_START: u64 = 0x500;
+pub const BOOT_IDT_START: u64 = 0x520;
+/// Initial stack pointer of the boot vCPU; grows down into free low memory.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// The Linux zero page (`struct boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Boot page tables: an identity map of the first 1 GiB with 2 MiB pages.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// PVH start info and its memory map, for kernels entered through the PVH note.
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Start of the extended BIOS data area; the MP table lives here and RAM below it is usable.
+pub const EBDA_START: u64 = 0x9fc00;
+/// Where the kernel is loaded (the boot protocol's high memory).
+pub const HIMEM_START: u64 = 0x10_0000;
+/// The MMIO gap below 4 GiB: no RAM here.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// RAM beyond the gap starts here.
+pub const HIGH_RAM_START: u64 = MMIO_GAP_END;
+/// Interrupt controllers.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const APIC_START: u64 = 0xfee0_0000;
+/// KVM needs three pages for the TSS and one for the identity map of real-mode emulation,
+/// placed just below the BIOS area at the top of the 32-bit space where no RAM is.
+pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
+pub const KVM_TSS_START: u64 = 0xfffb_d000;
+
+// The boot stack grows down from between the zero page and the page tables.
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+
+/// The guest RAM ranges for `mem_bytes` of memory: everything below the MMIO gap, and the
+/// rest from 4 GiB up.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= MMIO_GAP_START {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![
+            (0, MMIO_GAP_START),
+            (HIGH_RAM_START, mem_bytes - MMIO_GAP_START),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_split_around_gap() {
+        assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
+        assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
+        assert_eq!(
+            ram_ranges(3584 << 20),
+            vec![(0, MMIO_GAP_START), (HIGH_RAM_START, 512 << 20)]
+        );
+    }
+
+    #[test]
+    fn fixed_areas_do_not_overlap() {
+        let areas = [
+            (BOOT_GDT_START, 0x20),
+            (BOOT_IDT_START, 8),
+            (PVH_INFO_START, 0x40),
+            (PVH_MEMMAP_START, 0x40 * 20),
+            (ZERO_PAGE_START, 0x1000),
+            (PML4_START, 0x1000),
+            (PDPTE_START, 0x1000),
+            (PDE_START, 0x1000),
+            (CMDLINE_START, 2048),
+        ];
+        for (i, a) in areas.iter().enumerate() {
+            for b in &areas[i + 1..] {
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
+            }
+        }
+    }
+}

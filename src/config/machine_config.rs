@@ -1,0 +1,203 @@
+//! `machine-config`: vCPUs, memory and how memory is backed.
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs a microVM may have (the MP table and the topology leaves are sized for it).
+pub const MAX_VCPUS: u8 = 32;
+
+/// How guest memory is backed on the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum HugePages {
+    /// Ordinary 4 KiB pages.
+    #[default]
+    None,
+    /// Ordinary pages with `madvise(MADV_HUGEPAGE)`, so the kernel may use transparent huge pages.
+    Transparent,
+    /// Explicit 2 MiB hugetlbfs pages, taken from the host's reserved pool.
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+/// CPU templates exist in the API for compatibility; ember passes the host CPU through
+/// (normalised), so only `None` is accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum CpuTemplate {
+    #[default]
+    None,
+    C3,
+    T2,
+    T2S,
+    T2CL,
+    T2A,
+    V1N1,
+}
+
+/// The `machine-config` body and config-file key.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: usize,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<CpuTemplate>,
+}
+
+impl Default for MachineConfig {
+    /// Firecracker's defaults: one vCPU, 128 MiB.
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+            cpu_template: None,
+        }
+    }
+}
+
+/// Why a `machine-config` was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MachineConfigError {
+    #[error("machine-config.vcpu_count must be between 1 and {MAX_VCPUS}, got {0}")]
+    VcpuCount(u8),
+    #[error("machine-config.vcpu_count must be 1 or an even number when smt is enabled, got {0}")]
+    SmtOddVcpus(u8),
+    #[error("machine-config.mem_size_mib must be greater than 0")]
+    ZeroMemory,
+    #[error("machine-config.mem_size_mib {0} is beyond what a guest address space can hold")]
+    MemoryTooLarge(usize),
+    #[error(
+        "machine-config.mem_size_mib must be a multiple of 2 when huge_pages is \"2M\", got {0}"
+    )]
+    HugePageAlignment(usize),
+    #[error("machine-config.cpu_template {0:?} is not supported by ember; use \"None\" or omit it")]
+    CpuTemplate(CpuTemplate),
+}
+
+/// Guest RAM above this is refused outright; hosts are checked against their own RAM later.
+const MAX_MEM_MIB: usize = 1 << 20; // 1 TiB
+
+impl MachineConfig {
+    pub fn validate(&self) -> Result<(), MachineConfigError> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
+            return Err(MachineConfigError::VcpuCount(self.vcpu_count));
+        }
+        if self.smt && self.vcpu_count > 1 && !self.vcpu_count.is_multiple_of(2) {
+            return Err(MachineConfigError::SmtOddVcpus(self.vcpu_count));
+        }
+        if self.mem_size_mib == 0 {
+            return Err(MachineConfigError::ZeroMemory);
+        }
+        if self.mem_size_mib > MAX_MEM_MIB {
+            return Err(MachineConfigError::MemoryTooLarge(self.mem_size_mib));
+        }
+        if self.huge_pages == HugePages::Hugetlbfs2M && !self.mem_size_mib.is_multiple_of(2) {
+            return Err(MachineConfigError::HugePageAlignment(self.mem_size_mib));
+        }
+        match self.cpu_template {
+            None | Some(CpuTemplate::None) => Ok(()),
+            Some(other) => Err(MachineConfigError::CpuTemplate(other)),
+        }
+    }
+
+    /// Guest memory size in bytes.
+    pub fn mem_size_bytes(&self) -> u64 {
+        (self.mem_size_mib as u64) << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vcpus: u8, mem: usize) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: vcpus,
+            mem_size_mib: mem,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn vcpu_bounds() {
+        assert_eq!(
+            config(0, 128).validate(),
+            Err(MachineConfigError::VcpuCount(0))
+        );
+        assert_eq!(
+            config(33, 128).validate(),
+            Err(MachineConfigError::VcpuCount(33))
+        );
+        assert_eq!(config(1, 128).validate(), Ok(()));
+        assert_eq!(config(32, 128).validate(), Ok(()));
+    }
+
+    #[test]
+    fn smt_needs_even_vcpus() {
+        let mut c = config(3, 128);
+        c.smt = true;
+        assert_eq!(c.validate(), Err(MachineConfigError::SmtOddVcpus(3)));
+        c.vcpu_count = 4;
+        assert_eq!(c.validate(), Ok(()));
+        c.vcpu_count = 1;
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn memory_bounds() {
+        assert_eq!(config(1, 0).validate(), Err(MachineConfigError::ZeroMemory));
+        assert_eq!(
+            config(1, MAX_MEM_MIB + 1).validate(),
+            Err(MachineConfigError::MemoryTooLarge(MAX_MEM_MIB + 1))
+        );
+        let mut c = config(1, 129);
+        c.huge_pages = HugePages::Hugetlbfs2M;
+        assert_eq!(
+            c.validate(),
+            Err(MachineConfigError::HugePageAlignment(129))
+        );
+    }
+
+    #[test]
+    fn json_shape_matches_firecracker() {
+        let c: MachineConfig = serde_json::from_str(
+            r#"{"vcpu_count":2,"mem_size_mib":256,"smt":false,"huge_pages":"2M","track_dirty_pages":true}"#,
+        )
+        .unwrap();
+        assert_eq!(c.huge_pages, HugePages::Hugetlbfs2M);
+        assert!(c.track_dirty_pages);
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["huge_pages"], "2M");
+        assert!(
+            serde_json::from_str::<MachineConfig>(r#"{"vcpu_count":1}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("mem_size_mib")
+        );
+        assert!(
+            serde_json::from_str::<MachineConfig>(
+                r#"{"vcpu_count":1,"mem_size_mib":1,"huge_pages":"1G"}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn cpu_templates_other_than_none_refused() {
+        let mut c = config(1, 128);
+        c.cpu_template = Some(CpuTemplate::None);
+        assert_eq!(c.validate(), Ok(()));
+        c.cpu_template = Some(CpuTemplate::T2);
+        assert_eq!(
+            c.validate(),
+            Err(MachineConfigError::CpuTemplate(CpuTemplate::T2))
+        );
+    }
+}

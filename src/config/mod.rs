@@ -1,0 +1,186 @@
+//! Typed microVM configuration. The same types are the config file's keys and the API's
+//! request bodies, so both paths validate identically.
+
+pub mod boot_source;
+pub mod drive;
+pub mod logging;
+pub mod machine_config;
+pub mod net;
+pub mod rate_limiter;
+
+use serde::{Deserialize, Serialize};
+
+pub use boot_source::{BootSourceConfig, BootSourceError};
+pub use drive::{DriveConfig, DriveError};
+pub use logging::{LogLevel, LoggerConfig, MetricsConfig};
+pub use machine_config::{HugePages, MachineConfig, MachineConfigError};
+pub use net::{NetConfig, NetError};
+
+/// The config file (`--config-file`) and `GET /vm/config` shape.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSourceConfig>,
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    // Firecracker resources ember does not have yet. They are named here so a config that
+    // uses them gets "not supported" rather than a confusing "unknown field".
+    #[serde(default, skip_serializing)]
+    balloon: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    vsock: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default, skip_serializing)]
+    mmds_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    entropy: Option<serde_json::Value>,
+    #[serde(rename = "cpu-config", default, skip_serializing)]
+    cpu_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pmem: Option<serde_json::Value>,
+    #[serde(rename = "memory-hotplug", default, skip_serializing)]
+    memory_hotplug: Option<serde_json::Value>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("config has no boot-source: a kernel_image_path is required to boot")]
+    MissingBootSource,
+    #[error("{0}")]
+    BootSource(#[from] BootSourceError),
+    #[error("{0}")]
+    MachineConfig(#[from] MachineConfigError),
+    #[error("{0}")]
+    Drive(#[from] DriveError),
+    #[error("{0}")]
+    Net(#[from] NetError),
+    #[error("config key {0:?} is not supported by ember yet")]
+    Unsupported(&'static str),
+}
+
+impl VmConfig {
+    /// Parses a config file's text: JSON errors carry serde's line and column.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: VmConfig = serde_json::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Validates every part. A boot source is required because a config file boots at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let unsupported = [
+            ("balloon", self.balloon.is_some()),
+            ("vsock", self.vsock.is_some()),
+            ("mmds-config", self.mmds_config.is_some()),
+            ("entropy", self.entropy.is_some()),
+            ("cpu-config", self.cpu_config.is_some()),
+            ("pmem", self.pmem.is_some()),
+            ("memory-hotplug", self.memory_hotplug.is_some()),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
+            return Err(ConfigError::Unsupported(key));
+        }
+        self.boot_source
+            .as_ref()
+            .ok_or(ConfigError::MissingBootSource)?
+            .validate()?;
+        self.machine_config.validate()?;
+        drive::validate_drives(&self.drives)?;
+        net::validate_interfaces(&self.network_interfaces)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"boot-source":{"kernel_image_path":"/k"},"machine-config":{"vcpu_count":2,"mem_size_mib":256}}"#;
+
+    #[test]
+    fn minimal_config_parses() {
+        let c = VmConfig::from_json(MINIMAL).unwrap();
+        assert_eq!(c.machine_config.vcpu_count, 2);
+        assert_eq!(c.boot_source.unwrap().kernel_image_path, "/k");
+    }
+
+    #[test]
+    fn machine_config_defaults_when_absent() {
+        let c = VmConfig::from_json(r#"{"boot-source":{"kernel_image_path":"/k"}}"#).unwrap();
+        assert_eq!(c.machine_config, MachineConfig::default());
+    }
+
+    #[test]
+    fn bad_inputs_named() {
+        let cases = [
+            ("{", "EOF"),
+            (
+                r#"{"boot-source":{"kernel_image_path":"/k"},"bogus":1}"#,
+                "unknown field `bogus`",
+            ),
+            (
+                r#"{"machine-config":{"vcpu_count":1,"mem_size_mib":1}}"#,
+                "no boot-source",
+            ),
+            (
+                r#"{"boot-source":{"kernel_image_path":"/k"},"machine-config":{"vcpu_count":0,"mem_size_mib":128}}"#,
+                "vcpu_count must be between 1 and 32, got 0",
+            ),
+            (
+                r#"{"boot-source":{"kernel_image_path":"/k"},"machine-config":{"vcpu_count":33,"mem_size_mib":128}}"#,
+                "got 33",
+            ),
+            (
+                r#"{"boot-source":{"kernel_image_path":"/k"},"machine-config":{"vcpu_count":1,"mem_size_mib":0}}"#,
+                "mem_size_mib must be greater than 0",
+            ),
+            (
+                r#"{"boot-source":{"kernel_image_path":"/k"},"machine-config":{"vcpu_count":"two","mem_size_mib":0}}"#,
+                "invalid type",
+            ),
+            (
+                r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{}}"#,
+                "\"vsock\" is not supported",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = VmConfig::from_json(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let c = VmConfig::from_json(MINIMAL).unwrap();
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(VmConfig::from_json(&text).unwrap(), c);
+    }
+}

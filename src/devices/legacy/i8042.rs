@@ -1,0 +1,189 @@
+//! The i8042 keyboard controller, for the two things a microVM needs from it: the guest's
+//! reset request (command 0xFE), which ends the VM, and keystrokes the host injects
+//! (Ctrl+Alt+Del, so a guest can be asked to shut down).
+
+use std::collections::VecDeque;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+use crate::stop::StopSignal;
+
+pub const I8042_DATA_PORT: u64 = 0x60;
+/// Ports 0x60..0x64 inclusive; 0x61 (the PC speaker) stays with the in-kernel PIT.
+pub const I8042_PORT_LEN: u64 = 5;
+pub const I8042_IRQ: u32 = 1;
+
+const OFF_DATA: u64 = 0;
+const OFF_COMMAND: u64 = 4;
+
+const SB_OUT_DATA_AVAIL: u8 = 0x01;
+const SB_I8042_CMD_DATA: u8 = 0x08;
+const SB_KBD_ENABLED: u8 = 0x10;
+/// "System flag": POST passed. Linux checks it.
+const SB_SYSTEM: u8 = 0x04;
+
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_KBD_DISABLE: u8 = 0xad;
+const CMD_KBD_ENABLE: u8 = 0xae;
+const CMD_READ_OUTP: u8 = 0xd0;
+const CMD_WRITE_OUTP: u8 = 0xd1;
+const CMD_WRITE_KBD_OUTBUF: u8 = 0xd2;
+const CMD_PULSE_RESET: u8 = 0xfe;
+
+const CTR_KBD_INT: u8 = 0x01;
+
+/// Set 1 scancodes for Ctrl+Alt+Del: three make codes, then three break codes.
+#[allow(dead_code)]
+const CTRL_ALT_DEL: [u8; 6] = [0x1d, 0x38, 0x53, 0x9d, 0xb8, 0xd3];
+
+pub struct I8042 {
+    status: u8,
+    control: u8,
+    outp: u8,
+    /// The last command that waits for a data byte on port 0x60.
+    pending_cmd: Option<u8>,
+    out_buf: VecDeque<u8>,
+    stop: StopSignal,
+    kbd_interrupt: EventFd,
+}
+
+impl I8042 {
+    pub fn new(stop: StopSignal, kbd_interrupt: EventFd) -> Self {
+        I8042 {
+            status: SB_SYSTEM | SB_KBD_ENABLED,
+            control: CTR_KBD_INT,
+            outp: 0,
+            pending_cmd: None,
+            out_buf: VecDeque::new(),
+            stop,
+            kbd_interrupt,
+        }
+    }
+
+    fn push_byte(&mut self, b: u8) {
+        self.out_buf.push_back(b);
+        self.status |= SB_OUT_DATA_AVAIL;
+        if self.control & CTR_KBD_INT != 0 {
+            let _ = self.kbd_interrupt.write(1);
+        }
+    }
+
+    /// Queues Ctrl+Alt+Del for the guest (the API's SendCtrlAltDel).
+    #[allow(dead_code)]
+    pub fn send_ctrl_alt_del(&mut self) {
+        for b in CTRL_ALT_DEL {
+            self.push_byte(b);
+        }
+    }
+
+    fn command(&mut self, cmd: u8) {
+        self.status |= SB_I8042_CMD_DATA;
+        match cmd {
+            CMD_READ_CTR => self.push_byte(self.control),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP | CMD_WRITE_KBD_OUTBUF => self.pending_cmd = Some(cmd),
+            CMD_READ_OUTP => self.push_byte(self.outp),
+            CMD_SELF_TEST => self.push_byte(0x55),
+            CMD_KBD_TEST => self.push_byte(0x00),
+            CMD_KBD_DISABLE => self.status &= !SB_KBD_ENABLED,
+            CMD_KBD_ENABLE => self.status |= SB_KBD_ENABLED,
+            CMD_PULSE_RESET => self.stop.guest_reset(),
+            _ => log::debug!("i8042: ignoring command {cmd:#x}"),
+        }
+    }
+
+    fn data(&mut self, value: u8) {
+        self.status &= !SB_I8042_CMD_DATA;
+        match self.pending_cmd.take() {
+            Some(CMD_WRITE_CTR) => self.control = value,
+            Some(CMD_WRITE_OUTP) => self.outp = value,
+            Some(CMD_WRITE_KBD_OUTBUF) => self.push_byte(value),
+            // A byte for the keyboard itself: acknowledge it as a keyboard does.
+            _ => self.push_byte(0xfa),
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Some(first) = data.first_mut() else {
+            return;
+        };
+        match offset {
+            OFF_DATA => {
+                *first = self.out_buf.pop_front().unwrap_or(0);
+                if self.out_buf.is_empty() {
+                    self.status &= !SB_OUT_DATA_AVAIL;
+                } else if self.control & CTR_KBD_INT != 0 {
+                    let _ = self.kbd_interrupt.write(1);
+                }
+            }
+            OFF_COMMAND => *first = self.status,
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&value) = data.first() else { return };
+        match offset {
+            OFF_DATA => self.data(value),
+            OFF_COMMAND => self.command(value),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> (I8042, StopSignal, EventFd) {
+        let stop = StopSignal::new().unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = I8042::new(stop.clone(), irq.try_clone().unwrap());
+        (dev, stop, irq)
+    }
+
+    fn read(dev: &mut I8042, off: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(off, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn reset_command_signals() {
+        let (mut dev, stop, _) = device();
+        dev.write(OFF_COMMAND, &[CMD_WRITE_CTR]);
+        assert!(!stop.is_stopping(), "nothing signalled yet");
+        dev.write(OFF_COMMAND, &[CMD_PULSE_RESET]);
+        assert!(stop.was_guest_reset() && stop.is_stopping());
+        assert_eq!(stop.eventfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn control_register_round_trip_and_self_test() {
+        let (mut dev, _, _) = device();
+        dev.write(OFF_COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(OFF_DATA, &[0x47]);
+        dev.write(OFF_COMMAND, &[CMD_READ_CTR]);
+        assert_ne!(read(&mut dev, OFF_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+        assert_eq!(read(&mut dev, OFF_DATA), 0x47);
+        assert_eq!(read(&mut dev, OFF_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+        dev.write(OFF_COMMAND, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut dev, OFF_DATA), 0x55);
+    }
+
+    #[test]
+    fn ctrl_alt_del_scancodes_and_interrupt() {
+        let (mut dev, _, irq) = device();
+        dev.send_ctrl_alt_del();
+        assert!(irq.read().unwrap() >= 1);
+        let got: Vec<u8> = (0..6).map(|_| read(&mut dev, OFF_DATA)).collect();
+        assert_eq!(got, CTRL_ALT_DEL);
+        assert_eq!(read(&mut dev, OFF_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+    }
+}

@@ -1,0 +1,198 @@
+//! The human-readable log: one line per record, to stderr or to a file or named pipe.
+//!
+//! Lines look like `2026-11-22T02:40:12.123456Z [vm-1:vcpu0:Info:src/x.rs:12] message`;
+//! the level and origin parts appear only when asked for (`--show-level`,
+//! `--show-log-origin`), as orchestrators written for Firecracker expect.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use crate::config::LoggerConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    #[error("cannot open log file {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the logger was already installed by another component")]
+    AlreadyInstalled,
+}
+
+struct LoggerState {
+    instance_id: String,
+    sink: Box<dyn Write + Send>,
+    show_level: bool,
+    show_origin: bool,
+    module: Option<String>,
+}
+
+struct EmberLogger {
+    state: Mutex<LoggerState>,
+}
+
+static LOGGER: OnceLock<EmberLogger> = OnceLock::new();
+
+/// Installs the process logger writing to stderr. Call once, early in `main`.
+pub fn init(instance_id: &str) -> Result<(), LoggerError> {
+    let logger = LOGGER.get_or_init(|| EmberLogger {
+        state: Mutex::new(LoggerState {
+            instance_id: instance_id.to_owned(),
+            sink: Box::new(std::io::stderr()),
+            show_level: false,
+            show_origin: false,
+            module: None,
+        }),
+    });
+    log::set_logger(logger).map_err(|_| LoggerError::AlreadyInstalled)?;
+    log::set_max_level(LevelFilter::Info);
+    Ok(())
+}
+
+/// Applies a `logger` configuration (from flags, the config file or the API). Fields left
+/// out keep their current value.
+pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
+    let Some(logger) = LOGGER.get() else {
+        return Ok(());
+    };
+    let sink: Option<Box<dyn Write + Send>> = match &config.log_path {
+        Some(path) => {
+            // A named pipe is opened for writing like a file; append keeps earlier lines of
+            // a regular file that an operator may be tailing.
+            let file = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(|source| LoggerError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(Box::new(file))
+        }
+        None => None,
+    };
+    let mut state = logger.state.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(sink) = sink {
+        state.sink = sink;
+    }
+    if let Some(v) = config.show_level {
+        state.show_level = v;
+    }
+    if let Some(v) = config.show_log_origin {
+        state.show_origin = v;
+    }
+    if let Some(m) = &config.module {
+        state.module = (!m.is_empty()).then(|| m.clone());
+    }
+    if let Some(level) = config.level {
+        log::set_max_level(level.to_filter());
+    }
+    Ok(())
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Error => "Error",
+        Level::Warn => "Warn",
+        Level::Info => "Info",
+        Level::Debug => "Debug",
+        Level::Trace => "Trace",
+    }
+}
+
+/// UTC wall-clock time as RFC 3339 with microseconds.
+pub fn timestamp(now: SystemTime) -> String {
+    let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+impl Log for EmberLogger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(module) = &state.module
+            && !record
+                .module_path()
+                .unwrap_or("")
+                .starts_with(module.as_str())
+        {
+            return;
+        }
+        let thread = std::thread::current();
+        let mut prefix = format!("{}:{}", state.instance_id, thread.name().unwrap_or("?"));
+        if state.show_level {
+            prefix.push(':');
+            prefix.push_str(level_name(record.level()));
+        }
+        if state.show_origin {
+            prefix.push_str(&format!(
+                ":{}:{}",
+                record.file().unwrap_or("?"),
+                record.line().unwrap_or(0)
+            ));
+        }
+        let line = format!(
+            "{} [{prefix}] {}\n",
+            timestamp(SystemTime::now()),
+            record.args()
+        );
+        // A log sink that fails (full disk, reader gone) must not take the VMM down.
+        let _ = state.sink.write_all(line.as_bytes());
+        let _ = state.sink.flush();
+    }
+
+    fn flush(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = state.sink.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_utc_rfc3339() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        let t = UNIX_EPOCH + Duration::from_micros(1_795_833_612_123_456);
+        assert_eq!(timestamp(t), "2026-11-28T02:40:12.123456Z");
+        // A leap day.
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(timestamp(t), "2000-02-29T00:00:00.000000Z");
+    }
+}

@@ -1,0 +1,109 @@
+//! Guest RAM: host memory mapped per region, later registered as KVM memory slots.
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::arch::x86_64::layout::ram_ranges;
+use crate::config::HugePages;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("mem_size_mib {requested_mib} is more than this host's {host_mib} MiB of RAM")]
+    MoreThanHost { requested_mib: u64, host_mib: u64 },
+    #[error("cannot map {size_mib} MiB of guest memory at {addr:#x} with {pages}: {source}{hint}")]
+    Map {
+        addr: u64,
+        size_mib: u64,
+        pages: &'static str,
+        source: vm_memory::mmap::MmapRegionError,
+        hint: &'static str,
+    },
+    #[error("guest memory regions are inconsistent: {0}")]
+    Regions(vm_memory::GuestRegionCollectionError),
+}
+
+/// Total host RAM in bytes.
+pub fn host_ram_bytes() -> u64 {
+    // SAFETY: sysinfo fills the struct we pass and touches nothing else.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return u64::MAX;
+    }
+    (info.totalram as u64).saturating_mul(u64::from(info.mem_unit))
+}
+
+/// Maps guest RAM of `mem_bytes`, split around the MMIO gap. Pages are reserved lazily
+/// (`MAP_NORESERVE`): the guest's footprint on the host is what it touches.
+pub fn create_guest_memory(
+    mem_bytes: u64,
+    huge_pages: HugePages,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let host = host_ram_bytes();
+    if mem_bytes > host {
+        return Err(MemoryError::MoreThanHost {
+            requested_mib: mem_bytes >> 20,
+            host_mib: host >> 20,
+        });
+    }
+    let mut regions = Vec::new();
+    for (addr, size) in ram_ranges(mem_bytes) {
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let pages = match huge_pages {
+            HugePages::Hugetlbfs2M => {
+                flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+                "2 MiB huge pages"
+            }
+            HugePages::None | HugePages::Transparent => "4 KiB pages",
+        };
+        let region = MmapRegionBuilder::new(size as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(huge_pages == HugePages::Hugetlbfs2M)
+            .build()
+            .map_err(|source| MemoryError::Map {
+                addr,
+                size_mib: size >> 20,
+                pages,
+                source,
+                hint: if huge_pages == HugePages::Hugetlbfs2M {
+                    " (are enough 2 MiB pages reserved in /proc/sys/vm/nr_hugepages?)"
+                } else {
+                    ""
+                },
+            })?;
+        if huge_pages == HugePages::Transparent {
+            // SAFETY: the range is the mapping we just created. A failed hint is harmless.
+            unsafe {
+                libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_HUGEPAGE);
+            }
+        }
+        // `new` only fails when the region would wrap the address space; ram_ranges never does.
+        if let Some(r) = GuestRegionMmap::new(region, GuestAddress(addr)) {
+            regions.push(r);
+        }
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn regions_follow_layout() {
+        let mem = create_guest_memory(3584 << 20, HugePages::None).unwrap();
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, vec![(0, 0xc000_0000), (0x1_0000_0000, 512 << 20)]);
+        // Both sides of the gap are backed; the gap is not.
+        mem.write_obj(0x55u8, GuestAddress(0xbfff_ffff)).unwrap();
+        mem.write_obj(0x66u8, GuestAddress(0x1_0000_0000)).unwrap();
+        assert!(mem.write_obj(0u8, GuestAddress(0xc000_0000)).is_err());
+    }
+
+    #[test]
+    fn more_than_host_refused() {
+        let err = create_guest_memory(host_ram_bytes() + (1 << 30), HugePages::None).unwrap_err();
+        assert!(matches!(err, MemoryError::MoreThanHost { .. }), "{err}");
+    }
+}

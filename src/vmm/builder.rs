@@ -1,0 +1,222 @@
+//! Turns a validated configuration into a VM ready to run: KVM objects, guest memory with the
+//! kernel and boot data in it, devices on their buses, vCPUs configured but not started.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot_params::{self, LinuxBootInfo};
+use crate::arch::x86_64::cpuid::Topology;
+use crate::arch::x86_64::kernel::{self, LoadedKernel};
+use crate::arch::x86_64::mptable;
+use crate::arch::x86_64::regs::BootProtocol;
+use crate::config::{BootSourceConfig, MachineConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_IRQ, I8042_PORT_LEN};
+use crate::devices::legacy::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleOutput, SerialDevice};
+use crate::exit_code;
+use crate::memory::{self, MemoryError};
+use crate::stop::{StopSignal, StopSignalError};
+use crate::vstate::kvm::{KvmContext, KvmError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Kvm(#[from] KvmError),
+    #[error("{0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    #[error("{0}")]
+    Kernel(#[from] kernel::KernelError),
+    #[error("{0}")]
+    BootParams(#[from] boot_params::BootParamsError),
+    #[error("{0}")]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot place a device on the bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot create an eventfd for {0}: {1}")]
+    EventFd(&'static str, std::io::Error),
+    #[error("cannot connect {0} to its interrupt line: {1}")]
+    Irqfd(&'static str, kvm_ioctls::Error),
+    #[error("{0}")]
+    Stop(#[from] StopSignalError),
+    #[error("machine-config.vcpu_count {requested} is more than this host's KVM allows ({max})")]
+    TooManyVcpus { requested: u8, max: usize },
+}
+
+impl BuildError {
+    /// The exit code this failure gives (see `exit_code`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BuildError::Kernel(_) | BuildError::BootParams(_) => exit_code::BAD_CONFIGURATION,
+            BuildError::Kvm(_) | BuildError::Memory(_) | BuildError::TooManyVcpus { .. } => {
+                exit_code::HOST_UNSUITABLE
+            }
+            _ => exit_code::VMM_ERROR,
+        }
+    }
+}
+
+/// What building needs besides the configuration.
+pub struct BuildOptions {
+    /// When set, the first byte the guest prints logs the time since this instant.
+    pub boot_timer_start: Option<Instant>,
+}
+
+/// A VM with everything in place, vCPUs not yet running.
+pub struct MicroVm {
+    pub vcpus: Vec<Vcpu>,
+    pub pio_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub serial_input_drained: EventFd,
+    /// The API's SendCtrlAltDel injects keys here.
+    #[allow(dead_code)]
+    pub i8042: Arc<Mutex<I8042>>,
+    pub stop: StopSignal,
+    // Held so they live as long as the VM; field order is drop order: the VM (and its
+    // memory slots) goes before the memory it maps.
+    #[allow(dead_code)]
+    pub vm: Vm,
+    #[allow(dead_code)]
+    pub guest_memory: GuestMemoryMmap,
+    #[allow(dead_code)]
+    pub kvm: KvmContext,
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd(what, e))
+}
+
+fn boot_timer_hook(start: Option<Instant>) -> Option<Box<dyn FnOnce() + Send>> {
+    start.map(|start| {
+        Box::new(move || {
+            let us = start.elapsed().as_micros();
+            log::info!(
+                "Guest-boot-time = {us:>6} us {} ms (first serial output)",
+                us / 1000
+            );
+        }) as Box<dyn FnOnce() + Send>
+    })
+}
+
+/// Loads the kernel, initrd and command line, and writes the boot protocol's structures.
+fn load_guest(
+    mem: &GuestMemoryMmap,
+    boot: &BootSourceConfig,
+    machine: &MachineConfig,
+) -> Result<(LoadedKernel, u64), BuildError> {
+    let mem_bytes = machine.mem_size_bytes();
+    let loaded = kernel::load_kernel(mem, Path::new(&boot.kernel_image_path))?;
+    let initrd = boot
+        .initrd_path
+        .as_deref()
+        .map(|p| kernel::load_initrd(mem, Path::new(p), mem_bytes, loaded.end))
+        .transpose()?;
+    let cmdline_len = kernel::load_cmdline(mem, boot.boot_args())?;
+    mptable::write(mem, machine.vcpu_count)?;
+    let boot_info = match loaded.protocol {
+        BootProtocol::Linux64 => boot_params::write_zero_page(
+            mem,
+            &LinuxBootInfo {
+                mem_bytes,
+                cmdline_len,
+                initrd,
+                setup_header: loaded.setup_header,
+            },
+        )?,
+        BootProtocol::Pvh => boot_params::write_pvh_start_info(mem, mem_bytes, initrd)?,
+    };
+    log::info!(
+        "kernel {} loaded, entry {:#x} ({:?} boot){}",
+        boot.kernel_image_path,
+        loaded.entry,
+        loaded.protocol,
+        initrd
+            .map(|(a, s)| format!(", initrd {s} bytes at {a:#x}"))
+            .unwrap_or_default()
+    );
+    Ok((loaded, boot_info))
+}
+
+pub fn build_microvm(
+    boot: &BootSourceConfig,
+    machine: &MachineConfig,
+    opts: BuildOptions,
+) -> Result<MicroVm, BuildError> {
+    let kvm = KvmContext::open()?;
+    if usize::from(machine.vcpu_count) > kvm.max_vcpus() {
+        return Err(BuildError::TooManyVcpus {
+            requested: machine.vcpu_count,
+            max: kvm.max_vcpus(),
+        });
+    }
+    let guest_memory = memory::create_guest_memory(machine.mem_size_bytes(), machine.huge_pages)?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
+
+    let (loaded, boot_info) = load_guest(&guest_memory, boot, machine)?;
+
+    let stop = StopSignal::new()?;
+    let serial_irq = eventfd("the serial interrupt")?;
+    let serial_input_drained = eventfd("serial input")?;
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| BuildError::Irqfd("the serial port", e))?;
+    let out = ConsoleOutput::new(
+        Box::new(std::io::stdout()),
+        boot_timer_hook(opts.boot_timer_start),
+    );
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        serial_input_drained
+            .try_clone()
+            .map_err(|e| BuildError::EventFd("serial input", e))?,
+        out,
+    )));
+    let kbd_irq = eventfd("the keyboard interrupt")?;
+    vm.fd
+        .register_irqfd(&kbd_irq, I8042_IRQ)
+        .map_err(|e| BuildError::Irqfd("the i8042", e))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone(), kbd_irq)));
+
+    let mut pio_bus = Bus::new();
+    pio_bus.insert(serial.clone(), COM1_PORT, COM1_LEN)?;
+    pio_bus.insert(i8042.clone(), I8042_DATA_PORT, I8042_PORT_LEN)?;
+
+    let supported_cpuid = kvm.supported_cpuid()?;
+    let topology = Topology::new(machine.vcpu_count, machine.smt);
+    let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
+    for index in 0..machine.vcpu_count {
+        let vcpu = Vcpu::new(&vm, index)?;
+        vcpu.configure(
+            &guest_memory,
+            &supported_cpuid,
+            topology,
+            &loaded,
+            boot_info,
+        )?;
+        vcpus.push(vcpu);
+    }
+
+    Ok(MicroVm {
+        vcpus,
+        pio_bus: Arc::new(pio_bus),
+        mmio_bus: Arc::new(Bus::new()),
+        serial,
+        serial_input_drained,
+        i8042,
+        stop,
+        vm,
+        guest_memory,
+        kvm,
+    })
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the probe guest (resources/probe) into OUT_DIR:
+#   OUT_DIR/probe.elf      the ELF, booted like a vmlinux
+#   OUT_DIR/probe.bzimage  the same code wrapped as a Linux bzImage
+# Quiet on success; on failure prints the build log. Safe to call from ember's build.rs:
+# the cargo/rustc environment of the outer build is dropped, so the probe always gets its
+# own target, flags and target directory.
+set -euo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1"
+out="$(cd "$1" && pwd)"
+
+# Variables an outer cargo (or the user) may have set that would change how the probe builds.
+for var in $(env | sed -n 's/^\(CARGO_BUILD_[A-Z0-9_]*\|CARGO_TARGET_[A-Z0-9_]*\|CARGO_PROFILE_[A-Z0-9_]*\|CARGO_ENCODED_[A-Z0-9_]*\)=.*/\1/p'); do
+    unset "$var"
+done
+unset RUSTFLAGS RUSTDOCFLAGS RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER CARGO_INCREMENTAL \
+    CARGO_MAKEFLAGS MAKEFLAGS MFLAGS CARGO_PRIMARY_PACKAGE CARGO_MANIFEST_DIR CARGO_MANIFEST_PATH
+
+# Guest code may run in KVM's instruction emulator, which cannot run SSE arithmetic: build
+# without SSE (rustc warns about the float ABI; the probe has no floats).
+export RUSTFLAGS="-C target-feature=-sse,-sse2 -C relocation-model=static -C panic=abort"
+
+log="$out/build.log"
+if ! "${CARGO:-cargo}" build --release --offline --locked \
+    --target x86_64-unknown-linux-gnu \
+    --manifest-path "$root/resources/probe/Cargo.toml" \
+    --target-dir "$out/cargo" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "build-probe.sh: cargo build of the probe failed" >&2
+    exit 1
+fi
+
+elf="$out/cargo/x86_64-unknown-linux-gnu/release/ember-probe"
+cp "$elf" "$out/probe.elf.tmp"
+mv "$out/probe.elf.tmp" "$out/probe.elf"
+python3 "$root/tools/mkbzimage.py" "$out/probe.elf" "$out/probe.bzimage"
