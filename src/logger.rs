@@ -27,6 +27,8 @@ pub enum LoggerError {
 struct LoggerState {
     instance_id: String,
     sink: Box<dyn Write + Send>,
+    /// False once the log goes to a file or pipe.
+    to_stderr: bool,
     show_level: bool,
     show_origin: bool,
     module: Option<String>,
@@ -44,6 +46,7 @@ pub fn init(instance_id: &str) -> Result<(), LoggerError> {
         state: Mutex::new(LoggerState {
             instance_id: instance_id.to_owned(),
             sink: Box::new(std::io::stderr()),
+            to_stderr: true,
             show_level: false,
             show_origin: false,
             module: None,
@@ -79,6 +82,7 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     let mut state = logger.state.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(sink) = sink {
         state.sink = sink;
+        state.to_stderr = false;
     }
     if let Some(v) = config.show_level {
         state.show_level = v;
@@ -93,6 +97,15 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
         log::set_max_level(level.to_filter());
     }
     Ok(())
+}
+
+/// True when error records reach stderr, where a user who ran ember by hand looks.
+pub fn errors_reach_stderr() -> bool {
+    let Some(logger) = LOGGER.get() else {
+        return false;
+    };
+    let state = logger.state.lock().unwrap_or_else(|e| e.into_inner());
+    state.to_stderr && state.module.is_none() && log::max_level() >= LevelFilter::Error
 }
 
 fn level_name(level: Level) -> &'static str {

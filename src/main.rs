@@ -41,11 +41,10 @@ fn main() -> ExitCode {
     ExitCode::from(run(cli, started))
 }
 
-/// Prints a fatal error as one line on stderr (and in the log, if it goes elsewhere).
+/// Reports a fatal error as one log line, and on stderr too when the log goes elsewhere.
 fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
     log::error!("{msg}");
-    if log::max_level() == log::LevelFilter::Off || std::env::var_os("EMBER_LOG_TO_FILE").is_some()
-    {
+    if !logger::errors_reach_stderr() {
         eprintln!("ember: {msg}");
     }
     code

@@ -32,8 +32,8 @@ pub fn host_ram_bytes() -> u64 {
     (info.totalram as u64).saturating_mul(u64::from(info.mem_unit))
 }
 
-/// Maps guest RAM of `mem_bytes`, split around the MMIO gap. Pages are reserved lazily
-/// (`MAP_NORESERVE`): the guest's footprint on the host is what it touches.
+/// Maps guest RAM of `mem_bytes`, split around the MMIO gap. Ordinary pages are reserved
+/// lazily (`MAP_NORESERVE`): the guest's footprint on the host is what it touches.
 pub fn create_guest_memory(
     mem_bytes: u64,
     huge_pages: HugePages,
@@ -50,6 +50,9 @@ pub fn create_guest_memory(
         let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         let pages = match huge_pages {
             HugePages::Hugetlbfs2M => {
+                // Without MAP_NORESERVE the kernel reserves the huge pages now, so a pool too
+                // small fails here with a clear error instead of faulting the guest later.
+                flags &= !libc::MAP_NORESERVE;
                 flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
                 "2 MiB huge pages"
             }

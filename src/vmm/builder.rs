@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot_params::{self, LinuxBootInfo};
 use crate::arch::x86_64::cpuid::Topology;
-use crate::arch::x86_64::kernel::{self, LoadedKernel};
+use crate::arch::x86_64::kernel::{self, BootFile, LoadedKernel};
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::BootProtocol;
 use crate::config::{BootSourceConfig, MachineConfig};
@@ -111,15 +111,16 @@ fn boot_timer_hook(start: Option<Instant>) -> Option<Box<dyn FnOnce() + Send>> {
 /// Loads the kernel, initrd and command line, and writes the boot protocol's structures.
 fn load_guest(
     mem: &GuestMemoryMmap,
+    files: &mut BootFiles,
     boot: &BootSourceConfig,
     machine: &MachineConfig,
 ) -> Result<(LoadedKernel, u64), BuildError> {
     let mem_bytes = machine.mem_size_bytes();
-    let loaded = kernel::load_kernel(mem, Path::new(&boot.kernel_image_path))?;
-    let initrd = boot
-        .initrd_path
-        .as_deref()
-        .map(|p| kernel::load_initrd(mem, Path::new(p), mem_bytes, loaded.end))
+    let loaded = kernel::load_kernel(mem, &mut files.kernel)?;
+    let initrd = files
+        .initrd
+        .as_mut()
+        .map(|f| kernel::load_initrd(mem, f, mem_bytes, loaded.end))
         .transpose()?;
     let cmdline_len = kernel::load_cmdline(mem, boot.boot_args())?;
     mptable::write(mem, machine.vcpu_count)?;
@@ -147,11 +148,26 @@ fn load_guest(
     Ok((loaded, boot_info))
 }
 
+struct BootFiles {
+    kernel: BootFile,
+    initrd: Option<BootFile>,
+}
+
 pub fn build_microvm(
     boot: &BootSourceConfig,
     machine: &MachineConfig,
     opts: BuildOptions,
 ) -> Result<MicroVm, BuildError> {
+    // Files first: a wrong path is the user's mistake and should be reported as such even on
+    // a host where KVM is unusable.
+    let mut files = BootFiles {
+        kernel: BootFile::open("kernel image", Path::new(&boot.kernel_image_path))?,
+        initrd: boot
+            .initrd_path
+            .as_deref()
+            .map(|p| BootFile::open("initrd", Path::new(p)))
+            .transpose()?,
+    };
     let kvm = KvmContext::open()?;
     if usize::from(machine.vcpu_count) > kvm.max_vcpus() {
         return Err(BuildError::TooManyVcpus {
@@ -163,7 +179,7 @@ pub fn build_microvm(
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
 
-    let (loaded, boot_info) = load_guest(&guest_memory, boot, machine)?;
+    let (loaded, boot_info) = load_guest(&guest_memory, &mut files, boot, machine)?;
 
     let stop = StopSignal::new()?;
     let serial_irq = eventfd("the serial interrupt")?;

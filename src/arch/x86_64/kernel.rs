@@ -19,20 +19,18 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("cannot open kernel image {path}: {source}")]
-    OpenKernel {
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        what: &'static str,
         path: String,
         source: std::io::Error,
     },
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: String },
     #[error("kernel image {0} is neither an ELF vmlinux nor a bzImage")]
     NotAKernel(String),
     #[error("cannot load kernel image {path}: {reason}")]
     Load { path: String, reason: String },
-    #[error("cannot open initrd {path}: {source}")]
-    OpenInitrd {
-        path: String,
-        source: std::io::Error,
-    },
     #[error(
         "initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel"
     )]
@@ -74,22 +72,48 @@ fn is_not_bzimage(e: &loader::Error) -> bool {
     )
 }
 
+/// A boot file (kernel or initrd) opened and checked before any VM resource is created, so
+/// a wrong path is reported as a configuration error.
+pub struct BootFile {
+    pub file: File,
+    pub path: String,
+    pub size: u64,
+}
+
+impl BootFile {
+    pub fn open(what: &'static str, path: &Path) -> Result<Self, KernelError> {
+        let shown = path.display().to_string();
+        let open_err = |source| KernelError::Open {
+            what,
+            path: shown.clone(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(KernelError::NotAFile { what, path: shown });
+        }
+        Ok(BootFile {
+            file,
+            path: shown,
+            size: meta.len(),
+        })
+    }
+}
+
 /// Loads an ELF `vmlinux` (entered through its PVH note when it has one) or a bzImage.
 pub fn load_kernel<M: GuestMemoryBackend>(
     mem: &M,
-    path: &Path,
+    kernel: &mut BootFile,
 ) -> Result<LoadedKernel, KernelError> {
-    let shown = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| KernelError::OpenKernel {
-        path: shown.clone(),
-        source,
-    })?;
+    let shown = kernel.path.clone();
+    let file = &mut kernel.file;
     let himem = Some(GuestAddress(HIMEM_START));
     let load_err = |e: loader::Error| KernelError::Load {
         path: shown.clone(),
         reason: e.to_string(),
     };
-    match Elf::load(mem, None, &mut file, himem) {
+    match Elf::load(mem, None, file, himem) {
         Ok(result) => {
             let (entry, protocol) = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => (addr.raw_value(), BootProtocol::Pvh),
@@ -102,7 +126,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
                 setup_header: None,
             })
         }
-        Err(e) if is_not_elf(&e) => match BzImage::load(mem, None, &mut file, himem) {
+        Err(e) if is_not_elf(&e) => match BzImage::load(mem, None, file, himem) {
             Ok(result) => Ok(LoadedKernel {
                 entry: result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
                 protocol: BootProtocol::Linux64,
@@ -120,22 +144,12 @@ pub fn load_kernel<M: GuestMemoryBackend>(
 /// so the kernel's own early allocations below it stay free. Returns (address, size).
 pub fn load_initrd<M: GuestMemoryBackend>(
     mem: &M,
-    path: &Path,
+    initrd: &mut BootFile,
     mem_bytes: u64,
     kernel_end: u64,
 ) -> Result<(u64, u64), KernelError> {
-    let shown = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| KernelError::OpenInitrd {
-        path: shown.clone(),
-        source,
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|source| KernelError::OpenInitrd {
-            path: shown.clone(),
-            source,
-        })?
-        .len();
+    let shown = initrd.path.clone();
+    let size = initrd.size;
     let limit = low_ram_end(mem_bytes);
     let addr = limit
         .checked_sub(size)
@@ -146,7 +160,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
             size,
             limit,
         })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut initrd.file, size as usize)
         .map_err(|_| KernelError::ReadInitrd(shown))?;
     Ok((addr, size))
 }
@@ -188,16 +202,24 @@ mod tests {
             ("zeros", &[0u8; 4096][..]),
         ] {
             let p = temp_file(name, data);
-            let err = load_kernel(&m, &p).unwrap_err();
+            let err = load_kernel(&m, &mut BootFile::open("kernel", &p).unwrap()).unwrap_err();
             assert!(matches!(err, KernelError::NotAKernel(_)), "{name}: {err}");
             std::fs::remove_file(p).unwrap();
         }
     }
 
     #[test]
-    fn missing_kernel_named() {
-        let err = load_kernel(&mem(16 << 20), Path::new("/nonexistent/vmlinux")).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+    fn missing_or_odd_files_named() {
+        let err = BootFile::open("kernel image", Path::new("/nonexistent/vmlinux"))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("cannot open kernel image /nonexistent/vmlinux"),
+            "{err}"
+        );
+        let err = BootFile::open("initrd", Path::new("/tmp")).err().unwrap();
+        assert_eq!(err.to_string(), "initrd /tmp is not a regular file");
     }
 
     /// A minimal bzImage: one setup sector plus the boot sector, then a tiny payload.
@@ -217,7 +239,7 @@ mod tests {
     fn bzimage_loaded_at_himem_with_64bit_entry() {
         let m = mem(16 << 20);
         let p = temp_file("bz", &fake_bzimage(b"PAYLOAD!"));
-        let k = load_kernel(&m, &p).unwrap();
+        let k = load_kernel(&m, &mut BootFile::open("kernel", &p).unwrap()).unwrap();
         std::fs::remove_file(p).unwrap();
         assert_eq!(k.entry, HIMEM_START + 0x200);
         assert_eq!(k.protocol, BootProtocol::Linux64);
@@ -231,13 +253,14 @@ mod tests {
     fn initrd_at_top_of_low_ram_page_aligned() {
         let m = mem(16 << 20);
         let p = temp_file("initrd", &[0xab; 5000]);
-        let (addr, size) = load_initrd(&m, &p, 16 << 20, 0x20_0000).unwrap();
+        let mut f = BootFile::open("initrd", &p).unwrap();
+        let (addr, size) = load_initrd(&m, &mut f, 16 << 20, 0x20_0000).unwrap();
         assert_eq!(size, 5000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 16 << 20 && addr + size + 4096 > 16 << 20);
         assert_eq!(m.read_obj::<u8>(GuestAddress(addr + 4999)).unwrap(), 0xab);
         // Too big to fit above the kernel.
-        let err = load_initrd(&m, &p, 16 << 20, (16 << 20) - 4096).unwrap_err();
+        let err = load_initrd(&m, &mut f, 16 << 20, (16 << 20) - 4096).unwrap_err();
         assert!(matches!(err, KernelError::InitrdTooLarge { .. }), "{err}");
         std::fs::remove_file(p).unwrap();
     }

@@ -1,0 +1,305 @@
+//! Every bad input the boot path can meet gives a clear one-line error, a documented
+//! non-zero exit code, and never a panic or a guest that runs anyway.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const BAD_ARGUMENTS: i32 = 2;
+const BAD_CONFIGURATION: i32 = 3;
+const HOST_UNSUITABLE: i32 = 4;
+
+fn config_with(machine: serde_json::Value) -> String {
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": probe_elf(), "boot_args": probe_args(1, 128, "")},
+        "machine-config": machine,
+    })
+    .to_string()
+}
+
+#[test]
+fn missing_kernel() {
+    let r = boot_config(&config_json("/nonexistent/vmlinux".as_ref(), 1, 128, "x=1"));
+    assert_fails(
+        &r,
+        BAD_CONFIGURATION,
+        "cannot open kernel image /nonexistent/vmlinux: No such file or directory",
+    );
+}
+
+#[test]
+fn kernel_is_a_directory() {
+    let dir = Scratch::new("kdir");
+    let r = boot_config(&config_json(&dir.0, 1, 128, "x=1"));
+    assert_fails(&r, BAD_CONFIGURATION, "is not a regular file");
+}
+
+#[test]
+fn kernel_neither_elf_nor_bzimage() {
+    let dir = Scratch::new("garbage");
+    let kernel = dir.write(
+        "vmlinux",
+        b"#!/bin/sh\necho this is not a kernel\n".repeat(100),
+    );
+    let r = boot_config(&config_json(&kernel, 1, 128, "x=1"));
+    assert_fails(
+        &r,
+        BAD_CONFIGURATION,
+        "is neither an ELF vmlinux nor a bzImage",
+    );
+}
+
+#[test]
+fn truncated_elf_kernel() {
+    let dir = Scratch::new("trunc");
+    let elf = std::fs::read(probe_elf()).unwrap();
+    let kernel = dir.write("vmlinux", &elf[..200]);
+    let r = boot_config(&config_json(&kernel, 1, 128, "x=1"));
+    assert_fails(&r, BAD_CONFIGURATION, "cannot load kernel image");
+}
+
+#[test]
+fn missing_initrd() {
+    let mut config: serde_json::Value = serde_json::from_str(&config_with(
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    ))
+    .unwrap();
+    config["boot-source"]["initrd_path"] = "/nonexistent/initrd".into();
+    let r = boot_config(&config.to_string());
+    assert_fails(
+        &r,
+        BAD_CONFIGURATION,
+        "cannot open initrd /nonexistent/initrd",
+    );
+}
+
+#[test]
+fn initrd_too_large_for_memory() {
+    let dir = Scratch::new("biginitrd");
+    let initrd = dir.path("initrd");
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config_with(
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    ))
+    .unwrap();
+    config["boot-source"]["initrd_path"] = initrd.to_str().unwrap().into();
+    let r = boot_config(&config.to_string());
+    assert_fails(&r, BAD_CONFIGURATION, "does not fit in guest memory");
+}
+
+#[test]
+fn malformed_json() {
+    let r = boot_config("{\"boot-source\": {\"kernel_image_path\": ");
+    assert_fails(
+        &r,
+        BAD_CONFIGURATION,
+        "config file is not valid: EOF while parsing",
+    );
+}
+
+#[test]
+fn missing_config_file() {
+    let r = run_ember(&["--no-api", "--config-file", "/nonexistent/vm.json"]);
+    assert_fails(
+        &r,
+        BAD_CONFIGURATION,
+        "cannot read config file /nonexistent/vm.json",
+    );
+}
+
+#[test]
+fn unknown_fields() {
+    let r = boot_config(&config_with(
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128, "cpus": 2}),
+    ));
+    assert_fails(&r, BAD_CONFIGURATION, "unknown field `cpus`");
+    let mut config: serde_json::Value = serde_json::from_str(&config_with(
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    ))
+    .unwrap();
+    config["boot_source"] = serde_json::json!({});
+    let r = boot_config(&config.to_string());
+    assert_fails(&r, BAD_CONFIGURATION, "unknown field `boot_source`");
+}
+
+#[test]
+fn vcpu_count_out_of_range() {
+    for n in [0, 33] {
+        let r = boot_config(&config_with(
+            serde_json::json!({"vcpu_count": n, "mem_size_mib": 128}),
+        ));
+        assert_fails(
+            &r,
+            BAD_CONFIGURATION,
+            &format!("vcpu_count must be between 1 and 32, got {n}"),
+        );
+    }
+    let r = boot_config(&config_with(
+        serde_json::json!({"vcpu_count": -1, "mem_size_mib": 128}),
+    ));
+    assert_fails(&r, BAD_CONFIGURATION, "invalid value: integer `-1`");
+}
+
+#[test]
+fn mem_size_zero_or_beyond_host() {
+    let r = boot_config(&config_with(
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 0}),
+    ));
+    assert_fails(&r, BAD_CONFIGURATION, "mem_size_mib must be greater than 0");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_kib: u64 = meminfo
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let too_much = host_kib / 1024 + 1024;
+    let r = boot_config(&config_with(
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": too_much}),
+    ));
+    assert_fails(
+        &r,
+        HOST_UNSUITABLE,
+        &format!("mem_size_mib {too_much} is more than this host's"),
+    );
+}
+
+#[test]
+fn command_line_too_long() {
+    let args = format!("{} {}", probe_args(1, 128, ""), "x".repeat(2048));
+    let r = boot_config(&config_json(&probe_elf(), 1, 128, &args));
+    assert_fails(
+        &r,
+        BAD_CONFIGURATION,
+        "the x86 boot protocol allows at most 2047",
+    );
+}
+
+#[test]
+fn unsupported_resource_key() {
+    let mut config: serde_json::Value = serde_json::from_str(&config_with(
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    ))
+    .unwrap();
+    config["balloon"] = serde_json::json!({"amount_mib": 1, "deflate_on_oom": false});
+    let r = boot_config(&config.to_string());
+    assert_fails(
+        &r,
+        BAD_CONFIGURATION,
+        "config key \"balloon\" is not supported by ember yet",
+    );
+}
+
+#[test]
+fn bad_flags() {
+    let r = run_ember(&["--no-api"]);
+    assert_fails(&r, BAD_ARGUMENTS, "--config-file");
+    let r = run_ember(&["--bogus-flag"]);
+    assert_fails(&r, BAD_ARGUMENTS, "unexpected argument '--bogus-flag'");
+    let r = run_ember(&["--level", "loud", "--no-api", "--config-file", "x"]);
+    assert_fails(&r, BAD_ARGUMENTS, "log level \"loud\"");
+}
+
+/// Runs ember through `wrapper` (a command that changes the process's view of /dev/kvm);
+/// skips with a printed reason when the wrapper is unavailable here.
+fn run_wrapped(wrapper: &[&str], config: &str) -> Option<RunResult> {
+    let dir = Scratch::new("kvm");
+    let path = dir.write("vm.json", config);
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let probe = Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .arg("true")
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        _ => {
+            eprintln!(
+                "skipped: {} is not usable here (needs root)",
+                wrapper.join(" ")
+            );
+            return None;
+        }
+    }
+    let mut cmd = Command::new(wrapper[0]);
+    cmd.args(&wrapper[1..])
+        .arg(EMBER)
+        .args(["--no-api", "--config-file", path.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    Some(wait_with_deadline(cmd.spawn().unwrap(), RUN_DEADLINE))
+}
+
+#[test]
+fn dev_kvm_missing() {
+    // A private mount namespace with an empty /dev: /dev/kvm does not exist for ember only.
+    let config = config_with(serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}));
+    let wrapper = [
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /dev && exec \"$0\" \"$@\"",
+    ];
+    if let Some(r) = run_wrapped(&wrapper, &config) {
+        assert_fails(
+            &r,
+            HOST_UNSUITABLE,
+            "cannot open /dev/kvm: No such file or directory",
+        );
+    }
+}
+
+#[test]
+fn dev_kvm_not_accessible() {
+    // /dev/kvm is root-only on this kind of host; an unprivileged user cannot open it.
+    let meta = std::fs::metadata("/dev/kvm").unwrap();
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o006 != 0 {
+        eprintln!("skipped: /dev/kvm is world-accessible here");
+        return;
+    }
+    // The probe file must be readable by that user for the error to be about KVM.
+    let config = config_with(serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}));
+    let wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    if let Some(r) = run_wrapped(&wrapper, &config) {
+        assert_fails(
+            &r,
+            HOST_UNSUITABLE,
+            "cannot open /dev/kvm: Permission denied",
+        );
+    }
+}
+
+#[test]
+fn unreadable_kernel() {
+    let dir = Scratch::new("unreadable");
+    let kernel = dir.path("vmlinux");
+    std::fs::copy(probe_elf(), &kernel).unwrap();
+    std::fs::set_permissions(&kernel, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = config_json(&kernel, 1, 128, "x=1");
+    let wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    if let Some(r) = run_wrapped(&wrapper, &config) {
+        assert_fails(&r, BAD_CONFIGURATION, "cannot open kernel image");
+        assert!(r.stderr.contains("Permission denied"), "{}", r.stderr);
+    }
+}
