@@ -1,20 +1,10 @@
-//! ember: a KVM microVM monitor. One process runs one microVM.
-
-mod arch;
-mod cli;
-mod config;
-mod devices;
-mod exit_code;
-mod logger;
-mod memory;
-mod stop;
-mod vmm;
-mod vstate;
+//! ember's entry point: flags, logging, then one microVM until it stops.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use ember::{cli, config, exit_code, logger, vmm};
 
 use cli::Cli;
 use config::{LoggerConfig, VmConfig};

@@ -79,16 +79,12 @@ pub struct MicroVm {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub serial_input_drained: EventFd,
     /// The API's SendCtrlAltDel injects keys here.
-    #[allow(dead_code)]
     pub i8042: Arc<Mutex<I8042>>,
     pub stop: StopSignal,
     // Held so they live as long as the VM; field order is drop order: the VM (and its
     // memory slots) goes before the memory it maps.
-    #[allow(dead_code)]
     pub vm: Vm,
-    #[allow(dead_code)]
     pub guest_memory: GuestMemoryMmap,
-    #[allow(dead_code)]
     pub kvm: KvmContext,
 }
 
@@ -178,6 +174,7 @@ pub fn build_microvm(
     let guest_memory = memory::create_guest_memory(machine.mem_size_bytes(), machine.huge_pages)?;
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
+    vm.create_interrupt_controllers()?;
 
     let (loaded, boot_info) = load_guest(&guest_memory, &mut files, boot, machine)?;
 

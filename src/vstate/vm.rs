@@ -33,14 +33,21 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM with the in-kernel IOAPIC/PIC/LAPICs and PIT. The TSS and identity map
-    /// must be set before any vCPU exists.
+    /// Creates the VM. The TSS and identity map must be set before any vCPU exists.
     pub fn new(kvm: &KvmContext) -> Result<Self, VmError> {
         let fd = kvm.kvm.create_vm().map_err(VmError::Create)?;
         fd.set_tss_address(KVM_TSS_START as usize)
             .map_err(VmError::TssAddress)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(VmError::IdentityMap)?;
+        Ok(Vm { fd })
+    }
+
+    /// Creates the in-kernel IOAPIC/PIC/LAPICs and PIT. Call after the memory slots are
+    /// registered: with an in-kernel irqchip present, each slot change waits for KVM to
+    /// synchronise, which measured at several milliseconds per slot (docs/performance.md).
+    pub fn create_interrupt_controllers(&self) -> Result<(), VmError> {
+        let fd = &self.fd;
         fd.create_irq_chip().map_err(VmError::IrqChip)?;
         // The dummy speaker port keeps port 0x61 in the kernel, which Linux pokes while it
         // calibrates the TSC against the PIT.
@@ -49,7 +56,7 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
-        Ok(Vm { fd })
+        Ok(())
     }
 
     /// Registers every region of `mem` as a KVM memory slot, optionally with dirty logging.

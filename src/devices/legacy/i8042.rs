@@ -37,7 +37,6 @@ const CMD_PULSE_RESET: u8 = 0xfe;
 const CTR_KBD_INT: u8 = 0x01;
 
 /// Set 1 scancodes for Ctrl+Alt+Del: three make codes, then three break codes.
-#[allow(dead_code)]
 const CTRL_ALT_DEL: [u8; 6] = [0x1d, 0x38, 0x53, 0x9d, 0xb8, 0xd3];
 
 pub struct I8042 {
@@ -73,7 +72,6 @@ impl I8042 {
     }
 
     /// Queues Ctrl+Alt+Del for the guest (the API's SendCtrlAltDel).
-    #[allow(dead_code)]
     pub fn send_ctrl_alt_del(&mut self) {
         for b in CTRL_ALT_DEL {
             self.push_byte(b);

@@ -1,0 +1,17 @@
+//! ember: a KVM microVM monitor for edge hosts. One process runs one microVM.
+//!
+//! Layers, from the top: `cli` and `config` (what the user asked for), `vmm` (the
+//! controller: builds the VM, runs the event loop, decides the exit), `vstate` (KVM VM and
+//! vCPUs), `arch` (boot protocol and CPU set-up), `devices` (buses and device models),
+//! `memory` (guest RAM). Lower layers never reach up.
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod exit_code;
+pub mod logger;
+pub mod memory;
+pub mod stop;
+pub mod vmm;
+pub mod vstate;
