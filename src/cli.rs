@@ -116,9 +116,6 @@ impl Cli {
     /// logged so an operator is not misled.
     pub fn not_yet_effective(&self) -> Vec<&'static str> {
         let mut flags = Vec::new();
-        if self.metrics_path.is_some() {
-            flags.push("--metrics-path");
-        }
         if self.seccomp_filter.is_some() {
             flags.push("--seccomp-filter");
         }

@@ -5,6 +5,7 @@
 //! vCPUs), `arch` (boot protocol and CPU set-up), `devices` (buses and device models),
 //! `memory` (guest RAM). Lower layers never reach up.
 
+pub mod api;
 pub mod arch;
 pub mod cli;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod devices;
 pub mod exit_code;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;

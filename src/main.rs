@@ -4,11 +4,14 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use ember::api::{self, server::ApiServer};
 use ember::{cli, config, exit_code, logger, vmm};
+use vmm::{ApiEndpoint, VmmOptions};
+use vmm_sys_util::eventfd::EventFd;
 
 use cli::Cli;
-use config::{LoggerConfig, VmConfig};
-use vmm::builder::{BuildOptions, build_microvm};
+use config::{LoggerConfig, MetricsConfig, VmConfig};
+use ember::metrics::METRICS;
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -59,54 +62,43 @@ fn run(cli: Cli, started: Instant) -> u8 {
         log::warn!("{flag} is accepted but not yet effective in this version of ember");
     }
 
-    let Some(config_path) = &cli.config_file else {
-        return fail(
-            exit_code::BAD_ARGUMENTS,
-            "the API server is not available in this version; boot with --config-file PATH --no-api",
-        );
-    };
-    if !cli.no_api {
-        log::warn!(
-            "--api-sock {} is not served yet in this version; booting from the config file only",
-            cli.api_sock.display()
-        );
-    }
-    let config = match VmConfig::from_file(&config_path.display().to_string()) {
-        Ok(c) => c,
-        Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
-    };
-    if let Some(logger_config) = &config.logger
-        && let Err(e) = logger::configure(logger_config)
-    {
-        return fail(exit_code::BAD_CONFIGURATION, e);
-    }
-    if config.metrics.is_some() {
-        log::warn!("the metrics key is accepted but not yet effective in this version of ember");
-    }
-    if !config.drives.is_empty() || !config.network_interfaces.is_empty() {
-        log::warn!(
-            "drives and network-interfaces are validated but not yet attached in this version of ember"
-        );
-    }
-    // validate() guarantees a boot source.
-    let Some(boot) = &config.boot_source else {
-        return fail(
-            exit_code::BAD_CONFIGURATION,
-            config::ConfigError::MissingBootSource,
-        );
+    let config = match &cli.config_file {
+        Some(path) => match VmConfig::from_file(&path.display().to_string()) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
+        },
+        None => None,
     };
 
+    // Signals are blocked before any thread exists so every thread inherits the mask and
+    // only the vmm thread's signalfd sees them.
     if let Err(e) = vmm::signals::block_termination_signals() {
         return fail(exit_code::VMM_ERROR, e);
     }
-    let opts = BuildOptions {
+    let api = if cli.no_api {
+        None
+    } else {
+        match start_api(&cli, started) {
+            Ok(api) => Some(api),
+            Err(e) => return fail(exit_code::HOST_UNSUITABLE, e),
+        }
+    };
+    let opts = VmmOptions {
+        instance_id: cli.id.clone(),
         boot_timer_start: cli.boot_timer.then_some(started),
+        config,
+        metrics: cli.metrics_path.as_ref().map(|p| MetricsConfig {
+            metrics_path: p.display().to_string(),
+            emit_id: false,
+            properties: None,
+        }),
+        api,
     };
-    let microvm = match build_microvm(boot, &config.machine_config, opts) {
-        Ok(vm) => vm,
-        Err(e) => return fail(e.exit_code(), e),
-    };
-    match vmm::run(microvm) {
+    let result = vmm::run_vmm(opts);
+    if !cli.no_api {
+        let _ = std::fs::remove_file(&cli.api_sock);
+    }
+    match result {
         Ok(exit) => {
             if exit.code == exit_code::GUEST_SHUTDOWN {
                 log::info!("microVM stopped: {}", exit.reason);
@@ -115,6 +107,37 @@ fn run(cli: Cli, started: Instant) -> u8 {
             }
             exit.code
         }
-        Err(e) => fail(exit_code::VMM_ERROR, e),
+        Err(e) => fail(e.exit_code(), e),
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ApiStartError {
+    #[error("{0}")]
+    Socket(#[from] api::socket::SocketError),
+    #[error("cannot start the API server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds the API socket and starts the API thread; returns the vmm thread's end.
+fn start_api(cli: &Cli, started: Instant) -> Result<ApiEndpoint, ApiStartError> {
+    let listener = api::socket::bind(&cli.api_sock)?;
+    let wakeup = EventFd::new(libc::EFD_NONBLOCK)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = ApiServer::new(
+        listener,
+        cli.http_api_max_payload_size,
+        tx,
+        wakeup.try_clone()?,
+    )?;
+    server.spawn()?;
+    METRICS
+        .api_server
+        .process_startup_time_us
+        .set(started.elapsed().as_micros() as u64);
+    log::info!("API server listening on {}", cli.api_sock.display());
+    Ok(ApiEndpoint {
+        requests: rx,
+        wakeup,
+    })
 }

@@ -39,19 +39,19 @@ pub struct VmConfig {
     // Firecracker resources ember does not have yet. They are named here so a config that
     // uses them gets "not supported" rather than a confusing "unknown field".
     #[serde(default, skip_serializing)]
-    balloon: Option<serde_json::Value>,
+    pub(crate) balloon: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
-    vsock: Option<serde_json::Value>,
+    pub(crate) vsock: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default, skip_serializing)]
-    mmds_config: Option<serde_json::Value>,
+    pub(crate) mmds_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
-    entropy: Option<serde_json::Value>,
+    pub(crate) entropy: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default, skip_serializing)]
-    cpu_config: Option<serde_json::Value>,
+    pub(crate) cpu_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
-    pmem: Option<serde_json::Value>,
+    pub(crate) pmem: Option<serde_json::Value>,
     #[serde(rename = "memory-hotplug", default, skip_serializing)]
-    memory_hotplug: Option<serde_json::Value>,
+    pub(crate) memory_hotplug: Option<serde_json::Value>,
 }
 
 /// Why a configuration was refused.

@@ -19,7 +19,7 @@ use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_IRQ, I8042_POR
 use crate::devices::legacy::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleOutput, SerialDevice};
 use crate::exit_code;
 use crate::memory::{self, MemoryError};
-use crate::stop::{StopSignal, StopSignalError};
+use crate::stop::StopSignal;
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -46,8 +46,6 @@ pub enum BuildError {
     EventFd(&'static str, std::io::Error),
     #[error("cannot connect {0} to its interrupt line: {1}")]
     Irqfd(&'static str, kvm_ioctls::Error),
-    #[error("{0}")]
-    Stop(#[from] StopSignalError),
     #[error("machine-config.vcpu_count {requested} is more than this host's KVM allows ({max})")]
     TooManyVcpus { requested: u8, max: usize },
 }
@@ -69,6 +67,8 @@ impl BuildError {
 pub struct BuildOptions {
     /// When set, the first byte the guest prints logs the time since this instant.
     pub boot_timer_start: Option<Instant>,
+    /// Raised by whatever ends the VM (guest reset, vCPU fault, the controller).
+    pub stop: StopSignal,
 }
 
 /// A VM with everything in place, vCPUs not yet running.
@@ -178,7 +178,7 @@ pub fn build_microvm(
 
     let (loaded, boot_info) = load_guest(&guest_memory, &mut files, boot, machine)?;
 
-    let stop = StopSignal::new()?;
+    let stop = opts.stop;
     let serial_irq = eventfd("the serial interrupt")?;
     let serial_input_drained = eventfd("serial input")?;
     vm.fd

@@ -1,33 +1,55 @@
-//! The controller: builds the microVM, runs its event loop on the vmm thread, stops it and
-//! decides the exit code.
+//! The vmm thread: one event loop that serves API requests, console input, signals and
+//! stop requests, around the [`Controller`] that owns the microVM.
 
+pub mod action;
 pub mod builder;
 pub mod console;
+pub mod controller;
+pub mod resources;
 pub mod signals;
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
+use vmm_sys_util::timerfd::TimerFd;
 
+use crate::config::{MetricsConfig, VmConfig};
 use crate::exit_code;
-use crate::stop::StopSignal;
-use crate::vstate::vcpu::{self, VcpuContext, VcpuError, VcpuOutcome};
-use builder::MicroVm;
-use console::ConsoleInput;
+use crate::stop::{StopSignal, StopSignalError};
+use crate::vstate::vcpu::VcpuOutcome;
+use action::{ActionError, VmmAction, VmmData};
+use controller::Controller;
 use signals::{SignalError, SignalHandler};
+
+/// How often metrics are written when a destination is set.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     #[error("cannot create the event loop: {0}")]
     EventLoop(event_manager::Error),
-    #[error("cannot duplicate an eventfd: {0}")]
-    EventFd(std::io::Error),
     #[error("{0}")]
     Signals(#[from] SignalError),
     #[error("{0}")]
-    Vcpu(#[from] VcpuError),
+    Stop(#[from] StopSignalError),
+    #[error("cannot create the metrics timer: {0}")]
+    Timer(std::io::Error),
+    #[error("{0}")]
+    Config(ActionError),
+}
+
+impl VmmError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmmError::Config(e) => e.exit_code(),
+            _ => exit_code::VMM_ERROR,
+        }
+    }
 }
 
 /// How the microVM ended, and the process exit code that says so.
@@ -37,7 +59,19 @@ pub struct VmExit {
     pub reason: String,
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// One request from the API thread, with the channel its answer goes back on.
+pub struct ApiRequest {
+    pub action: VmmAction,
+    pub reply: SyncSender<Result<VmmData, String>>,
+}
+
+/// The vmm thread's end of the API: requests, and the eventfd that says one is waiting.
+pub struct ApiEndpoint {
+    pub requests: Receiver<ApiRequest>,
+    pub wakeup: EventFd,
+}
 
 /// Wakes the event loop when something raised the stop signal.
 struct StopListener(StopSignal);
@@ -53,8 +87,41 @@ impl MutEventSubscriber for StopListener {
     }
 }
 
-/// Puts a terminal on stdin into raw mode for the life of the VM, so keystrokes reach the
-/// guest as typed, and restores it however the VM ends.
+/// Drains an eventfd so the loop wakes once per burst of events; the work happens in the
+/// main loop, which can reach the controller and the event manager.
+struct Wakeup(EventFd);
+
+impl MutEventSubscriber for Wakeup {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch an eventfd: {e}");
+        }
+    }
+}
+
+/// The periodic metrics flush.
+struct MetricsTimer {
+    timer: TimerFd,
+    due: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for MetricsTimer {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.due.store(true, Ordering::SeqCst);
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::error!("cannot watch the metrics timer: {e}");
+        }
+    }
+}
+
+/// Puts a terminal on stdin into raw mode while ember runs, so keystrokes reach the guest
+/// as typed, and restores it however ember ends.
 struct RawTerminal(bool);
 
 impl RawTerminal {
@@ -62,8 +129,7 @@ impl RawTerminal {
         let stdin = std::io::stdin().lock();
         // SAFETY: isatty only inspects the descriptor.
         let tty = unsafe { libc::isatty(0) } == 1;
-        let raw = tty && stdin.set_raw_mode().is_ok();
-        RawTerminal(raw)
+        RawTerminal(tty && stdin.set_raw_mode().is_ok())
     }
 }
 
@@ -107,58 +173,99 @@ pub fn decide_exit(outcomes: &[VcpuOutcome], guest_reset: bool, signal: i32) -> 
     }
 }
 
-/// Runs a built microVM until it stops; returns how it ended.
-pub fn run(mut vm: MicroVm) -> Result<VmExit, VmmError> {
+/// The actions a config file stands for, in the order the API would apply them.
+pub fn config_actions(config: VmConfig) -> Vec<VmmAction> {
+    let mut actions = Vec::new();
+    if let Some(l) = config.logger {
+        actions.push(VmmAction::PutLogger(l));
+    }
+    if let Some(m) = config.metrics {
+        actions.push(VmmAction::PutMetrics(m));
+    }
+    actions.push(VmmAction::PutMachineConfig(config.machine_config));
+    if let Some(b) = config.boot_source {
+        actions.push(VmmAction::PutBootSource(b));
+    }
+    actions.extend(config.drives.into_iter().map(VmmAction::PutDrive));
+    actions.extend(
+        config
+            .network_interfaces
+            .into_iter()
+            .map(VmmAction::PutNetworkInterface),
+    );
+    actions.push(VmmAction::InstanceStart);
+    actions
+}
+
+/// What the vmm thread starts with.
+pub struct VmmOptions {
+    pub instance_id: String,
+    pub boot_timer_start: Option<Instant>,
+    /// A config file to apply (and boot) before serving anything else.
+    pub config: Option<VmConfig>,
+    /// A metrics destination from `--metrics-path`.
+    pub metrics: Option<MetricsConfig>,
+    pub api: Option<ApiEndpoint>,
+}
+
+/// Runs the vmm thread's loop until the microVM stops (or, before it starts, until a
+/// termination signal); returns how it ended.
+pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
+    let stop = StopSignal::new()?;
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;
     let received_signal = Arc::new(AtomicI32::new(0));
     events.add_subscriber(Arc::new(Mutex::new(SignalHandler::new(
-        vm.stop.clone(),
+        stop.clone(),
         received_signal.clone(),
     )?)));
-    events.add_subscriber(Arc::new(Mutex::new(StopListener(vm.stop.clone()))));
-    let drained = vm
-        .serial_input_drained
-        .try_clone()
-        .map_err(VmmError::EventFd)?;
-    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-        vm.serial.clone(),
-        drained,
-    ))));
-
-    vcpu::install_kick_handler()?;
+    events.add_subscriber(Arc::new(Mutex::new(StopListener(stop.clone()))));
+    let metrics_due = Arc::new(AtomicBool::new(false));
+    let mut timer = TimerFd::new().map_err(|e| VmmError::Timer(e.into()))?;
+    timer
+        .reset(METRICS_PERIOD, Some(METRICS_PERIOD))
+        .map_err(|e| VmmError::Timer(e.into()))?;
+    events.add_subscriber(Arc::new(Mutex::new(MetricsTimer {
+        timer,
+        due: metrics_due.clone(),
+    })));
+    let requests = match opts.api {
+        Some(api) => {
+            events.add_subscriber(Arc::new(Mutex::new(Wakeup(api.wakeup))));
+            Some(api.requests)
+        }
+        None => None,
+    };
     let _terminal = RawTerminal::enter();
 
-    let ctx = VcpuContext {
-        pio_bus: vm.pio_bus.clone(),
-        mmio_bus: vm.mmio_bus.clone(),
-        stop: vm.stop.clone(),
-    };
-    let mut handles = Vec::with_capacity(vm.vcpus.len());
-    for v in vm.vcpus.drain(..) {
-        match v.spawn(ctx.clone()) {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                vcpu::stop_all(&vm.stop, handles);
-                return Err(e.into());
-            }
+    let mut controller = Controller::new(opts.instance_id, stop.clone(), opts.boot_timer_start);
+    let flag_actions = opts.metrics.map(VmmAction::PutMetrics);
+    let file_actions = opts.config.map(config_actions).unwrap_or_default();
+    for action in flag_actions.into_iter().chain(file_actions) {
+        if let Err(e) = controller.handle(action, &mut events) {
+            controller.shutdown(0);
+            return Err(VmmError::Config(e));
         }
     }
-    log::info!("microVM running with {} vCPUs", handles.len());
 
-    while !vm.stop.is_stopping() {
+    while !stop.is_stopping() {
         if let Err(e) = events.run() {
             log::error!("event loop failed: {e}; stopping the microVM");
-            vm.stop.request();
+            stop.request();
+        }
+        if let Some(rx) = &requests {
+            while let Ok(req) = rx.try_recv() {
+                let answer = controller
+                    .handle(req.action, &mut events)
+                    .map_err(|e| e.to_string());
+                // The API thread may have given up on a client; nothing to do then.
+                let _ = req.reply.send(answer);
+            }
+        }
+        if metrics_due.swap(false, Ordering::SeqCst) {
+            controller.flush_metrics();
         }
     }
-
-    let outcomes = vcpu::stop_all(&vm.stop, handles);
-    let exit = decide_exit(
-        &outcomes,
-        vm.stop.was_guest_reset(),
-        received_signal.load(Ordering::SeqCst),
-    );
-    Ok(exit)
+    Ok(controller.shutdown(received_signal.load(Ordering::SeqCst)))
 }
 
 #[cfg(test)]

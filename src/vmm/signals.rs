@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
+use crate::metrics::METRICS;
 use crate::stop::StopSignal;
 
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -80,6 +81,12 @@ impl MutEventSubscriber for SignalHandler {
                 break;
             }
             let signo = info.ssi_signo as i32;
+            match signo {
+                libc::SIGTERM => METRICS.signals.sigterm.inc(),
+                libc::SIGINT => METRICS.signals.sigint.inc(),
+                libc::SIGHUP => METRICS.signals.sighup.inc(),
+                _ => {}
+            }
             log::info!("received signal {signo}; stopping the microVM");
             let _ = self
                 .received

@@ -4,8 +4,9 @@
 //! never blocks on device I/O. It stops when the [`StopSignal`] is raised (checked before
 //! every entry into the guest) and it is kicked out of `KVM_RUN` by [`KICK_SIGNAL`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_mp_state,
@@ -17,6 +18,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use crate::arch::x86_64::kernel::LoadedKernel;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
+use crate::metrics::METRICS;
 use crate::stop::StopSignal;
 use crate::vstate::vm::Vm;
 
@@ -115,12 +117,90 @@ pub struct Vcpu {
     fd: VcpuFd,
 }
 
-/// What a running vCPU needs to dispatch exits and know when to stop.
+/// Parks vCPU threads outside `KVM_RUN` while the VM is paused. Their KVM state stays in
+/// the kernel untouched, so resuming continues the guest exactly where it was.
+#[derive(Default)]
+pub struct PauseControl {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    parked: usize,
+}
+
+impl PauseControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Called by a vCPU thread: waits while paused, unless the VM is stopping.
+    fn park(&self, stop: &StopSignal) {
+        let mut state = self.lock();
+        if !state.paused {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !stop.is_stopping() {
+            // The timeout bounds how long a stop request can go unnoticed by a parked vCPU.
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.parked -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Pauses every vCPU: asks them to park, kicks them out of `KVM_RUN`, and waits until
+    /// all `handles.len()` threads are parked. Returns false if they did not park in time.
+    pub fn pause(&self, handles: &[JoinHandle<VcpuOutcome>], timeout: Duration) -> bool {
+        self.lock().paused = true;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = handles.iter().filter(|h| !h.is_finished()).count();
+            {
+                let state = self.lock();
+                if state.parked >= running {
+                    return true;
+                }
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            for h in handles {
+                let _ = h.kill(kick_signal());
+            }
+            let state = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+}
+
+/// What a running vCPU needs to dispatch exits and know when to stop or pause.
 #[derive(Clone)]
 pub struct VcpuContext {
     pub pio_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
     pub stop: StopSignal,
+    pub pause: Arc<PauseControl>,
 }
 
 impl Vcpu {
@@ -192,6 +272,7 @@ impl Vcpu {
                 let outcome = vcpu.run_loop(&ctx);
                 if outcome != VcpuOutcome::Stopped {
                     if outcome.is_fault() {
+                        METRICS.vcpu.failures.inc();
                         log::error!("vCPU {index}: {outcome}");
                     } else {
                         log::info!("vCPU {index}: {outcome}");
@@ -212,21 +293,29 @@ impl Vcpu {
             if ctx.stop.is_stopping() {
                 return VcpuOutcome::Stopped;
             }
+            if ctx.pause.pause_requested() {
+                ctx.pause.park(&ctx.stop);
+                continue;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    METRICS.vcpu.exit_io_in.inc();
                     if !ctx.pio_bus.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
+                    METRICS.vcpu.exit_io_out.inc();
                     ctx.pio_bus.write(u64::from(port), data);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
+                    METRICS.vcpu.exit_mmio_read.inc();
                     if !ctx.mmio_bus.read(addr, data) {
                         data.fill(0xff);
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    METRICS.vcpu.exit_mmio_write.inc();
                     ctx.mmio_bus.write(addr, data);
                 }
                 Ok(VcpuExit::Hlt) => return VcpuOutcome::GuestShutdown,

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::metrics::METRICS;
 use crate::stop::StopSignal;
 
 pub const I8042_DATA_PORT: u64 = 0x60;
@@ -88,7 +89,10 @@ impl I8042 {
             CMD_KBD_TEST => self.push_byte(0x00),
             CMD_KBD_DISABLE => self.status &= !SB_KBD_ENABLED,
             CMD_KBD_ENABLE => self.status |= SB_KBD_ENABLED,
-            CMD_PULSE_RESET => self.stop.guest_reset(),
+            CMD_PULSE_RESET => {
+                METRICS.i8042.reset_count.inc();
+                self.stop.guest_reset();
+            }
             _ => log::debug!("i8042: ignoring command {cmd:#x}"),
         }
     }
@@ -107,6 +111,7 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        METRICS.i8042.read_count.inc();
         data.fill(0);
         let Some(first) = data.first_mut() else {
             return;
@@ -126,6 +131,7 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        METRICS.i8042.write_count.inc();
         let Some(&value) = data.first() else { return };
         match offset {
             OFF_DATA => self.data(value),

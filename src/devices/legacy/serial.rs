@@ -7,6 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
 use crate::devices::bus::BusDevice;
+use crate::metrics::METRICS;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
@@ -75,7 +76,10 @@ impl SerialDevice {
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(bytes.len());
         match self.uart.enqueue_raw_bytes(&bytes[..room]) {
-            Ok(n) => n,
+            Ok(n) => {
+                METRICS.uart.input_bytes.add(n as u64);
+                n
+            }
             Err(e) => {
                 log::warn!("serial: cannot queue guest input: {e:?}");
                 0
@@ -86,6 +90,7 @@ impl SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        METRICS.uart.read_count.inc();
         // The UART has byte-wide registers; wider accesses read as the first byte.
         data.fill(0);
         if let Some(first) = data.first_mut() {
@@ -95,11 +100,13 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        if let Err(e) = self.uart.write(offset as u8, value)
-            && !self.output_failed
-        {
-            log::warn!("serial: guest output lost: {e:?}");
-            self.output_failed = true;
+        METRICS.uart.write_count.inc();
+        if let Err(e) = self.uart.write(offset as u8, value) {
+            METRICS.uart.missed_write_count.inc();
+            if !self.output_failed {
+                log::warn!("serial: guest output lost: {e:?}");
+                self.output_failed = true;
+            }
         }
     }
 }

@@ -1,0 +1,350 @@
+//! Maps a request's method, path and body to a typed [`VmmAction`], validating the body
+//! against the endpoint's type. Nothing here touches VM state.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::drive::valid_id;
+use crate::config::{
+    BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetConfig,
+};
+use crate::vmm::action::{DriveUpdate, NetUpdate, VmmAction};
+use crate::vmm::resources::MachineConfigUpdate;
+
+/// Every (method, path) the server answers, with `{id}` for a path parameter. The OpenAPI
+/// description in docs/api.yaml is checked against this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/version"),
+    ("PUT", "/boot-source"),
+    ("GET", "/machine-config"),
+    ("PUT", "/machine-config"),
+    ("PATCH", "/machine-config"),
+    ("PUT", "/drives/{drive_id}"),
+    ("PATCH", "/drives/{drive_id}"),
+    ("PUT", "/network-interfaces/{iface_id}"),
+    ("PATCH", "/network-interfaces/{iface_id}"),
+    ("PUT", "/actions"),
+    ("PATCH", "/vm"),
+    ("GET", "/vm/config"),
+    ("PUT", "/logger"),
+    ("PUT", "/metrics"),
+    ("GET", "/metrics/prometheus"),
+];
+
+/// Firecracker resources ember does not have; requests for them get a plain "not supported".
+const UNSUPPORTED: &[&str] = &[
+    "balloon",
+    "vsock",
+    "mmds",
+    "entropy",
+    "snapshot",
+    "cpu-config",
+    "pmem",
+    "serial",
+    "hotplug",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("invalid request method and/or path: {0} {1}")]
+    NotFound(String, String),
+    #[error("HTTP method {0} is not supported")]
+    Method(String),
+    #[error("{0} is not supported by ember yet")]
+    Unsupported(String),
+    #[error("invalid body for {endpoint}: {reason}")]
+    Body { endpoint: String, reason: String },
+    #[error("the id in the path ({path:?}) differs from the id in the body ({body:?})")]
+    IdMismatch { path: String, body: String },
+    #[error("invalid id {0:?} in the path: use 1-64 characters from [A-Za-z0-9_]")]
+    InvalidId(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStateBody {
+    state: String,
+}
+
+fn body<T: DeserializeOwned>(endpoint: &str, bytes: &[u8]) -> Result<T, RouteError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(RouteError::Body {
+            endpoint: endpoint.into(),
+            reason: "the request has no body".into(),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| RouteError::Body {
+        endpoint: endpoint.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn path_id(id: &str) -> Result<&str, RouteError> {
+    if valid_id(id) {
+        Ok(id)
+    } else {
+        Err(RouteError::InvalidId(id.into()))
+    }
+}
+
+fn same_id(path: &str, body: &str) -> Result<(), RouteError> {
+    if path == body {
+        Ok(())
+    } else {
+        Err(RouteError::IdMismatch {
+            path: path.into(),
+            body: body.into(),
+        })
+    }
+}
+
+/// Routes one request.
+pub fn route(method: &str, target: &str, bytes: &[u8]) -> Result<VmmAction, RouteError> {
+    // The API takes no query parameters; ignore any rather than mis-route.
+    let path = target.split('?').next().unwrap_or(target);
+    let trimmed = path.trim_end_matches('/');
+    let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+    let not_found = || RouteError::NotFound(method.into(), path.into());
+    if !matches!(method, "GET" | "PUT" | "PATCH") {
+        return Err(RouteError::Method(method.into()));
+    }
+    if let Some(first) = segments.first()
+        && UNSUPPORTED.contains(first)
+    {
+        return Err(RouteError::Unsupported(format!("the /{first} resource")));
+    }
+    let endpoint = format!("{method} {path}");
+    use VmmAction::*;
+    Ok(match (method, segments.as_slice()) {
+        ("GET", []) => GetInstanceInfo,
+        ("GET", ["version"]) => GetVersion,
+        ("PUT", ["boot-source"]) => PutBootSource(body::<BootSourceConfig>(&endpoint, bytes)?),
+        ("GET", ["machine-config"]) => GetMachineConfig,
+        ("PUT", ["machine-config"]) => PutMachineConfig(body::<MachineConfig>(&endpoint, bytes)?),
+        ("PATCH", ["machine-config"]) => {
+            PatchMachineConfig(body::<MachineConfigUpdate>(&endpoint, bytes)?)
+        }
+        ("PUT", ["drives", id]) => {
+            let id = path_id(id)?;
+            let d: DriveConfig = body(&endpoint, bytes)?;
+            same_id(id, &d.drive_id)?;
+            PutDrive(d)
+        }
+        ("PATCH", ["drives", id]) => {
+            let id = path_id(id)?;
+            let d: DriveUpdate = body(&endpoint, bytes)?;
+            same_id(id, &d.drive_id)?;
+            PatchDrive(d)
+        }
+        ("PUT", ["network-interfaces", id]) => {
+            let id = path_id(id)?;
+            let n: NetConfig = body(&endpoint, bytes)?;
+            same_id(id, &n.iface_id)?;
+            PutNetworkInterface(n)
+        }
+        ("PATCH", ["network-interfaces", id]) => {
+            let id = path_id(id)?;
+            let n: NetUpdate = body(&endpoint, bytes)?;
+            same_id(id, &n.iface_id)?;
+            PatchNetworkInterface(n)
+        }
+        ("PUT", ["actions"]) => {
+            let a: ActionBody = body(&endpoint, bytes)?;
+            match a.action_type.as_str() {
+                "InstanceStart" => InstanceStart,
+                "SendCtrlAltDel" => SendCtrlAltDel,
+                "FlushMetrics" => FlushMetrics,
+                other => {
+                    return Err(RouteError::Body {
+                        endpoint,
+                        reason: format!(
+                            "unknown action_type {other:?}; expected InstanceStart, SendCtrlAltDel or FlushMetrics"
+                        ),
+                    });
+                }
+            }
+        }
+        ("PATCH", ["vm"]) => {
+            let v: VmStateBody = body(&endpoint, bytes)?;
+            match v.state.as_str() {
+                "Paused" => Pause,
+                "Resumed" => Resume,
+                other => {
+                    return Err(RouteError::Body {
+                        endpoint,
+                        reason: format!("unknown state {other:?}; expected Paused or Resumed"),
+                    });
+                }
+            }
+        }
+        ("GET", ["vm", "config"]) => GetVmConfig,
+        ("PUT", ["logger"]) => PutLogger(body::<LoggerConfig>(&endpoint, bytes)?),
+        ("PUT", ["metrics"]) => PutMetrics(body::<MetricsConfig>(&endpoint, bytes)?),
+        ("GET", ["metrics", "prometheus"]) => GetPrometheusMetrics,
+        _ => return Err(not_found()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(method: &str, path: &str, body: &str) -> VmmAction {
+        route(method, path, body.as_bytes()).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn err(method: &str, path: &str, body: &str) -> String {
+        route(method, path, body.as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn every_route_reaches_its_action() {
+        assert_eq!(ok("GET", "/", ""), VmmAction::GetInstanceInfo);
+        assert_eq!(ok("GET", "/version", ""), VmmAction::GetVersion);
+        assert!(matches!(
+            ok("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#),
+            VmmAction::PutBootSource(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count":1,"mem_size_mib":64}"#
+            ),
+            VmmAction::PutMachineConfig(_)
+        ));
+        assert!(matches!(
+            ok("PATCH", "/machine-config", r#"{"mem_size_mib":64}"#),
+            VmmAction::PatchMachineConfig(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PUT",
+                "/drives/root",
+                r#"{"drive_id":"root","is_root_device":true,"path_on_host":"/x"}"#
+            ),
+            VmmAction::PutDrive(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PATCH",
+                "/drives/root",
+                r#"{"drive_id":"root","path_on_host":"/y"}"#
+            ),
+            VmmAction::PatchDrive(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#
+            ),
+            VmmAction::PutNetworkInterface(_)
+        ));
+        assert!(matches!(
+            ok(
+                "PATCH",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0"}"#
+            ),
+            VmmAction::PatchNetworkInterface(_)
+        ));
+        assert_eq!(
+            ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#),
+            VmmAction::InstanceStart
+        );
+        assert_eq!(
+            ok("PUT", "/actions", r#"{"action_type":"SendCtrlAltDel"}"#),
+            VmmAction::SendCtrlAltDel
+        );
+        assert_eq!(
+            ok("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#),
+            VmmAction::FlushMetrics
+        );
+        assert_eq!(
+            ok("PATCH", "/vm", r#"{"state":"Paused"}"#),
+            VmmAction::Pause
+        );
+        assert_eq!(
+            ok("PATCH", "/vm", r#"{"state":"Resumed"}"#),
+            VmmAction::Resume
+        );
+        assert_eq!(ok("GET", "/vm/config", ""), VmmAction::GetVmConfig);
+        assert!(matches!(
+            ok("PUT", "/logger", r#"{"level":"Debug"}"#),
+            VmmAction::PutLogger(_)
+        ));
+        assert!(matches!(
+            ok("PUT", "/metrics", r#"{"metrics_path":"/m"}"#),
+            VmmAction::PutMetrics(_)
+        ));
+        assert_eq!(
+            ok("GET", "/metrics/prometheus", ""),
+            VmmAction::GetPrometheusMetrics
+        );
+        assert_eq!(
+            ok("GET", "/machine-config/", ""),
+            VmmAction::GetMachineConfig,
+            "trailing slash"
+        );
+    }
+
+    #[test]
+    fn bad_requests_named() {
+        assert_eq!(
+            err("GET", "/nope", ""),
+            "invalid request method and/or path: GET /nope"
+        );
+        assert_eq!(err("POST", "/", ""), "HTTP method POST is not supported");
+        assert_eq!(
+            err("DELETE", "/drives/a", ""),
+            "HTTP method DELETE is not supported"
+        );
+        assert_eq!(
+            err("PUT", "/version", "{}"),
+            "invalid request method and/or path: PUT /version"
+        );
+        assert!(err("PUT", "/balloon", "{}").contains("/balloon resource is not supported"));
+        assert!(err("GET", "/snapshot/create", "").contains("not supported"));
+        assert!(err("PUT", "/boot-source", "").contains("has no body"));
+        assert!(err("PUT", "/boot-source", "{").contains("EOF while parsing"));
+        assert!(err("PUT", "/boot-source", r#"{"kernel_image_path":1}"#).contains("invalid type"));
+        assert!(
+            err("PUT", "/boot-source", r#"{"kernel_image_path":"/k","x":1}"#)
+                .contains("unknown field `x`")
+        );
+        assert!(
+            err("PUT", "/machine-config", r#"{"vcpu_count":1}"#)
+                .contains("missing field `mem_size_mib`")
+        );
+        assert!(
+            err(
+                "PUT",
+                "/drives/a",
+                r#"{"drive_id":"b","is_root_device":false,"path_on_host":"/x"}"#
+            )
+            .contains("differs from the id in the body")
+        );
+        assert!(
+            err(
+                "PUT",
+                "/drives/a-b",
+                r#"{"drive_id":"a-b","is_root_device":false}"#
+            )
+            .contains("invalid id")
+        );
+        assert!(
+            err("PUT", "/actions", r#"{"action_type":"Reboot"}"#).contains("unknown action_type")
+        );
+        assert!(err("PATCH", "/vm", r#"{"state":"Stopped"}"#).contains("unknown state"));
+    }
+}

@@ -1,0 +1,354 @@
+//! The API server loop: one thread, non-blocking sockets and `poll`, so a slow, silent or
+//! misbehaving client never holds up another. Requests on a connection are answered in
+//! order (keep-alive and pipelining); a request that does not complete in time is answered
+//! with 408 and its connection closed.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc::{self, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::http::{self, CONTINUE, Parsed, Request, Response};
+use super::router;
+use crate::metrics::METRICS;
+use crate::vmm::ApiRequest;
+use crate::vmm::action::VmmData;
+
+/// Connections beyond this are accepted and closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A request must arrive completely within this time of its first byte.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection with nothing in flight is closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the API waits for the vmm thread to answer one request.
+const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Reading from a connection pauses while this much output waits for a client that does
+/// not read its responses.
+const MAX_PENDING_OUTPUT: usize = 1 << 20;
+
+struct Connection {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// When the first byte of the request being received arrived.
+    request_started: Option<Instant>,
+    last_activity: Instant,
+    continue_sent: bool,
+    /// No more requests are read; the connection closes once `output` is written.
+    closing: bool,
+    /// The peer closed its end or an I/O error occurred; drop as soon as possible.
+    dead: bool,
+}
+
+impl Connection {
+    fn new(stream: UnixStream) -> Self {
+        Connection {
+            stream,
+            input: Vec::new(),
+            output: Vec::new(),
+            request_started: None,
+            last_activity: Instant::now(),
+            continue_sent: false,
+            closing: false,
+            dead: false,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.dead || (self.closing && self.output.is_empty())
+    }
+
+    fn wants_input(&self) -> bool {
+        !self.closing && !self.dead && self.output.len() < MAX_PENDING_OUTPUT
+    }
+
+    fn read_available(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    // Half-closed: answer what already arrived, then close.
+                    self.closing = true;
+                    return;
+                }
+                Ok(n) => {
+                    if self.input.is_empty() {
+                        self.request_started = Some(Instant::now());
+                    }
+                    self.input.extend_from_slice(&buf[..n]);
+                    self.last_activity = Instant::now();
+                    if self.input.len() > http::MAX_HEAD_BYTES + MAX_PENDING_OUTPUT {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.dead = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write_pending(&mut self) {
+        while !self.output.is_empty() {
+            match self.stream.write(&self.output) {
+                Ok(0) => {
+                    self.dead = true;
+                    return;
+                }
+                Ok(n) => {
+                    self.output.drain(..n);
+                    self.last_activity = Instant::now();
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The client went away mid-response; nothing left to tell it.
+                    self.dead = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, status: u16, message: &str) {
+        self.output
+            .extend_from_slice(&Response::fault(status, message).encode(true));
+        self.input.clear();
+        self.closing = true;
+    }
+}
+
+/// Sends actions to the vmm thread and waits for the answers.
+struct VmmClient {
+    requests: Sender<ApiRequest>,
+    wakeup: EventFd,
+}
+
+impl VmmClient {
+    fn call(&self, req: &Request) -> Response {
+        let action = match router::route(&req.method, &req.path, &req.body) {
+            Ok(a) => a,
+            Err(e) => return Response::fault(400, &e.to_string()),
+        };
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        if self
+            .requests
+            .send(ApiRequest {
+                action,
+                reply: reply_tx,
+            })
+            .is_err()
+            || self.wakeup.write(1).is_err()
+        {
+            METRICS.api_server.sync_response_fails.inc();
+            return Response::fault(503, "the VMM is shutting down");
+        }
+        match reply_rx.recv_timeout(VMM_REPLY_TIMEOUT) {
+            Ok(Ok(data)) => data_response(data),
+            Ok(Err(message)) => Response::fault(400, &message),
+            Err(_) => {
+                METRICS.api_server.sync_response_fails.inc();
+                Response::fault(500, "the VMM did not answer in time")
+            }
+        }
+    }
+}
+
+fn data_response(data: VmmData) -> Response {
+    let to_json = |v: Result<serde_json::Value, serde_json::Error>| match v {
+        Ok(v) => Response::json(200, &v),
+        Err(e) => Response::fault(500, &format!("cannot encode the answer: {e}")),
+    };
+    match data {
+        VmmData::Empty => Response::no_content(),
+        VmmData::InstanceInfo(info) => to_json(serde_json::to_value(info)),
+        VmmData::Version(v) => {
+            Response::json(200, &serde_json::json!({ "firecracker_version": v }))
+        }
+        VmmData::MachineConfig(m) => to_json(serde_json::to_value(m)),
+        VmmData::VmConfig(c) => to_json(serde_json::to_value(c)),
+        VmmData::Prometheus(text) => Response::text(200, "text/plain; version=0.0.4", text),
+    }
+}
+
+pub struct ApiServer {
+    listener: UnixListener,
+    max_payload: usize,
+    vmm: VmmClient,
+    conns: Vec<Connection>,
+}
+
+impl ApiServer {
+    pub fn new(
+        listener: UnixListener,
+        max_payload: usize,
+        requests: Sender<ApiRequest>,
+        wakeup: EventFd,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(ApiServer {
+            listener,
+            max_payload,
+            vmm: VmmClient { requests, wakeup },
+            conns: Vec::new(),
+        })
+    }
+
+    /// Runs the server on its own thread for the life of the process.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        loop {
+            let mut fds = Vec::with_capacity(self.conns.len() + 1);
+            fds.push(libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for c in &self.conns {
+                let mut events = 0;
+                if c.wants_input() {
+                    events |= libc::POLLIN;
+                }
+                if !c.output.is_empty() {
+                    events |= libc::POLLOUT;
+                }
+                fds.push(libc::pollfd {
+                    fd: c.stream.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+            }
+            // A bounded wait so request timeouts are noticed without any traffic.
+            // SAFETY: fds is a valid array of pollfd of the given length.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 500) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != ErrorKind::Interrupted {
+                    log::error!("API server: poll failed: {err}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                self.accept_all();
+            }
+            for (i, pfd) in fds.iter().enumerate().skip(1) {
+                if pfd.revents == 0 {
+                    continue;
+                }
+                let conn = &mut self.conns[i - 1];
+                if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+                    && conn.wants_input()
+                {
+                    conn.read_available();
+                }
+                Self::serve(conn, self.max_payload, &self.vmm);
+                conn.write_pending();
+            }
+            self.expire();
+            self.conns.retain(|c| !c.finished());
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conns.len() >= MAX_CONNECTIONS {
+                        METRICS.api_server.connections_refused.inc();
+                        log::warn!("API server: too many connections; closing a new one");
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    METRICS.api_server.connections_accepted.inc();
+                    self.conns.push(Connection::new(stream));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("API server: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers every complete request in the connection's input, in order.
+    fn serve(conn: &mut Connection, max_payload: usize, vmm: &VmmClient) {
+        while !conn.input.is_empty() && !conn.dead {
+            match http::parse(&conn.input, max_payload) {
+                Ok(Parsed::Incomplete { expects_continue }) => {
+                    if expects_continue && !conn.continue_sent {
+                        conn.output.extend_from_slice(CONTINUE);
+                        conn.continue_sent = true;
+                    }
+                    if conn.closing {
+                        // The peer closed with half a request: there is no rest to wait for.
+                        METRICS.api_server.malformed_requests.inc();
+                        conn.refuse(400, "the connection closed in the middle of a request");
+                    }
+                    return;
+                }
+                Ok(Parsed::Complete(req, used)) => {
+                    conn.input.drain(..used);
+                    conn.continue_sent = false;
+                    conn.request_started = (!conn.input.is_empty()).then(Instant::now);
+                    let response = vmm.call(&req);
+                    let close = req.close || conn.closing && conn.input.is_empty();
+                    conn.output.extend_from_slice(&response.encode(close));
+                    if req.close {
+                        conn.closing = true;
+                        conn.input.clear();
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if e.status() == 413 {
+                        METRICS.api_server.requests_too_large.inc();
+                    } else {
+                        METRICS.api_server.malformed_requests.inc();
+                    }
+                    conn.refuse(e.status(), &e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        for c in &mut self.conns {
+            if c.closing || c.dead {
+                continue;
+            }
+            if let Some(started) = c.request_started {
+                if started.elapsed() > REQUEST_TIMEOUT {
+                    METRICS.api_server.read_timeouts.inc();
+                    c.refuse(
+                        408,
+                        &format!(
+                            "the request did not arrive within {} s",
+                            REQUEST_TIMEOUT.as_secs()
+                        ),
+                    );
+                    c.write_pending();
+                }
+            } else if c.output.is_empty() && c.last_activity.elapsed() > IDLE_TIMEOUT {
+                c.dead = true;
+            }
+        }
+    }
+}

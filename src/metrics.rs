@@ -1,0 +1,464 @@
+//! Counters for everything an operator wants to graph, lock-free (atomics) so hot paths
+//! (vCPU exits, device I/O) can count without contention.
+//!
+//! Two views of the same counters:
+//! - a JSON object per flush (every 60 s and on `FlushMetrics`) to the `metrics` file or
+//!   pipe, grouped as Firecracker groups them; counts are the change since the previous
+//!   flush, gauges their current value;
+//! - Prometheus text (`GET /metrics/prometheus`, an ember extension) with running totals, as
+//!   Prometheus counters must never go down.
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+use crate::config::MetricsConfig;
+
+/// A monotonically increasing count.
+pub struct Counter {
+    total: AtomicU64,
+    flushed: AtomicU64,
+}
+
+impl Counter {
+    pub const fn new() -> Self {
+        Counter {
+            total: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The change since the previous call; the next call starts from here.
+    fn take_delta(&self) -> u64 {
+        let now = self.total();
+        now.wrapping_sub(self.flushed.swap(now, Ordering::Relaxed))
+    }
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A value that is set, not counted (a latency, a size).
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub const fn new() -> Self {
+        Gauge(AtomicU64::new(0))
+    }
+
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Gauge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One metric as the serializers see it.
+enum Metric<'a> {
+    Count(&'a Counter),
+    Value(&'a Gauge),
+}
+
+trait Group {
+    fn metrics(&self) -> Vec<(&'static str, Metric<'_>)>;
+}
+
+/// Declares a group of counters and gauges with a const constructor, so the whole metrics
+/// tree can be one `static`.
+macro_rules! metric_group {
+    ($(#[$meta:meta])* $name:ident {
+        $(counters: [$($(#[$cm:meta])* $c:ident),* $(,)?] $(,)?)?
+        $(gauges: [$($(#[$gm:meta])* $g:ident),* $(,)?] $(,)?)?
+    }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($($(#[$cm])* pub $c: Counter,)*)?
+            $($($(#[$gm])* pub $g: Gauge,)*)?
+        }
+
+        impl $name {
+            pub const fn new() -> Self {
+                $name {
+                    $($($c: Counter::new(),)*)?
+                    $($($g: Gauge::new(),)*)?
+                }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl Group for $name {
+            fn metrics(&self) -> Vec<(&'static str, Metric<'_>)> {
+                vec![
+                    $($((stringify!($c), Metric::Count(&self.$c)),)*)?
+                    $($((stringify!($g), Metric::Value(&self.$g)),)*)?
+                ]
+            }
+        }
+    };
+}
+
+metric_group!(
+    /// The API server itself.
+    ApiServerMetrics {
+        counters: [connections_accepted, connections_refused, malformed_requests,
+            requests_too_large, read_timeouts, sync_response_fails],
+        gauges: [process_startup_time_us],
+    }
+);
+metric_group!(
+    /// GET requests by endpoint.
+    GetRequestMetrics {
+        counters: [instance_info_count, version_count, machine_cfg_count, vm_config_count,
+            prometheus_count],
+    }
+);
+metric_group!(
+    /// PUT requests by endpoint, with their failures.
+    PutRequestMetrics {
+        counters: [actions_count, actions_fails, boot_source_count, boot_source_fails,
+            drive_count, drive_fails, logger_count, logger_fails, machine_cfg_count,
+            machine_cfg_fails, metrics_count, metrics_fails, network_count, network_fails],
+    }
+);
+metric_group!(
+    /// PATCH requests by endpoint, with their failures.
+    PatchRequestMetrics {
+        counters: [drive_count, drive_fails, machine_cfg_count, machine_cfg_fails,
+            network_count, network_fails, vm_count, vm_fails],
+    }
+);
+metric_group!(
+    /// vCPU exits by kind.
+    VcpuMetrics {
+        counters: [exit_io_in, exit_io_out, exit_mmio_read, exit_mmio_write, failures],
+    }
+);
+metric_group!(
+    /// The controller.
+    VmmMetrics {
+        counters: [instance_starts, pauses, resumes],
+    }
+);
+metric_group!(
+    /// Time taken by lifecycle operations, last value in microseconds.
+    LatencyMetrics {
+        gauges: [instance_start_us, pause_vm_us, resume_vm_us],
+    }
+);
+metric_group!(
+    /// The serial console.
+    UartMetrics {
+        counters: [read_count, write_count, missed_write_count, input_bytes],
+    }
+);
+metric_group!(
+    /// The i8042 keyboard controller.
+    I8042Metrics {
+        counters: [reset_count, read_count, write_count, ctrl_alt_del_count],
+    }
+);
+metric_group!(
+    /// Block devices, summed over all drives.
+    BlockMetrics {
+        counters: [read_count, write_count, flush_count, read_bytes, write_bytes,
+            invalid_reqs_count, io_errors],
+    }
+);
+metric_group!(
+    /// Network devices, summed over all interfaces.
+    NetMetrics {
+        counters: [rx_packets_count, tx_packets_count, rx_bytes_count, tx_bytes_count,
+            rx_fails, tx_fails],
+    }
+);
+metric_group!(
+    /// Signals ember received.
+    SignalMetrics {
+        counters: [sigterm, sigint, sighup],
+    }
+);
+metric_group!(
+    /// Seccomp violations (filters are not installed yet, so this stays 0).
+    SeccompMetrics {
+        counters: [num_faults],
+    }
+);
+metric_group!(
+    /// The metrics system itself.
+    MetricsSystemMetrics {
+        counters: [flushes, write_fails],
+    }
+);
+
+/// Every group, in the order they appear in a flushed line.
+pub struct Metrics {
+    pub api_server: ApiServerMetrics,
+    pub get_api_requests: GetRequestMetrics,
+    pub put_api_requests: PutRequestMetrics,
+    pub patch_api_requests: PatchRequestMetrics,
+    pub vcpu: VcpuMetrics,
+    pub vmm: VmmMetrics,
+    pub latencies_us: LatencyMetrics,
+    pub uart: UartMetrics,
+    pub i8042: I8042Metrics,
+    pub block: BlockMetrics,
+    pub net: NetMetrics,
+    pub signals: SignalMetrics,
+    pub seccomp: SeccompMetrics,
+    pub metrics: MetricsSystemMetrics,
+}
+
+pub static METRICS: Metrics = Metrics::new();
+
+impl Metrics {
+    pub const fn new() -> Self {
+        Metrics {
+            api_server: ApiServerMetrics::new(),
+            get_api_requests: GetRequestMetrics::new(),
+            put_api_requests: PutRequestMetrics::new(),
+            patch_api_requests: PatchRequestMetrics::new(),
+            vcpu: VcpuMetrics::new(),
+            vmm: VmmMetrics::new(),
+            latencies_us: LatencyMetrics::new(),
+            uart: UartMetrics::new(),
+            i8042: I8042Metrics::new(),
+            block: BlockMetrics::new(),
+            net: NetMetrics::new(),
+            signals: SignalMetrics::new(),
+            seccomp: SeccompMetrics::new(),
+            metrics: MetricsSystemMetrics::new(),
+        }
+    }
+
+    fn groups(&self) -> [(&'static str, &dyn Group); 14] {
+        [
+            ("api_server", &self.api_server),
+            ("get_api_requests", &self.get_api_requests),
+            ("put_api_requests", &self.put_api_requests),
+            ("patch_api_requests", &self.patch_api_requests),
+            ("vcpu", &self.vcpu),
+            ("vmm", &self.vmm),
+            ("latencies_us", &self.latencies_us),
+            ("uart", &self.uart),
+            ("i8042", &self.i8042),
+            ("block", &self.block),
+            ("net", &self.net),
+            ("signals", &self.signals),
+            ("seccomp", &self.seccomp),
+            ("metrics", &self.metrics),
+        ]
+    }
+
+    /// One flush: counts since the previous flush, gauges as they are now.
+    pub fn flush_json(&self) -> Map<String, Value> {
+        let mut root = Map::new();
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        root.insert("utc_timestamp_ms".into(), ms.into());
+        for (group_name, group) in self.groups() {
+            let mut obj = Map::new();
+            for (name, metric) in group.metrics() {
+                let v = match metric {
+                    Metric::Count(c) => c.take_delta(),
+                    Metric::Value(g) => g.get(),
+                };
+                obj.insert(name.into(), v.into());
+            }
+            root.insert(group_name.into(), Value::Object(obj));
+        }
+        root
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (group_name, group) in self.groups() {
+            for (name, metric) in group.metrics() {
+                let full = format!("ember_{group_name}_{name}");
+                let (kind, value) = match metric {
+                    Metric::Count(c) => ("counter", c.total()),
+                    Metric::Value(g) => ("gauge", g.get()),
+                };
+                let _ = writeln!(out, "# TYPE {full} {kind}\n{full} {value}");
+            }
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot open metrics file {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write metrics: {0}")]
+    Write(std::io::Error),
+}
+
+/// Where flushed metrics go: a file (appended) or a named pipe, one JSON object per line.
+pub struct MetricsSink {
+    file: std::fs::File,
+    instance_id: Option<String>,
+    properties: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl MetricsSink {
+    pub fn open(config: &MetricsConfig, instance_id: &str) -> Result<Self, MetricsError> {
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&config.metrics_path)
+            .map_err(|source| MetricsError::Open {
+                path: config.metrics_path.clone(),
+                source,
+            })?;
+        Ok(MetricsSink {
+            file,
+            instance_id: config.emit_id.then(|| instance_id.to_owned()),
+            properties: config.properties.clone(),
+        })
+    }
+
+    /// Writes one line with the counters of `metrics`.
+    pub fn flush(&mut self, metrics: &Metrics) -> Result<(), MetricsError> {
+        metrics.metrics.flushes.inc();
+        let mut line = metrics.flush_json();
+        if let Some(id) = &self.instance_id {
+            line.insert("id".into(), id.clone().into());
+        }
+        if let Some(props) = &self.properties {
+            let obj = props
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.clone())))
+                .collect();
+            line.insert("properties".into(), Value::Object(obj));
+        }
+        let mut text = Value::Object(line).to_string();
+        text.push('\n');
+        self.file.write_all(text.as_bytes()).map_err(|e| {
+            metrics.metrics.write_fails.inc();
+            MetricsError::Write(e)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_reports_deltas_prometheus_totals() {
+        let m = Metrics::new();
+        m.vcpu.exit_io_out.add(5);
+        m.latencies_us.pause_vm_us.set(42);
+        let first = m.flush_json();
+        assert_eq!(first["vcpu"]["exit_io_out"], 5);
+        assert_eq!(first["latencies_us"]["pause_vm_us"], 42);
+        m.vcpu.exit_io_out.add(2);
+        let second = m.flush_json();
+        assert_eq!(
+            second["vcpu"]["exit_io_out"], 2,
+            "delta since the last flush"
+        );
+        assert_eq!(
+            second["latencies_us"]["pause_vm_us"], 42,
+            "gauges are not reset"
+        );
+        let text = m.prometheus();
+        assert!(
+            text.contains("# TYPE ember_vcpu_exit_io_out counter\nember_vcpu_exit_io_out 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_latencies_us_pause_vm_us 42\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_group_present() {
+        let json = Metrics::new().flush_json();
+        for g in [
+            "api_server",
+            "get_api_requests",
+            "put_api_requests",
+            "patch_api_requests",
+            "vcpu",
+            "block",
+            "net",
+            "seccomp",
+            "signals",
+            "latencies_us",
+        ] {
+            assert!(json[g].is_object(), "{g}");
+        }
+    }
+
+    #[test]
+    fn sink_appends_lines_with_id_and_properties() {
+        let path = std::env::temp_dir().join(format!("ember-metrics-{}", std::process::id()));
+        let config = MetricsConfig {
+            metrics_path: path.display().to_string(),
+            emit_id: true,
+            properties: Some([("host".to_string(), "edge-1".to_string())].into()),
+        };
+        let m = Metrics::new();
+        let mut sink = MetricsSink::open(&config, "vm-7").unwrap();
+        sink.flush(&m).unwrap();
+        m.uart.write_count.add(3);
+        sink.flush(&m).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["uart"]["write_count"], 3);
+        assert_eq!(lines[1]["id"], "vm-7");
+        assert_eq!(lines[1]["properties"]["host"], "edge-1");
+        assert_eq!(lines[1]["metrics"]["flushes"], 1);
+    }
+}

@@ -1,0 +1,115 @@
+//! The typed requests the controller accepts (from the API or the config file) and what it
+//! answers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::rate_limiter::RateLimiterConfig;
+use crate::config::{
+    BootSourceConfig, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
+    NetConfig, VmConfig,
+};
+use crate::vmm::builder::BuildError;
+use crate::vmm::resources::MachineConfigUpdate;
+
+/// `PATCH /drives/{id}`: what can change on a running drive.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    pub drive_id: String,
+    pub path_on_host: Option<String>,
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PATCH /network-interfaces/{id}`: what can change on a running interface.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetUpdate {
+    pub iface_id: String,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmAction {
+    GetInstanceInfo,
+    GetVersion,
+    GetMachineConfig,
+    GetVmConfig,
+    GetPrometheusMetrics,
+    PutBootSource(BootSourceConfig),
+    PutMachineConfig(MachineConfig),
+    PatchMachineConfig(MachineConfigUpdate),
+    PutDrive(DriveConfig),
+    PatchDrive(DriveUpdate),
+    PutNetworkInterface(NetConfig),
+    PatchNetworkInterface(NetUpdate),
+    PutLogger(LoggerConfig),
+    PutMetrics(MetricsConfig),
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+    Pause,
+    Resume,
+}
+
+/// The `GET /` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub state: &'static str,
+    pub vmm_version: String,
+    pub app_name: &'static str,
+}
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmmData {
+    Empty,
+    InstanceInfo(InstanceInfo),
+    Version(String),
+    MachineConfig(MachineConfig),
+    VmConfig(Box<VmConfig>),
+    Prometheus(String),
+}
+
+/// Why an action was refused. The VM's state is unchanged by a refused action.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0} is only allowed before the microVM starts (InstanceStart)")]
+    PreBootOnly(&'static str),
+    #[error("{0} is only allowed after the microVM starts (InstanceStart)")]
+    PostBootOnly(&'static str),
+    #[error("cannot start the microVM: no boot source; PUT /boot-source first")]
+    NoBootSource,
+    #[error("cannot start the microVM: {0}")]
+    Start(#[from] BuildError),
+    #[error("cannot start the microVM: {0}")]
+    Run(String),
+    #[error("{0}")]
+    Logger(#[from] crate::logger::LoggerError),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("the metrics system is already initialized")]
+    MetricsAlreadySet,
+    #[error("FlushMetrics needs a metrics destination; PUT /metrics first")]
+    NoMetrics,
+    #[error("{kind} {id:?} does not exist")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0} is not supported by ember yet")]
+    Unsupported(String),
+    #[error("the vCPUs did not pause within {0} ms")]
+    PauseTimeout(u128),
+}
+
+impl ActionError {
+    /// The exit code when this error ends a config-file boot.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ActionError::Start(e) => e.exit_code(),
+            ActionError::Run(_) | ActionError::PauseTimeout(_) => crate::exit_code::VMM_ERROR,
+            _ => crate::exit_code::BAD_CONFIGURATION,
+        }
+    }
+}

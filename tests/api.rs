@@ -1,0 +1,731 @@
+//! The REST API end to end: the real binary, the real socket, real HTTP clients (a Rust
+//! client and curl), and the probe guest booted through the API only.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::api::*;
+use common::*;
+
+fn boot_source(extra: &str, vcpus: u8, mem: usize) -> String {
+    serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": probe_args(vcpus, mem, extra),
+    })
+    .to_string()
+}
+
+/// Configures and starts the probe through the API; returns once the guest printed DONE.
+fn boot_waiting_probe(vm: &mut ApiVm) {
+    let mut c = vm.client();
+    let r = c.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("probe.wait=serial", 2, 256)),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let lines = vm.wait_for_line("PROBE DONE");
+    assert!(
+        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn firecracker_client_flow_boots_the_probe() {
+    let mut vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let info = c.call("GET", "/", None);
+    assert_eq!(info.status, 200);
+    assert_eq!(info.json()["state"], "Not started");
+    assert_eq!(info.json()["app_name"], "ember");
+    assert_eq!(info.json()["id"], "anonymous-instance");
+    let version = c.call("GET", "/version", None).json();
+    assert_eq!(version["firecracker_version"], env!("CARGO_PKG_VERSION"));
+
+    let drive_path = vm.dir.write("disk.img", vec![0u8; 1 << 20]);
+    let steps = [
+        ("PUT", "/boot-source".to_owned(), boot_source("", 2, 256)),
+        ("PUT", "/machine-config".to_owned(), r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": false}"#.to_owned()),
+        (
+            "PUT",
+            "/drives/rootfs".to_owned(),
+            serde_json::json!({"drive_id": "rootfs", "path_on_host": drive_path, "is_root_device": true, "is_read_only": false}).to_string(),
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0".to_owned(),
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}"#.to_owned(),
+        ),
+    ];
+    for (method, path, body) in &steps {
+        let r = c.call(method, path, Some(body));
+        assert_eq!(r.status, 204, "{method} {path}: {r:?}");
+    }
+    let config = c.call("GET", "/vm/config", None).json();
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    assert_eq!(config["machine-config"]["mem_size_mib"], 256);
+    assert_eq!(config["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(config["drives"][0]["cache_type"], "Unsafe");
+    assert_eq!(config["network-interfaces"][0]["host_dev_name"], "tap0");
+    assert_eq!(config["boot-source"]["boot_args"], probe_args(2, 256, ""));
+    let mc = c.call("GET", "/machine-config", None).json();
+    assert_eq!(mc["vcpu_count"], 2);
+
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let lines = vm.wait_for_line("PROBE DONE");
+    assert!(
+        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        "{lines:#?}"
+    );
+    // The probe resets the VM; ember exits 0 and removes its socket.
+    let sock = vm.sock.clone();
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!sock.exists(), "the API socket is removed on exit");
+}
+
+#[test]
+fn pause_and_resume_keep_the_guest_state() {
+    let mut vm = ApiVm::start(&[]);
+    boot_waiting_probe(&mut vm);
+    let r = vm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(vm.call("GET", "/", None).json()["state"], "Paused");
+    // A byte sent while paused waits in the UART: the paused guest cannot read it.
+    vm.send_console(b"Z");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(vm.call("GET", "/", None).json()["state"], "Paused");
+    assert!(
+        vm.child.try_wait().unwrap().is_none(),
+        "ember exited while paused"
+    );
+    let r = vm.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    // Resumed where it was: still polling the serial port, it now sees the byte.
+    let lines = vm.wait_for_line("PROBE GOT");
+    assert_eq!(lines.last().unwrap(), "PROBE GOT 0x5a");
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("microVM paused") && err.contains("microVM resumed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pre_and_post_boot_rules() {
+    let mut vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    for (method, path, body, what) in [
+        (
+            "PATCH",
+            "/vm",
+            r#"{"state": "Paused"}"#,
+            "PATCH /vm is only allowed after",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "SendCtrlAltDel"}"#,
+            "SendCtrlAltDel is only allowed after",
+        ),
+        (
+            "PATCH",
+            "/drives/a",
+            r#"{"drive_id": "a"}"#,
+            "PATCH /drives is only allowed after",
+        ),
+        (
+            "PATCH",
+            "/network-interfaces/a",
+            r#"{"iface_id": "a"}"#,
+            "PATCH /network-interfaces is only allowed after",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+            "no boot source",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "FlushMetrics"}"#,
+            "PUT /metrics first",
+        ),
+    ] {
+        let r = c.call(method, path, Some(body));
+        assert_eq!(r.status, 400, "{method} {path}: {r:?}");
+        assert!(r.fault().contains(what), "{method} {path}: {}", r.fault());
+    }
+    drop(c);
+    boot_waiting_probe(&mut vm);
+    let mut c = vm.client();
+    for (method, path, body, what) in [
+        (
+            "PUT",
+            "/boot-source",
+            boot_source("", 1, 128),
+            "PUT /boot-source is only allowed before",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 128}"#.into(),
+            "only allowed before",
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            r#"{"vcpu_count": 1}"#.into(),
+            "only allowed before",
+        ),
+        (
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id": "a", "is_root_device": false, "path_on_host": "/x"}"#.into(),
+            "only allowed before",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.into(),
+            "InstanceStart is only allowed before",
+        ),
+    ] {
+        let r = c.call(method, path, Some(&body));
+        assert_eq!(r.status, 400, "{method} {path}: {r:?}");
+        assert!(r.fault().contains(what), "{method} {path}: {}", r.fault());
+    }
+    // SendCtrlAltDel reaches the i8042 (the probe does not read its keyboard; the counter shows it).
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let prom = c.call("GET", "/metrics/prometheus", None);
+    assert!(
+        prom.body.contains("\nember_i8042_ctrl_alt_del_count 1\n"),
+        "{}",
+        prom.body
+    );
+    assert_eq!(c.call("GET", "/", None).json()["state"], "Running");
+    drop(c);
+    let (code, _, _) = vm.terminate();
+    assert_eq!(code, Some(143));
+}
+
+#[test]
+fn metrics_flush_and_prometheus() {
+    let vm = ApiVm::start(&["--id", "metrics-vm"]);
+    let metrics = vm.dir.path("metrics.json");
+    let mut c = vm.client();
+    let r = c.call(
+        "PUT",
+        "/metrics",
+        Some(&serde_json::json!({"metrics_path": metrics, "emit_id": true}).to_string()),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let again = c.call(
+        "PUT",
+        "/metrics",
+        Some(&serde_json::json!({"metrics_path": metrics}).to_string()),
+    );
+    assert_eq!(again.status, 400);
+    assert!(again.fault().contains("already initialized"));
+    c.call("GET", "/", None);
+    c.call("PUT", "/boot-source", Some("{\"kernel_image_path\": 3}"));
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["id"], "metrics-vm");
+    assert_eq!(line["get_api_requests"]["instance_info_count"], 1);
+    assert_eq!(line["put_api_requests"]["metrics_count"], 2);
+    assert_eq!(line["put_api_requests"]["metrics_fails"], 1);
+    assert_eq!(line["put_api_requests"]["actions_count"], 1);
+    for group in [
+        "vcpu",
+        "block",
+        "net",
+        "seccomp",
+        "signals",
+        "latencies_us",
+        "uart",
+        "api_server",
+    ] {
+        assert!(line[group].is_object(), "{group} missing: {line}");
+    }
+    assert!(
+        line["api_server"]["process_startup_time_us"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // A body that failed to parse never reached the VMM: it is not a boot_source request.
+    assert_eq!(line["put_api_requests"]["boot_source_count"], 0);
+
+    let prom = c.call("GET", "/metrics/prometheus", None);
+    assert_eq!(prom.status, 200);
+    assert!(
+        prom.header("content-type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert!(prom.body.contains("# TYPE ember_put_api_requests_actions_count counter\nember_put_api_requests_actions_count 1\n"), "{}", prom.body);
+    drop(c);
+    let (code, _, _) = vm.terminate();
+    assert_eq!(code, Some(143));
+}
+
+/// The VM's configuration, to check a bad request left it unchanged.
+fn snapshot(vm: &ApiVm) -> serde_json::Value {
+    let r = vm.call("GET", "/vm/config", None);
+    assert_eq!(r.status, 200);
+    r.json()
+}
+
+#[test]
+fn bad_requests_get_400_and_change_nothing() {
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    c.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+    );
+    let before = snapshot(&vm);
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "PUT",
+            "/machine-config",
+            "{\"vcpu_count\": 2,",
+            "EOF while parsing",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": "two", "mem_size_mib": 128}"#,
+            "invalid type: string \"two\"",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 128, "cpus": 1}"#,
+            "unknown field `cpus`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2}"#,
+            "missing field `mem_size_mib`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 0, "mem_size_mib": 128}"#,
+            "vcpu_count must be between 1 and 32, got 0",
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            r#"{"vcpu_count": 33}"#,
+            "got 33",
+        ),
+        ("PUT", "/boot-source", "", "the request has no body"),
+        (
+            "PUT",
+            "/drives/root",
+            r#"{"drive_id": "other", "is_root_device": true, "path_on_host": "/x"}"#,
+            "differs from the id in the body",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#,
+            "differs from the id in the body",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz"}"#,
+            "not a MAC address",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "Reboot"}"#,
+            "unknown action_type",
+        ),
+        (
+            "GET",
+            "/nowhere",
+            "",
+            "invalid request method and/or path: GET /nowhere",
+        ),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 1}"#,
+            "not supported by ember yet",
+        ),
+        ("PUT", "/vsock", r#"{}"#, "not supported by ember yet"),
+        (
+            "PUT",
+            "/snapshot/create",
+            r#"{}"#,
+            "not supported by ember yet",
+        ),
+        (
+            "PUT",
+            "/logger",
+            r#"{"level": "Loud"}"#,
+            "log level \"Loud\"",
+        ),
+    ];
+    for (method, path, body, want) in cases {
+        let r = c.call(method, path, Some(body));
+        assert_eq!(r.status, 400, "{method} {path} {body}: {r:?}");
+        assert!(
+            r.fault().contains(want),
+            "{method} {path} {body}: {}",
+            r.fault()
+        );
+    }
+    // Unknown methods are refused too, on the same connection.
+    for method in ["DELETE", "POST", "OPTIONS"] {
+        let r = c.call(method, "/machine-config", None);
+        assert_eq!(r.status, 400, "{method}");
+        assert!(
+            r.fault()
+                .contains(&format!("HTTP method {method} is not supported"))
+        );
+    }
+    assert_eq!(
+        snapshot(&vm),
+        before,
+        "a refused request changed the configuration"
+    );
+    drop(c);
+    vm.terminate();
+}
+
+#[test]
+fn oversized_body_and_header() {
+    let vm = ApiVm::start(&["--http-api-max-payload-size", "1000"]);
+    let mut c = vm.client();
+    let big = format!("{{\"kernel_image_path\": \"{}\"}}", "a".repeat(1000));
+    let r = c.call("PUT", "/boot-source", Some(&big));
+    assert_eq!(r.status, 413, "{r:?}");
+    assert!(
+        r.fault().contains("larger than the limit of 1000 bytes"),
+        "{}",
+        r.fault()
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+
+    let mut c = vm.client();
+    let head = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n\r\n", "h".repeat(9000));
+    c.send_raw(head.as_bytes());
+    let r = c.read();
+    assert_eq!(r.status, 400);
+    assert!(
+        r.fault().contains("request head is larger than 8192 bytes"),
+        "{}",
+        r.fault()
+    );
+
+    let mut c = vm.client();
+    c.send_raw(
+        b"PUT /boot-source HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
+    let r = c.read();
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("chunked"), "{}", r.fault());
+
+    let mut c = vm.client();
+    c.send_raw(b"\x16\x03\x01 garbage\r\n\r\n");
+    assert_eq!(c.read().status, 400);
+    // The server is still fine.
+    assert_eq!(vm.call("GET", "/", None).status, 200);
+    vm.terminate();
+}
+
+#[test]
+fn split_writes_silent_and_vanishing_clients() {
+    let vm = ApiVm::start(&[]);
+    // A request dribbled out a few bytes at a time.
+    let mut slow = vm.client();
+    let bytes = request_bytes(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 3, "mem_size_mib": 192}"#),
+    );
+    for chunk in bytes.chunks(3) {
+        slow.send_raw(chunk);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(slow.read().status, 204);
+    // A client that connects and says nothing, and one that leaves mid-request.
+    let _silent = UnixStream::connect(&vm.sock).unwrap();
+    {
+        let mut gone = UnixStream::connect(&vm.sock).unwrap();
+        gone.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu")
+            .unwrap();
+    }
+    // Others are served at once, and the half request changed nothing.
+    let t = Instant::now();
+    let mc = vm.call("GET", "/machine-config", None).json();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        (mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()),
+        (Some(3), Some(192))
+    );
+
+    // A request that stalls is answered with 408 after the request timeout.
+    let mut stalled = vm.client();
+    stalled.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n");
+    let r = stalled.read();
+    assert_eq!(r.status, 408, "{r:?}");
+    assert!(r.fault().contains("did not arrive within 5 s"));
+    vm.terminate();
+}
+
+#[test]
+fn keep_alive_pipelining_and_many_clients() {
+    let vm = ApiVm::start(&[]);
+    // 1000 requests on one connection, all written before any answer is read.
+    let mut c = vm.client();
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        if i % 2 == 0 {
+            batch.extend(request_bytes("GET", "/", None));
+        } else {
+            batch.extend(request_bytes(
+                "PATCH",
+                "/machine-config",
+                Some(&format!("{{\"mem_size_mib\": {}}}", 128 + i)),
+            ));
+        }
+    }
+    let writer = {
+        let mut s = c.stream().try_clone().unwrap();
+        std::thread::spawn(move || s.write_all(&batch).unwrap())
+    };
+    for i in 0..1000 {
+        let r = c.read();
+        let want = if i % 2 == 0 { 200 } else { 204 };
+        assert_eq!(r.status, want, "request {i}: {r:?}");
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        c.call("GET", "/machine-config", None).json()["mem_size_mib"],
+        128 + 999
+    );
+
+    // 64 clients at once, each with a few requests.
+    let sock = vm.sock.clone();
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut c = ApiClient::connect(&sock);
+                for _ in 0..5 {
+                    let r = c.call("GET", "/", None);
+                    assert_eq!(r.status, 200);
+                    assert_eq!(r.json()["state"], "Not started");
+                }
+            })
+        })
+        .collect();
+    for t in clients {
+        t.join().expect("client thread");
+    }
+    assert_eq!(vm.call("GET", "/", None).status, 200);
+    vm.terminate();
+}
+
+#[test]
+fn connection_close_and_http10() {
+    let vm = ApiVm::start(&[]);
+    let mut s = UnixStream::connect(&vm.sock).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    assert!(
+        all.starts_with("HTTP/1.1 200 OK\r\n") && all.contains("Connection: close"),
+        "{all}"
+    );
+    vm.terminate();
+}
+
+#[test]
+fn socket_in_use_and_stale_socket() {
+    let vm = ApiVm::start(&[]);
+    let sock = vm.sock.to_str().unwrap().to_owned();
+    let r = run_ember(&["--api-sock", &sock]);
+    assert_eq!(r.code(), Some(4), "{r:?}");
+    assert!(
+        r.stderr.contains("is in use by another process"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        vm.call("GET", "/", None).status,
+        200,
+        "the first ember still serves"
+    );
+    vm.terminate();
+
+    // A socket file nobody listens on is replaced.
+    let dir = Scratch::new("stale");
+    let stale = dir.path("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let vm = ApiVm::start_at(dir, stale, &[]);
+    assert_eq!(vm.call("GET", "/", None).status, 200);
+    vm.terminate();
+}
+
+fn curl(sock: &std::path::Path, args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--unix-socket",
+            sock.to_str().unwrap(),
+        ])
+        .args(["--write-out", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (body.to_owned(), code.to_owned())
+}
+
+#[test]
+fn curl_sequence_from_the_readme() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let mut vm = ApiVm::start(&[]);
+    let sock = vm.sock.clone();
+    // A body over 1 KiB makes curl ask for 100 Continue; the server must answer it at once.
+    let long_args = probe_args(1, 128, &format!("pad={}", "p".repeat(1500)));
+    let boot =
+        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": long_args}).to_string();
+    let t = Instant::now();
+    let (_, code) = curl(
+        &sock,
+        &[
+            "-X",
+            "PUT",
+            "http://localhost/boot-source",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &boot,
+        ],
+    );
+    assert_eq!(code, "204");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "curl waited for 100 Continue"
+    );
+    let (_, code) = curl(
+        &sock,
+        &[
+            "-X",
+            "PUT",
+            "http://localhost/machine-config",
+            "-d",
+            r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+        ],
+    );
+    assert_eq!(code, "204");
+    let (body, code) = curl(&sock, &["http://localhost/machine-config"]);
+    assert_eq!(code, "200");
+    assert!(body.contains("\"mem_size_mib\":128"), "{body}");
+    let (body, code) = curl(
+        &sock,
+        &["-X", "PUT", "http://localhost/machine-config", "-d", "{"],
+    );
+    assert_eq!(code, "400");
+    assert!(body.contains("fault_message"), "{body}");
+    let (_, code) = curl(
+        &sock,
+        &[
+            "-X",
+            "PUT",
+            "http://localhost/actions",
+            "-d",
+            r#"{"action_type": "InstanceStart"}"#,
+        ],
+    );
+    assert_eq!(code, "204");
+    let lines = vm.wait_for_line("PROBE DONE");
+    assert!(
+        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        "{lines:#?}"
+    );
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn config_file_and_api_together() {
+    // --config-file with the API boots at once and still serves requests.
+    let dir = Scratch::new("cfg-api");
+    let config = dir.write(
+        "vm.json",
+        config_json(
+            &probe_elf(),
+            1,
+            128,
+            &probe_args(1, 128, "probe.wait=serial"),
+        ),
+    );
+    let mut vm = ApiVm::start(&["--config-file", config.to_str().unwrap()]);
+    vm.wait_for_line("PROBE DONE");
+    assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
+    let cfg = vm.call("GET", "/vm/config", None).json();
+    assert_eq!(
+        cfg["boot-source"]["kernel_image_path"],
+        probe_elf().to_str().unwrap()
+    );
+    vm.send_console(b"q");
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -1,0 +1,252 @@
+//! A minimal HTTP/1.1 client over the API's Unix socket, and an ember process driven
+//! through it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{RUN_DEADLINE, Scratch, ember_command};
+
+/// A response: status, headers (lower-case names) and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// The `fault_message` of an error response.
+    pub fn fault(&self) -> String {
+        self.json()["fault_message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fault_message: {self:?}"))
+            .to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response from a buffered stream.
+pub fn read_response(reader: &mut BufReader<UnixStream>) -> std::io::Result<HttpResponse> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        // Skip interim 100 Continue responses.
+        if line.starts_with("HTTP/1.1 100") {
+            let mut blank = String::new();
+            reader.read_line(&mut blank)?;
+            continue;
+        }
+        break;
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':').expect("header line");
+        headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.parse().expect("content-length"))
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8(body).expect("utf-8 body"),
+    })
+}
+
+pub fn request_bytes(method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
+    let body = body.unwrap_or("");
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A keep-alive connection to the API.
+pub struct ApiClient {
+    reader: BufReader<UnixStream>,
+}
+
+impl ApiClient {
+    pub fn connect(sock: &Path) -> Self {
+        let stream = UnixStream::connect(sock).expect("connect to the API socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        ApiClient {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut UnixStream {
+        self.reader.get_mut()
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream().write_all(bytes).expect("write request");
+    }
+
+    pub fn read(&mut self) -> HttpResponse {
+        read_response(&mut self.reader).expect("read response")
+    }
+
+    pub fn call(&mut self, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+        self.send_raw(&request_bytes(method, path, body));
+        self.read()
+    }
+}
+
+/// An ember process serving the API on a socket in its own scratch directory.
+pub struct ApiVm {
+    pub dir: Scratch,
+    pub sock: PathBuf,
+    pub child: Child,
+    stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl ApiVm {
+    pub fn start(extra_flags: &[&str]) -> Self {
+        let dir = Scratch::new("api");
+        let sock = dir.path("api.sock");
+        Self::start_at(dir, sock, extra_flags)
+    }
+
+    /// Starts ember serving the API at `sock`.
+    pub fn start_at(dir: Scratch, sock: PathBuf, extra_flags: &[&str]) -> Self {
+        let mut args = vec!["--api-sock", sock.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra_flags);
+        let mut child = ember_command(&args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn ember");
+        let start = Instant::now();
+        while UnixStream::connect(&sock).is_err() {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                let mut err = String::new();
+                let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                panic!("ember exited ({status}) before serving the API: {err}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "API socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stdout = child.stdout.take().map(BufReader::new);
+        ApiVm {
+            dir,
+            sock,
+            child,
+            stdout,
+        }
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::connect(&self.sock)
+    }
+
+    /// One request on a fresh connection.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+        self.client().call(method, path, body)
+    }
+
+    /// Reads guest console lines until one starts with `prefix`; returns all lines read.
+    pub fn wait_for_line(&mut self, prefix: &str) -> Vec<String> {
+        let out = self.stdout.as_mut().expect("stdout still attached");
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if out.read_line(&mut line).expect("read stdout") == 0 {
+                panic!("ember's stdout closed before {prefix:?}: {lines:#?}");
+            }
+            let found = line.starts_with(prefix);
+            lines.push(line.trim_end().to_owned());
+            if found {
+                return lines;
+            }
+        }
+    }
+
+    pub fn send_console(&mut self, bytes: &[u8]) {
+        self.child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(bytes)
+            .expect("write to ember's stdin");
+    }
+
+    /// Waits for ember to exit; returns (exit code, rest of stdout, stderr).
+    pub fn finish(mut self) -> (Option<i32>, String, String) {
+        let mut stderr = self.child.stderr.take().expect("stderr");
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let mut stdout = self.stdout.take();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(o) = stdout.as_mut() {
+                let _ = o.read_to_string(&mut s);
+            }
+            s
+        });
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if start.elapsed() > RUN_DEADLINE {
+                let _ = self.child.kill();
+                panic!("ember did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        (
+            status.code(),
+            out.join().unwrap_or_default(),
+            err.join().unwrap_or_default(),
+        )
+    }
+
+    pub fn terminate(self) -> (Option<i32>, String, String) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.finish()
+    }
+}
