@@ -13,6 +13,8 @@ fn main() {
         "resources/probe/Cargo.lock",
         "resources/probe/build.rs",
         "resources/probe/linker.ld",
+        "resources/probe/linker-pvh.ld",
+        "resources/probe/layout.ld",
         "tools/build-probe.sh",
         "tools/mkbzimage.py",
     ] {

@@ -78,22 +78,59 @@ fn bzimage_boots_like_vmlinux() {
     assert!(r.stderr.contains("Linux64 boot"), "{}", r.stderr);
 }
 
+/// Boots `kernel` with an initrd of `size` bytes of 0x5a; the probe checks it from inside.
+fn boot_with_initrd(kernel: &std::path::Path, mem: usize, size: usize) -> RunResult {
+    let dir = Scratch::new("initrd");
+    let initrd = dir.write("initrd.img", vec![0x5a; size]);
+    let args = probe_args(1, mem, &format!("probe.initrd_size={size}"));
+    let mut config: serde_json::Value =
+        serde_json::from_str(&config_json(kernel, 1, mem, &args)).unwrap();
+    config["boot-source"]["initrd_path"] = initrd.to_str().unwrap().into();
+    boot_config(&config.to_string())
+}
+
 #[test]
 fn initrd_loaded_below_the_gap() {
-    let dir = Scratch::new("initrd");
-    let initrd = dir.write("initrd.img", vec![0x5a; 3 << 20]);
-    let args = probe_args(1, 128, "");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&config_json(&probe_elf(), 1, 128, &args)).unwrap();
-    config["boot-source"]["initrd_path"] = initrd.to_str().unwrap().into();
-    let r = boot_config(&config.to_string());
-    r.assert_probe_passed(CHECKS);
-    // 3 MiB at the top of 128 MiB, page aligned.
+    let r = boot_with_initrd(&probe_elf(), 128, 3 << 20);
+    r.assert_probe_passed(CHECKS + 1);
+    // 3 MiB at the top of 128 MiB, page aligned, as the zero page tells the guest.
     assert!(
-        r.stderr
-            .contains(&format!("initrd {} bytes at 0x7d00000", 3 << 20)),
+        r.stdout
+            .contains("PROBE initrd ok at=0x7d00000 size=3145728"),
         "{}",
-        r.stderr
+        r.stdout
+    );
+    let r = boot_with_initrd(&probe_bzimage(), 3584, 5000);
+    r.assert_probe_passed(CHECKS + 1);
+    assert!(
+        r.stdout.contains("PROBE initrd ok at=0xbfffe000 size=5000"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn pvh_entry() {
+    for (vcpus, mem) in [(1, 128), (4, 3584)] {
+        let args = probe_args(vcpus, mem, "");
+        let r = boot_config(&config_json(&probe_pvh_elf(), vcpus, mem, &args));
+        r.assert_probe_passed(CHECKS);
+        assert!(r.stderr.contains("(Pvh boot)"), "{}", r.stderr);
+        assert!(
+            r.stdout.contains("PROBE pvh ok at=0x6000 version=1"),
+            "{}",
+            r.stdout
+        );
+        assert_cmdline_reached(&r, &args);
+    }
+    // The initrd reaches a PVH guest as module 0 of the start info.
+    let r = boot_with_initrd(&probe_pvh_elf(), 256, 3 << 20);
+    r.assert_probe_passed(CHECKS + 1);
+    assert!(
+        r.stdout
+            .contains("PROBE initrd ok at=0xfd00000 size=3145728"),
+        "{}",
+        r.stdout
     );
 }
 

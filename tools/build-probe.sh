@@ -2,6 +2,7 @@
 # Builds the probe guest (resources/probe) into OUT_DIR:
 #   OUT_DIR/probe.elf      the ELF, booted like a vmlinux
 #   OUT_DIR/probe.bzimage  the same code wrapped as a Linux bzImage
+#   OUT_DIR/probe-pvh.elf  the ELF with the `pvh` feature: a PVH note and 32-bit entry
 # Quiet on success; on failure prints the build log. Safe to call from ember's build.rs:
 # the cargo/rustc environment of the outer build is dropped, so the probe always gets its
 # own target, flags and target directory.
@@ -28,16 +29,32 @@ unset RUSTFLAGS RUSTDOCFLAGS RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER CARGO_INCREME
 export RUSTFLAGS="-C target-feature=-sse,-sse2 -C relocation-model=static -C panic=abort"
 
 log="$out/build.log"
-if ! "${CARGO:-cargo}" build --release --offline --locked \
-    --target x86_64-unknown-linux-gnu \
-    --manifest-path "$root/resources/probe/Cargo.toml" \
-    --target-dir "$out/cargo" >"$log" 2>&1; then
-    cat "$log" >&2
-    echo "build-probe.sh: cargo build of the probe failed" >&2
-    exit 1
-fi
+: >"$log"
 
-elf="$out/cargo/x86_64-unknown-linux-gnu/release/ember-probe"
-cp "$elf" "$out/probe.elf.tmp"
-mv "$out/probe.elf.tmp" "$out/probe.elf"
+# build TARGET_DIR [CARGO_ARGS...]: each variant gets its own target directory, so neither
+# rebuilds the other's artifacts nor overwrites its binary.
+build() {
+    local target_dir="$1"
+    shift
+    if ! "${CARGO:-cargo}" build --release --offline --locked \
+        --target x86_64-unknown-linux-gnu \
+        --manifest-path "$root/resources/probe/Cargo.toml" \
+        --target-dir "$target_dir" "$@" >>"$log" 2>&1; then
+        cat "$log" >&2
+        echo "build-probe.sh: cargo build of the probe failed" >&2
+        exit 1
+    fi
+}
+
+# copy_out BUILT_ELF NAME: replaces OUT_DIR/NAME in one step, so no reader sees half a file.
+copy_out() {
+    cp "$1" "$out/$2.tmp"
+    mv "$out/$2.tmp" "$out/$2"
+}
+
+bin=x86_64-unknown-linux-gnu/release/ember-probe
+build "$out/cargo"
+copy_out "$out/cargo/$bin" probe.elf
 python3 "$root/tools/mkbzimage.py" "$out/probe.elf" "$out/probe.bzimage"
+build "$out/cargo-pvh" --features pvh
+copy_out "$out/cargo-pvh/$bin" probe-pvh.elf

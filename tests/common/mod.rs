@@ -24,6 +24,11 @@ pub fn probe_elf() -> PathBuf {
     probe_dir().join("probe.elf")
 }
 
+/// The probe with a PVH note: ember enters it through the PVH protocol.
+pub fn probe_pvh_elf() -> PathBuf {
+    probe_dir().join("probe-pvh.elf")
+}
+
 pub fn probe_bzimage() -> PathBuf {
     probe_dir().join("probe.bzimage")
 }

@@ -1,6 +1,7 @@
 //! The Linux zero page (`struct boot_params`) the VMM hands over in `rsi`.
 
 use crate::line::Detail;
+use crate::paging::BOOT_MAP_END;
 use crate::phys;
 
 const BOOT_FLAG: u64 = 0x1fe;
@@ -8,6 +9,10 @@ const HEADER: u64 = 0x202;
 const CMD_LINE_PTR: u64 = 0x228;
 const CMDLINE_SIZE: u64 = 0x238;
 const EXT_CMD_LINE_PTR: u64 = 0x0c8;
+const RAMDISK_IMAGE: u64 = 0x218;
+const RAMDISK_SIZE: u64 = 0x21c;
+const EXT_RAMDISK_IMAGE: u64 = 0x0c0;
+const EXT_RAMDISK_SIZE: u64 = 0x0c4;
 const E820_ENTRIES: u64 = 0x1e8;
 const E820_TABLE: u64 = 0x2d0;
 
@@ -17,9 +22,7 @@ const E820_ENTRY_SIZE: u64 = 20;
 pub const E820_MAX_ENTRIES: u8 = 128;
 const PAGE_SIZE: u64 = 4096;
 
-/// The boot identity map covers only the first GiB; a zero page elsewhere cannot be read.
-const BOOT_MAP_END: u64 = 1 << 30;
-
+#[derive(Clone, Copy)]
 pub struct ZeroPage {
     pub addr: u64,
 }
@@ -45,6 +48,17 @@ impl ZeroPage {
         phys::read_u32(self.addr + CMDLINE_SIZE)
     }
 
+    /// The initrd as (address, size), each with its `ext_` high half; None if both are 0.
+    pub fn initrd(&self) -> Option<(u64, u64)> {
+        let read = |low, high| {
+            (u64::from(phys::read_u32(self.addr + high)) << 32)
+                | u64::from(phys::read_u32(self.addr + low))
+        };
+        let addr = read(RAMDISK_IMAGE, EXT_RAMDISK_IMAGE);
+        let size = read(RAMDISK_SIZE, EXT_RAMDISK_SIZE);
+        (addr != 0 || size != 0).then_some((addr, size))
+    }
+
     /// Number of e820 entries, clamped to what the table can hold.
     pub fn e820_len(&self) -> u8 {
         phys::read_u8(self.addr + E820_ENTRIES).min(E820_MAX_ENTRIES)
@@ -61,13 +75,6 @@ impl ZeroPage {
             size: phys::read_u64(at + 8),
             kind: phys::read_u32(at + 16),
         }
-    }
-
-    /// Type-1 (RAM) entries, in table order.
-    pub fn ram_ranges(&self) -> impl Iterator<Item = E820Entry> + '_ {
-        (0..self.e820_len())
-            .map(|i| self.e820_entry(i))
-            .filter(|e| e.kind == E820_RAM)
     }
 }
 

@@ -1,15 +1,16 @@
 //! The kernel command line: where the test tells the probe what the VMM was asked for,
 //! as `probe.<key>=<value>` words among the usual kernel parameters.
 
-use crate::bootparams::ZeroPage;
+use crate::bootinfo::BootInfo;
 use crate::line::Detail;
+use crate::paging::BOOT_MAP_END;
 use crate::phys;
 
 const PREFIX: &[u8] = b"probe.";
-/// Bound the NUL search when the header does not say (`cmdline_size` = 0) or says nonsense.
+/// Bound the NUL search when the header does not say (`cmdline_size` = 0, or PVH, which has no
+/// size field) or says nonsense.
 const DEFAULT_LIMIT: u64 = 4096;
 const MAX_LIMIT: u64 = 64 * 1024;
-const BOOT_MAP_END: u64 = 1 << 30;
 
 pub struct Cmdline {
     text: &'static [u8],
@@ -91,20 +92,24 @@ pub fn parse_u64(s: &[u8]) -> Option<u64> {
 /// The `cmdline` check: the command line exists, is NUL-terminated within the size the
 /// header allows, and carries at least one `probe.` parameter. The detail quotes it whole
 /// so tests can compare it with what they passed.
-pub fn check(zero_page: Option<&ZeroPage>, d: &mut Detail) -> (Cmdline, bool) {
-    let Some(zp) = zero_page else {
-        d.str(b"no zero page");
-        return (Cmdline::empty(), false);
+pub fn check(info: &BootInfo, d: &mut Detail) -> (Cmdline, bool) {
+    let (addr, limit) = match info {
+        BootInfo::ZeroPage(zp) => {
+            let limit = match u64::from(zp.cmdline_size()) {
+                0 => DEFAULT_LIMIT,
+                size => (size + 1).min(MAX_LIMIT),
+            };
+            (zp.cmdline_addr(), limit)
+        }
+        BootInfo::StartInfo(si) => (si.cmdline_addr(), DEFAULT_LIMIT),
     };
-    let addr = zp.cmdline_addr();
     if addr == 0 {
-        d.str(b"cmd_line_ptr is 0");
+        d.str(match info {
+            BootInfo::ZeroPage(_) => b"cmd_line_ptr is 0",
+            BootInfo::StartInfo(_) => b"cmdline_paddr is 0",
+        });
         return (Cmdline::empty(), false);
     }
-    let limit = match u64::from(zp.cmdline_size()) {
-        0 => DEFAULT_LIMIT,
-        size => (size + 1).min(MAX_LIMIT),
-    };
     if addr >= BOOT_MAP_END || BOOT_MAP_END - addr < limit {
         d.str(b"at=")
             .hex(addr)

@@ -1,8 +1,10 @@
 //! The `e820` check: the RAM map is exactly what ember promises for `probe.mem_mib`.
 
 use crate::Boot;
-use crate::bootparams::{E820_MAX_ENTRIES, ZeroPage};
+use crate::bootinfo::BootInfo;
+use crate::bootparams::E820_MAX_ENTRIES;
 use crate::line::Detail;
+use crate::startinfo::MEMMAP_MAX_ENTRIES;
 
 const MIB: u64 = 1 << 20;
 /// Low RAM ends where the EBDA (and ember's MP table) begins.
@@ -27,9 +29,9 @@ fn expected_ram(mem_mib: u64) -> Option<([(u64, u64); 3], usize)> {
     Some((ranges, 3))
 }
 
-fn describe_ram(zp: &ZeroPage, d: &mut Detail) {
+fn describe_ram(info: &BootInfo, d: &mut Detail) {
     let mut first = true;
-    for e in zp.ram_ranges() {
+    for e in info.ram_ranges() {
         if !first {
             d.byte(b' ');
         }
@@ -41,18 +43,33 @@ fn describe_ram(zp: &ZeroPage, d: &mut Detail) {
     }
 }
 
+/// The map's entry count if it is more than the probe reads.
+fn too_many_entries(info: &BootInfo, d: &mut Detail) -> bool {
+    match info {
+        BootInfo::ZeroPage(zp) if zp.e820_raw_len() > E820_MAX_ENTRIES => {
+            d.str(b"e820_entries=").dec(u64::from(zp.e820_raw_len()));
+            true
+        }
+        BootInfo::StartInfo(si) if si.memmap_raw_len() > MEMMAP_MAX_ENTRIES => {
+            d.str(b"memmap_entries=")
+                .dec(u64::from(si.memmap_raw_len()));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The RAM map, from the zero page's e820 table or the PVH start info's memory map.
 pub fn check(boot: &Boot, d: &mut Detail) -> bool {
-    let Some(zp) = boot.zero_page.as_ref() else {
-        d.str(b"no zero page");
+    let Some(info) = boot.require_info(d) else {
         return false;
     };
-    if zp.e820_raw_len() > E820_MAX_ENTRIES {
-        d.str(b"e820_entries=").dec(u64::from(zp.e820_raw_len()));
+    if too_many_entries(&info, d) {
         return false;
     }
     let Some(mem_mib) = boot.cmdline.require_u64(b"probe.mem_mib", d) else {
         d.str(b"; got ");
-        describe_ram(zp, d);
+        describe_ram(&info, d);
         return false;
     };
     let Some((want, want_len)) = expected_ram(mem_mib) else {
@@ -63,7 +80,7 @@ pub fn check(boot: &Boot, d: &mut Detail) -> bool {
     let mut matches = true;
     let mut count = 0;
     let mut total: u64 = 0;
-    for e in zp.ram_ranges() {
+    for e in info.ram_ranges() {
         let end = e.addr.wrapping_add(e.size);
         match want.get(count) {
             Some(&(start, want_end)) if count < want_len && start == e.addr && want_end == end => {}
@@ -77,7 +94,7 @@ pub fn check(boot: &Boot, d: &mut Detail) -> bool {
         return true;
     }
     d.str(b"got ");
-    describe_ram(zp, d);
+    describe_ram(&info, d);
     d.str(b" want");
     for &(start, end) in &want[..want_len] {
         d.byte(b' ').range(start, end);

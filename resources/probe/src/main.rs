@@ -1,6 +1,7 @@
 //! ember's probe guest: booted like a Linux `vmlinux`, it checks from inside the VM what
 //! ember promises a guest (boot state, zero page, command line, memory map, CPUID, MP table)
-//! and prints one `PROBE ...` line per check on the serial port.
+//! and prints one `PROBE ...` line per check on the serial port. With the `pvh` feature it
+//! also has a PVH entry (src/pvh.rs), and a VMM that honours the note enters it there.
 //!
 //! Guest code may run through KVM's instruction emulator, where every instruction costs about
 //! a microsecond and SSE arithmetic is not emulated. Hence: built without SSE, no `core::fmt`
@@ -9,11 +10,13 @@
 #![no_std]
 #![no_main]
 
+mod bootinfo;
 mod bootparams;
 mod cmdline;
 mod cpu;
 mod cpuid;
 mod e820;
+mod initrd;
 mod line;
 mod longmode;
 mod mem;
@@ -21,24 +24,36 @@ mod memory;
 mod mptable;
 mod paging;
 mod phys;
+#[cfg(feature = "pvh")]
+mod pvh;
 mod report;
 mod reset;
 mod serial;
+mod startinfo;
 
-use bootparams::ZeroPage;
+use bootinfo::{BootInfo, Entry};
 use cmdline::Cmdline;
+use line::Detail;
 use report::Report;
+
+/// How the entry code tells `probe_main` the way the probe was entered.
+const ENTRY_LINUX64: u64 = 0;
+const ENTRY_PVH: u64 = 1;
 
 // The boot stack (0x8ff0) sits just below the boot page tables and is not ours to keep, so
 // switch to our own before running any Rust code. .bss must be zeroed here because neither
-// the bzImage loader (flat image) nor the ELF loader clears it.
+// the bzImage loader (flat image) nor the ELF loader clears it. The PVH entry joins at
+// start64 once in long mode, with its start info in r12 and ENTRY_PVH in r13.
 core::arch::global_asm!(
     ".section .text.entry, \"ax\"",
     ".global _start",
+    ".global start64",
     ".code64",
     "_start:",
-    "    mov rsp, offset __stack_top",
     "    mov r12, rsi",
+    "    mov r13d, {linux64}",
+    "start64:",
+    "    mov rsp, offset __stack_top",
     "    mov rdi, offset __bss_start",
     "    mov rcx, offset __bss_end",
     "    sub rcx, rdi",
@@ -47,42 +62,83 @@ core::arch::global_asm!(
     "    cld",
     "    rep stosq",
     "    mov rdi, r12",
+    "    mov rsi, r13",
     "    call {main}",
     "    ud2",
+    linux64 = const ENTRY_LINUX64,
     main = sym probe_main,
 );
 
 /// What the checks share: where the boot protocol put things and what the VMM was asked for.
 pub struct Boot {
-    pub zero_page: Option<ZeroPage>,
+    pub entry: Entry,
+    /// The zero page or the PVH start info, once the first check has found it sound.
+    pub info: Option<BootInfo>,
     pub cmdline: Cmdline,
     /// End of the probe's own identity map, 0 until the memory check has built it.
     pub mapped_top: u64,
 }
 
-extern "C" fn probe_main(zero_page: u64) -> ! {
+impl Boot {
+    /// The boot protocol's data, or None with the reason in `d`.
+    pub fn require_info(&self, d: &mut Detail) -> Option<BootInfo> {
+        if self.info.is_none() {
+            d.str(match self.entry {
+                Entry::Linux64 => b"no zero page".as_slice(),
+                Entry::Pvh => b"no start info",
+            });
+        }
+        self.info
+    }
+}
+
+/// `boot_info` is the zero page (64-bit entry) or the PVH start info; `entry` says which.
+extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
     serial::init();
     serial::write(b"PROBE START\n");
 
     let mut report = Report::new();
     let mut boot = Boot {
-        zero_page: None,
+        entry: if entry == ENTRY_PVH {
+            Entry::Pvh
+        } else {
+            Entry::Linux64
+        },
+        info: None,
         cmdline: Cmdline::empty(),
         mapped_top: 0,
     };
 
     report.check(b"longmode", longmode::check);
-    report.check(b"zeropage", |d| {
-        boot.zero_page = bootparams::check(zero_page, d);
-        boot.zero_page.is_some()
-    });
+    match boot.entry {
+        Entry::Linux64 => report.check(b"zeropage", |d| {
+            boot.info = bootparams::check(boot_info, d).map(BootInfo::ZeroPage);
+            boot.info.is_some()
+        }),
+        Entry::Pvh => report.check(b"pvh", |d| {
+            boot.info = startinfo::check(boot_info, d).map(BootInfo::StartInfo);
+            boot.info.is_some()
+        }),
+    }
     report.check(b"cmdline", |d| {
-        let (cmdline, ok) = cmdline::check(boot.zero_page.as_ref(), d);
+        let Some(info) = boot.require_info(d) else {
+            return false;
+        };
+        let (cmdline, ok) = cmdline::check(&info, d);
         boot.cmdline = cmdline;
         ok
     });
     report.check(b"e820", |d| e820::check(&boot, d));
     report.check(b"memory", |d| memory::check(&mut boot, d));
+    // Only on request: most boots have no initrd. After memory, whose map reaches it.
+    if boot.cmdline.get(b"probe.initrd_size").is_some() {
+        report.check(b"initrd", |d| {
+            let Some(expected) = boot.cmdline.require_u64(b"probe.initrd_size", d) else {
+                return false;
+            };
+            initrd::check(&boot, expected, d)
+        });
+    }
     report.check(b"cpuid", |d| cpuid::check(&boot, d));
     report.check(b"mptable", |d| mptable::check(&boot, d));
 

@@ -2,6 +2,7 @@
 //! the others (no aliasing), and reachable through the probe's own page tables.
 
 use crate::Boot;
+use crate::bootinfo::BootInfo;
 use crate::e820::MMIO_GAP_END;
 use crate::line::Detail;
 use crate::{paging, phys};
@@ -10,7 +11,6 @@ use crate::{paging, phys};
 /// value, which is what exposes two addresses backed by the same host memory.
 const PATTERN: u64 = 0x5052_4f42_4500_0000;
 const WORD: u64 = 8;
-const PAGE: u64 = 4096;
 /// Real-mode IVT/BDA and ember's GDT/IDT live in the first page.
 const LOW_PAGE_END: u64 = 0x1000;
 /// The boot page tables.
@@ -25,17 +25,27 @@ unsafe extern "C" {
 
 /// Memory that holds something of the VMM's or the probe's and must not be written.
 struct Protected {
-    ranges: [(u64, u64); 6],
+    ranges: [(u64, u64); 9],
 }
 
 impl Protected {
-    fn new(boot: &Boot, zero_page: u64) -> Self {
+    fn new(boot: &Boot, info: &BootInfo) -> Self {
         let cmdline = boot.cmdline.as_bytes();
         let cmdline_start = cmdline.as_ptr() as u64;
+        // The zero page, or the PVH start info's page, memory map and module list.
+        let [info_a, info_b, info_c] = info.areas();
+        // The initrd usually ends at the end of RAM below the gap, on the word probed there;
+        // the initrd check reads its last byte afterwards.
+        let initrd = info
+            .initrd()
+            .map_or((0, 0), |(start, size)| (start, start.saturating_add(size)));
         Protected {
             ranges: [
                 (0, LOW_PAGE_END),
-                (zero_page, zero_page + PAGE),
+                info_a,
+                info_b,
+                info_c,
+                initrd,
                 BOOT_TABLES,
                 (cmdline_start, cmdline_start + cmdline.len() as u64 + 1),
                 EBDA_TO_1M,
@@ -65,27 +75,26 @@ fn targets(start: u64, end: u64) -> [Option<u64>; 2] {
 }
 
 pub fn check(boot: &mut Boot, d: &mut Detail) -> bool {
-    let Some(zp) = boot.zero_page.as_ref() else {
-        d.str(b"no zero page");
+    let Some(info) = boot.require_info(d) else {
         // Later checks may still need MMIO in the gap.
         boot.mapped_top = paging::identity_map(0);
         return false;
     };
-    let top = zp
+    let top = info
         .ram_ranges()
         .map(|e| e.addr.saturating_add(e.size))
         .max()
         .unwrap_or(0);
     let mapped_top = paging::identity_map(top);
     boot.mapped_top = mapped_top;
-    let protected = Protected::new(boot, zp.addr);
+    let protected = Protected::new(boot, &info);
 
     let usable = |addr: u64| addr + WORD <= mapped_top && !protected.overlaps(addr);
     let mut ranges = 0;
     let mut skipped = 0;
     // Write everything first, then read back: a range aliasing another would now show the
     // other's pattern.
-    for e in zp.ram_ranges() {
+    for e in info.ram_ranges() {
         ranges += 1;
         for addr in targets(e.addr, e.addr.saturating_add(e.size))
             .into_iter()
@@ -107,7 +116,7 @@ pub fn check(boot: &mut Boot, d: &mut Detail) -> bool {
         return false;
     }
     let mut ok = true;
-    for e in zp.ram_ranges() {
+    for e in info.ram_ranges() {
         for addr in targets(e.addr, e.addr.saturating_add(e.size))
             .into_iter()
             .flatten()

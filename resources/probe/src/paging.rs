@@ -5,6 +5,9 @@ use crate::cpu;
 use crate::e820::{MMIO_GAP_END, MMIO_GAP_START};
 
 const GIB: u64 = 1 << 30;
+/// What the probe runs on until `identity_map`: ember's boot map for the 64-bit entry, the
+/// PVH entry's own map otherwise. Both cover only the first GiB; nothing above can be read.
+pub const BOOT_MAP_END: u64 = GIB;
 const PAGE_2M: u64 = 1 << 21;
 const ENTRIES: usize = 512;
 /// Enough page directories for 16 GiB of 2 MiB pages; RAM above that stays unmapped.

@@ -81,16 +81,12 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 /// The boot GDT: null, code, data, TSS. 64-bit boot uses a long-mode code segment; PVH a
 /// flat 32-bit one.
 pub fn boot_gdt(protocol: BootProtocol) -> [u64; 4] {
-    let code = match protocol {
-        BootProtocol::Linux64 => gdt_entry(0xa09b, 0, 0xfffff),
-        BootProtocol::Pvh => gdt_entry(0xc09b, 0, 0xfffff),
+    let (code, tss) = match protocol {
+        BootProtocol::Linux64 => (gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)),
+        // The PVH ABI asks for a 32-bit TSS with base 0 and limit 0x67 (byte granular).
+        BootProtocol::Pvh => (gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0x008b, 0, 0x67)),
     };
-    [
-        gdt_entry(0, 0, 0),
-        code,
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x808b, 0, 0xfffff),
-    ]
+    [gdt_entry(0, 0, 0), code, gdt_entry(0xc093, 0, 0xfffff), tss]
 }
 
 fn write_gdt_idt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64]) -> Result<(), RegsError> {
@@ -270,6 +266,10 @@ mod tests {
         assert_eq!(sregs.cr0, X86_CR0_PE | X86_CR0_ET);
         assert_eq!(sregs.efer, 0);
         assert_eq!((sregs.cs.l, sregs.cs.db), (0, 1));
+        assert_eq!(
+            (sregs.tr.base, sregs.tr.limit, sregs.tr.type_),
+            (0, 0x67, 0xb)
+        );
     }
 
     #[test]
