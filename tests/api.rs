@@ -729,3 +729,56 @@ fn config_file_and_api_together() {
     let (code, _, err) = vm.finish();
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+fn logger_and_metrics_path_flag() {
+    let dir = Scratch::new("logger");
+    let metrics = dir.path("metrics.fifo-or-file");
+    let vm = ApiVm::start(&["--metrics-path", metrics.to_str().unwrap()]);
+    let log = dir.path("ember.log");
+    let r = vm.call(
+        "PUT",
+        "/logger",
+        Some(
+            &serde_json::json!({"log_path": log, "level": "Debug", "show_level": true}).to_string(),
+        ),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    // Later records go to the file, with the level shown.
+    let r = vm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+    );
+    assert_eq!(r.status, 204);
+    let r = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(r.status, 204, "metrics from --metrics-path: {r:?}");
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line["put_api_requests"]["logger_count"], 1);
+    assert_eq!(line["put_api_requests"]["machine_cfg_count"], 1);
+    let (code, _, _) = vm.terminate();
+    assert_eq!(code, Some(143));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(":Info] received signal 15"), "{text}");
+    // The final flush on exit counted the signal.
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["signals"]["sigterm"], 1);
+}
