@@ -782,3 +782,42 @@ fn logger_and_metrics_path_flag() {
     .unwrap();
     assert_eq!(last["signals"]["sigterm"], 1);
 }
+
+#[test]
+fn vm_prepared_ahead_of_instance_start() {
+    let mut vm = ApiVm::start(&["--level", "Debug"]);
+    // Idle for a moment: ember prepares a VM for the default memory size meanwhile.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = vm.client();
+    // vCPUs are made at start, so changing them keeps the prepared VM.
+    assert_eq!(
+        c.call("PATCH", "/machine-config", Some(r#"{"vcpu_count": 2}"#))
+            .status,
+        204
+    );
+    assert_eq!(
+        c.call("PUT", "/boot-source", Some(&boot_source("", 2, 128)))
+            .status,
+        204
+    );
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .status,
+        204
+    );
+    let lines = vm.wait_for_line("PROBE DONE");
+    assert!(
+        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        "{lines:#?}"
+    );
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("using the VM and memory prepared ahead of start"),
+        "{err}"
+    );
+}

@@ -149,9 +149,49 @@ struct BootFiles {
     initrd: Option<BootFile>,
 }
 
+/// The part of a VM that depends only on the machine configuration: KVM, the VM with its
+/// interrupt controllers, and guest memory registered in its slots. The controller builds it
+/// ahead of `InstanceStart` so starting does only what needs the kernel.
+pub struct PreparedVm {
+    /// What it was built for; see [`PreparedVm::fits`].
+    machine: MachineConfig,
+    vm: Vm,
+    guest_memory: GuestMemoryMmap,
+    kvm: KvmContext,
+}
+
+impl PreparedVm {
+    pub fn new(machine: &MachineConfig) -> Result<Self, BuildError> {
+        let kvm = KvmContext::open()?;
+        let guest_memory =
+            memory::create_guest_memory(machine.mem_size_bytes(), machine.huge_pages)?;
+        let vm = Vm::new(&kvm)?;
+        // Slots before the irqchip: adding a slot once an in-kernel irqchip exists is much
+        // slower (docs/performance.md).
+        vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
+        vm.create_interrupt_controllers()?;
+        Ok(PreparedVm {
+            machine: machine.clone(),
+            vm,
+            guest_memory,
+            kvm,
+        })
+    }
+
+    /// True when this VM can serve `machine`: only the memory settings went into it; the
+    /// vCPUs are made at start.
+    pub fn fits(&self, machine: &MachineConfig) -> bool {
+        self.machine.mem_size_mib == machine.mem_size_mib
+            && self.machine.huge_pages == machine.huge_pages
+            && self.machine.track_dirty_pages == machine.track_dirty_pages
+    }
+}
+
+/// Builds a microVM, from `prepared` if it was made for this machine configuration.
 pub fn build_microvm(
     boot: &BootSourceConfig,
     machine: &MachineConfig,
+    prepared: Option<PreparedVm>,
     opts: BuildOptions,
 ) -> Result<MicroVm, BuildError> {
     // Files first: a wrong path is the user's mistake and should be reported as such even on
@@ -164,17 +204,24 @@ pub fn build_microvm(
             .map(|p| BootFile::open("initrd", Path::new(p)))
             .transpose()?,
     };
-    let kvm = KvmContext::open()?;
+    let PreparedVm {
+        vm,
+        guest_memory,
+        kvm,
+        ..
+    } = match prepared {
+        Some(p) if p.fits(machine) => {
+            log::debug!("using the VM and memory prepared ahead of start");
+            p
+        }
+        _ => PreparedVm::new(machine)?,
+    };
     if usize::from(machine.vcpu_count) > kvm.max_vcpus() {
         return Err(BuildError::TooManyVcpus {
             requested: machine.vcpu_count,
             max: kvm.max_vcpus(),
         });
     }
-    let guest_memory = memory::create_guest_memory(machine.mem_size_bytes(), machine.huge_pages)?;
-    let vm = Vm::new(&kvm)?;
-    vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
-    vm.create_interrupt_controllers()?;
 
     let (loaded, boot_info) = load_guest(&guest_memory, &mut files, boot, machine)?;
 

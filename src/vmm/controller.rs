@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 
 use super::action::{ActionError, InstanceInfo, VmmAction, VmmData};
-use super::builder::{BuildOptions, MicroVm, build_microvm};
+use super::builder::{BuildOptions, MicroVm, PreparedVm, build_microvm};
 use super::console::ConsoleInput;
 use super::resources::VmResources;
 use super::{Subscriber, VmExit, decide_exit};
@@ -52,6 +52,8 @@ pub struct Controller {
     stop: StopSignal,
     boot_timer_start: Option<Instant>,
     metrics_sink: Option<MetricsSink>,
+    /// KVM VM and memory made ahead of InstanceStart for the current machine configuration.
+    prepared: Option<PreparedVm>,
 }
 
 impl Controller {
@@ -64,11 +66,36 @@ impl Controller {
             stop,
             boot_timer_start,
             metrics_sink: None,
+            prepared: None,
         }
     }
 
     pub fn state(&self) -> VmState {
         self.state
+    }
+
+    /// Before start, makes sure a VM and its memory exist for the current machine
+    /// configuration, so InstanceStart only loads the kernel and starts vCPUs. Called when
+    /// the vmm thread is idle. A failure here is not reported: InstanceStart tries again and
+    /// reports it then.
+    pub fn prepare_ahead(&mut self) {
+        if !self.needs_preparing() {
+            return;
+        }
+        self.prepared = None;
+        match PreparedVm::new(&self.resources.machine_config) {
+            Ok(p) => self.prepared = Some(p),
+            Err(e) => log::debug!("cannot prepare the VM ahead of start: {e}"),
+        }
+    }
+
+    /// True before start while no prepared VM matches the machine configuration.
+    pub fn needs_preparing(&self) -> bool {
+        self.state == VmState::NotStarted
+            && !self
+                .prepared
+                .as_ref()
+                .is_some_and(|p| p.fits(&self.resources.machine_config))
     }
 
     fn pre_boot(&self, what: &'static str) -> Result<(), ActionError> {
@@ -238,6 +265,7 @@ impl Controller {
         let mut microvm = build_microvm(
             &boot,
             &self.resources.machine_config,
+            self.prepared.take(),
             BuildOptions {
                 boot_timer_start: self.boot_timer_start,
                 stop: self.stop.clone(),

@@ -26,6 +26,9 @@ use action::{ActionError, VmmAction, VmmData};
 use controller::Controller;
 use signals::{SignalError, SignalHandler};
 
+/// How long the API must be quiet before the VM is prepared ahead of InstanceStart.
+const PREPARE_QUIET_TIME: Duration = Duration::from_millis(5);
+
 /// How often metrics are written when a destination is set.
 const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
@@ -238,6 +241,10 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
     let _terminal = RawTerminal::enter();
 
     let mut controller = Controller::new(opts.instance_id, stop.clone(), opts.boot_timer_start);
+    // With the API, the VM and its memory are made while the vmm thread is idle, once the
+    // machine configuration has not changed for PREPARE_QUIET_TIME: a client changing it
+    // request after request does not pay for VMs it never starts.
+    let mut last_request = Instant::now();
     let flag_actions = opts.metrics.map(VmmAction::PutMetrics);
     let file_actions = opts.config.map(config_actions).unwrap_or_default();
     for action in flag_actions.into_iter().chain(file_actions) {
@@ -248,12 +255,16 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
     }
 
     while !stop.is_stopping() {
-        if let Err(e) = events.run() {
+        let prepare_in = (requests.is_some() && controller.needs_preparing())
+            .then(|| PREPARE_QUIET_TIME.saturating_sub(last_request.elapsed()));
+        let timeout_ms = prepare_in.map_or(-1, |d| d.as_millis() as i32);
+        if let Err(e) = events.run_with_timeout(timeout_ms) {
             log::error!("event loop failed: {e}; stopping the microVM");
             stop.request();
         }
         if let Some(rx) = &requests {
             while let Ok(req) = rx.try_recv() {
+                last_request = Instant::now();
                 let answer = controller
                     .handle(req.action, &mut events)
                     .map_err(|e| e.to_string());
@@ -263,6 +274,9 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
         }
         if metrics_due.swap(false, Ordering::SeqCst) {
             controller.flush_metrics();
+        }
+        if requests.is_some() && last_request.elapsed() >= PREPARE_QUIET_TIME {
+            controller.prepare_ahead();
         }
     }
     Ok(controller.shutdown(received_signal.load(Ordering::SeqCst)))
