@@ -33,7 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 /// Firecracker resources ember does not have; requests for them get a plain "not supported".
-const UNSUPPORTED: &[&str] = &[
+pub const UNSUPPORTED: &[&str] = &[
     "balloon",
     "vsock",
     "mmds",

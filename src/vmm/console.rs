@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::terminal::Terminal;
 
 use crate::devices::legacy::serial::SerialDevice;
 
@@ -24,6 +25,27 @@ pub fn pollable(fd: BorrowedFd<'_>) -> bool {
     // SAFETY: isatty only inspects the descriptor.
     let tty = unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
     tty || kind == libc::S_IFIFO || kind == libc::S_IFSOCK
+}
+
+/// Puts a terminal on stdin into raw mode while the guest runs, so keystrokes (Ctrl+C
+/// included) reach the guest as typed, and restores it however ember ends.
+pub struct RawTerminal(bool);
+
+impl RawTerminal {
+    pub fn enter() -> Self {
+        let stdin = std::io::stdin().lock();
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(0) } == 1;
+        RawTerminal(tty && stdin.set_raw_mode().is_ok())
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::io::stdin().lock().set_canon_mode();
+        }
+    }
 }
 
 pub struct ConsoleInput {

@@ -9,7 +9,7 @@ use event_manager::{EventManager, SubscriberOps};
 
 use super::action::{ActionError, InstanceInfo, VmmAction, VmmData};
 use super::builder::{BuildOptions, MicroVm, PreparedVm, build_microvm};
-use super::console::ConsoleInput;
+use super::console::{ConsoleInput, RawTerminal};
 use super::resources::VmResources;
 use super::{Subscriber, VmExit, decide_exit};
 use crate::exit_code;
@@ -39,6 +39,7 @@ impl VmState {
 }
 
 struct RunningVm {
+    _terminal: RawTerminal,
     microvm: MicroVm,
     handles: Vec<JoinHandle<VcpuOutcome>>,
     pause: Arc<PauseControl>,
@@ -305,6 +306,7 @@ impl Controller {
             .instance_start_us
             .set(started.elapsed().as_micros() as u64);
         self.vm = Some(RunningVm {
+            _terminal: RawTerminal::enter(),
             microvm,
             handles,
             pause,

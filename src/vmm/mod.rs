@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::terminal::Terminal;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::{MetricsConfig, VmConfig};
@@ -123,27 +122,6 @@ impl MutEventSubscriber for MetricsTimer {
     }
 }
 
-/// Puts a terminal on stdin into raw mode while ember runs, so keystrokes reach the guest
-/// as typed, and restores it however ember ends.
-struct RawTerminal(bool);
-
-impl RawTerminal {
-    fn enter() -> Self {
-        let stdin = std::io::stdin().lock();
-        // SAFETY: isatty only inspects the descriptor.
-        let tty = unsafe { libc::isatty(0) } == 1;
-        RawTerminal(tty && stdin.set_raw_mode().is_ok())
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if self.0 {
-            let _ = std::io::stdin().lock().set_canon_mode();
-        }
-    }
-}
-
 /// Decides the exit from what the vCPUs reported, whether the guest asked to reset, and
 /// which signal (if any) stopped ember. A guest fault wins over everything: the code must
 /// never claim a clean shutdown for a guest that crashed, even if the crash raced with it.
@@ -238,7 +216,6 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
         }
         None => None,
     };
-    let _terminal = RawTerminal::enter();
 
     let mut controller = Controller::new(opts.instance_id, stop.clone(), opts.boot_timer_start);
     // With the API, the VM and its memory are made while the vmm thread is idle, once the
