@@ -361,6 +361,24 @@ fn bad_requests_get_400_and_change_nothing() {
         ("PUT", "/boot-source", "", "the request has no body"),
         (
             "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#,
+            "cannot open kernel image /nonexistent/vmlinux",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/tmp"}"#,
+            "kernel image /tmp is not a regular file",
+        ),
+        (
+            "PUT",
+            "/drives/data",
+            r#"{"drive_id": "data", "is_root_device": false, "path_on_host": "/nonexistent/disk"}"#,
+            "drive \"data\": cannot open /nonexistent/disk",
+        ),
+        (
+            "PUT",
             "/drives/root",
             r#"{"drive_id": "other", "is_root_device": true, "path_on_host": "/x"}"#,
             "differs from the id in the body",

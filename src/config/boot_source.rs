@@ -6,10 +6,12 @@ use serde::{Deserialize, Serialize};
 /// boot protocol's `cmdline_size` tells the guest the same bound. The terminating NUL is extra.
 pub const CMDLINE_MAX_LEN: usize = 2048 - 1;
 
-/// The command line used when a client gives none: a serial console, a reboot that goes
-/// through the keyboard controller (so a guest reboot ends the VM), and no PCI probing.
-pub const DEFAULT_BOOT_ARGS: &str =
-    "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=1 console=ttyS0";
+/// The command line used when a client gives none. It is Firecracker's default, so a client
+/// that relies on it gets the same guest: a reboot that goes through the keyboard controller
+/// (ending the VM), no PCI probing, no serial console (pass `console=ttyS0` for one), and a
+/// plain i8042 keyboard without mouse, multiplexer or PnP probing.
+pub const DEFAULT_BOOT_ARGS: &str = "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 \
+    i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// The `boot-source` body and config-file key.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -1,6 +1,7 @@
 //! The controller: owns the microVM's configuration and, once started, the VM itself.
 //! Every request (API or config file) goes through [`Controller::handle`] on the vmm thread.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,6 +13,8 @@ use super::builder::{BuildOptions, MicroVm, PreparedVm, build_microvm};
 use super::console::{ConsoleInput, RawTerminal};
 use super::resources::VmResources;
 use super::{Subscriber, VmExit, decide_exit};
+use crate::arch::x86_64::kernel::BootFile;
+use crate::config::{BootSourceConfig, DriveConfig};
 use crate::exit_code;
 use crate::logger;
 use crate::metrics::{METRICS, MetricsSink};
@@ -152,6 +155,7 @@ impl Controller {
             GetPrometheusMetrics => Ok(VmmData::Prometheus(METRICS.prometheus())),
             PutBootSource(b) => {
                 self.pre_boot("PUT /boot-source")?;
+                check_boot_files(&b)?;
                 empty(self.resources.set_boot_source(b).map_err(Into::into))
             }
             PutMachineConfig(m) => {
@@ -164,6 +168,10 @@ impl Controller {
             }
             PutDrive(d) => {
                 self.pre_boot("PUT /drives")?;
+                // Validated first so a malformed body is named as such; the file is checked
+                // the way the block device will open it.
+                d.validate().map_err(crate::config::ConfigError::from)?;
+                check_drive_file(&d)?;
                 empty(self.resources.put_drive(d).map_err(Into::into))
             }
             PatchDrive(u) => {
@@ -374,6 +382,31 @@ impl Controller {
         self.flush_metrics();
         exit
     }
+}
+
+/// Opens the kernel and initrd as InstanceStart will, so a wrong path is refused when it is
+/// given rather than at start.
+fn check_boot_files(boot: &BootSourceConfig) -> Result<(), ActionError> {
+    BootFile::open("kernel image", Path::new(&boot.kernel_image_path))?;
+    if let Some(initrd) = &boot.initrd_path {
+        BootFile::open("initrd", Path::new(initrd))?;
+    }
+    Ok(())
+}
+
+/// Opens a drive's backing file with the access the guest will have.
+fn check_drive_file(drive: &DriveConfig) -> Result<(), ActionError> {
+    let path = drive.path_on_host.clone().unwrap_or_default();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!drive.is_read_only)
+        .open(&path)
+        .map(drop)
+        .map_err(|source| ActionError::DriveFile {
+            id: drive.drive_id.clone(),
+            path,
+            source,
+        })
 }
 
 /// The API counters an action moves: its count, and its failure count if it has one.
