@@ -11,9 +11,22 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::boot_params::{self, LinuxBootInfo};
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::kernel::{self, BootFile, LoadedKernel};
+use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::BootProtocol;
-use crate::config::{BootSourceConfig, MachineConfig};
+use crate::config::boot_source::CMDLINE_MAX_LEN;
+use crate::config::drive::{CacheType, IoEngine};
+use crate::config::{BootSourceConfig, DriveConfig, MachineConfig};
+use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::block::{Block, BlockConfig, BlockError, BlockEventHandler};
+use crate::devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, NOTIFY_OFFSET};
+use kvm_ioctls::IoEventAddress;
+
+use super::Subscriber;
+
+/// Legacy IRQs for virtio-mmio devices: 5 up to the last IOAPIC pin.
+const VIRTIO_IRQ_START: u32 = 5;
+const VIRTIO_IRQ_END: u32 = 23;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_IRQ, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleOutput, SerialDevice};
@@ -46,6 +59,16 @@ pub enum BuildError {
     EventFd(&'static str, std::io::Error),
     #[error("cannot connect {0} to its interrupt line: {1}")]
     Irqfd(&'static str, kvm_ioctls::Error),
+    #[error("{0}")]
+    Block(#[from] BlockError),
+    #[error("cannot register a queue notification with KVM: {0}")]
+    IoEvent(kvm_ioctls::Error),
+    #[error("at most {0} virtio devices fit the legacy interrupt lines")]
+    TooManyDevices(u32),
+    #[error(
+        "the kernel command line with ember's device parameters is {len} bytes; the x86 boot protocol allows at most {max}"
+    )]
+    CmdlineTooLong { len: usize, max: usize },
     #[error("machine-config.vcpu_count {requested} is more than this host's KVM allows ({max})")]
     TooManyVcpus { requested: u8, max: usize },
 }
@@ -54,7 +77,11 @@ impl BuildError {
     /// The exit code this failure gives (see `exit_code`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            BuildError::Kernel(_) | BuildError::BootParams(_) => exit_code::BAD_CONFIGURATION,
+            BuildError::Kernel(_)
+            | BuildError::BootParams(_)
+            | BuildError::Block(_)
+            | BuildError::TooManyDevices(_)
+            | BuildError::CmdlineTooLong { .. } => exit_code::BAD_CONFIGURATION,
             BuildError::Kvm(_) | BuildError::Memory(_) | BuildError::TooManyVcpus { .. } => {
                 exit_code::HOST_UNSUITABLE
             }
@@ -78,6 +105,8 @@ pub struct MicroVm {
     pub mmio_bus: Arc<Bus>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub serial_input_drained: EventFd,
+    /// Event-loop subscribers of the devices (queue notifications).
+    pub device_handlers: Vec<Subscriber>,
     /// The API's SendCtrlAltDel injects keys here.
     pub i8042: Arc<Mutex<I8042>>,
     pub stop: StopSignal,
@@ -86,6 +115,105 @@ pub struct MicroVm {
     pub vm: Vm,
     pub guest_memory: GuestMemoryMmap,
     pub kvm: KvmContext,
+}
+
+/// What attaching the drives produced: command-line words that announce the devices (and
+/// the root device) and the event-loop handlers that run their queues.
+struct AttachedDrives {
+    cmdline_args: Vec<String>,
+    handlers: Vec<Subscriber>,
+}
+
+/// Creates a virtio-blk device per drive, root drive first (so it is /dev/vda), each in its
+/// own 4 KiB MMIO window with its own legacy IRQ, notification ioeventfd and interrupt irqfd.
+fn attach_drives(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    drives: &[DriveConfig],
+) -> Result<AttachedDrives, BuildError> {
+    let mut ordered: Vec<&DriveConfig> = drives.iter().filter(|d| d.is_root_device).collect();
+    ordered.extend(drives.iter().filter(|d| !d.is_root_device));
+    let mut out = AttachedDrives {
+        cmdline_args: Vec::new(),
+        handlers: Vec::new(),
+    };
+    for (i, drive) in ordered.into_iter().enumerate() {
+        let irq = VIRTIO_IRQ_START + i as u32;
+        if irq > VIRTIO_IRQ_END {
+            return Err(BuildError::TooManyDevices(
+                VIRTIO_IRQ_END - VIRTIO_IRQ_START + 1,
+            ));
+        }
+        let base = MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
+        let block = Block::new(BlockConfig {
+            id: drive.drive_id.clone(),
+            path: drive.path_on_host.clone().unwrap_or_default(),
+            read_only: drive.is_read_only,
+            flush: drive.cache_type == CacheType::Writeback,
+        })?;
+        if drive.io_engine == IoEngine::Async {
+            log::warn!(
+                "drive {:?}: io_engine \"Async\" is not available in this version; using \"Sync\"",
+                drive.drive_id
+            );
+        }
+        if drive.rate_limiter.is_some() {
+            log::warn!(
+                "drive {:?}: rate_limiter is not yet effective in this version",
+                drive.drive_id
+            );
+        }
+        log::info!(
+            "drive {:?}: {} ({} sectors{}) at {base:#x}, IRQ {irq}",
+            drive.drive_id,
+            drive.path_on_host.as_deref().unwrap_or(""),
+            block.capacity(),
+            if drive.is_read_only {
+                ", read-only"
+            } else {
+                ""
+            }
+        );
+        let block = Arc::new(Mutex::new(block));
+        let queue_evt = eventfd("a virtio queue")?;
+        let irqfd = eventfd("a virtio interrupt")?;
+        vm.fd
+            .register_irqfd(&irqfd, irq)
+            .map_err(|e| BuildError::Irqfd("a virtio-blk device", e))?;
+        vm.fd
+            .register_ioevent(
+                &queue_evt,
+                &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                0u32,
+            )
+            .map_err(BuildError::IoEvent)?;
+        let transport = MmioTransport::new(
+            block.clone(),
+            mem.clone(),
+            Arc::new(VirtioInterrupt::new(irqfd)),
+            vec![
+                queue_evt
+                    .try_clone()
+                    .map_err(|e| BuildError::EventFd("a virtio queue", e))?,
+            ],
+        );
+        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        out.handlers
+            .push(Arc::new(Mutex::new(BlockEventHandler { block, queue_evt })));
+        out.cmdline_args
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        if drive.is_root_device {
+            let root = match &drive.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_owned(),
+            };
+            out.cmdline_args.push(root);
+            out.cmdline_args
+                .push(if drive.is_read_only { "ro" } else { "rw" }.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, BuildError> {
@@ -110,6 +238,7 @@ fn load_guest(
     files: &mut BootFiles,
     boot: &BootSourceConfig,
     machine: &MachineConfig,
+    device_args: &[String],
 ) -> Result<(LoadedKernel, u64), BuildError> {
     let mem_bytes = machine.mem_size_bytes();
     let loaded = kernel::load_kernel(mem, &mut files.kernel)?;
@@ -118,7 +247,18 @@ fn load_guest(
         .as_mut()
         .map(|f| kernel::load_initrd(mem, f, mem_bytes, loaded.end))
         .transpose()?;
-    let cmdline_len = kernel::load_cmdline(mem, boot.boot_args())?;
+    let mut cmdline = boot.boot_args().to_owned();
+    for arg in device_args {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
+    if cmdline.len() > CMDLINE_MAX_LEN {
+        return Err(BuildError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX_LEN,
+        });
+    }
+    let cmdline_len = kernel::load_cmdline(mem, &cmdline)?;
     mptable::write(mem, machine.vcpu_count)?;
     let boot_info = match loaded.protocol {
         BootProtocol::Linux64 => boot_params::write_zero_page(
@@ -191,6 +331,7 @@ impl PreparedVm {
 pub fn build_microvm(
     boot: &BootSourceConfig,
     machine: &MachineConfig,
+    drives: &[DriveConfig],
     prepared: Option<PreparedVm>,
     opts: BuildOptions,
 ) -> Result<MicroVm, BuildError> {
@@ -223,7 +364,15 @@ pub fn build_microvm(
         });
     }
 
-    let (loaded, boot_info) = load_guest(&guest_memory, &mut files, boot, machine)?;
+    let mut mmio_bus = Bus::new();
+    let attached = attach_drives(&vm, &guest_memory, &mut mmio_bus, drives)?;
+    let (loaded, boot_info) = load_guest(
+        &guest_memory,
+        &mut files,
+        boot,
+        machine,
+        &attached.cmdline_args,
+    )?;
 
     let stop = opts.stop;
     let serial_irq = eventfd("the serial interrupt")?;
@@ -270,7 +419,8 @@ pub fn build_microvm(
     Ok(MicroVm {
         vcpus,
         pio_bus: Arc::new(pio_bus),
-        mmio_bus: Arc::new(Bus::new()),
+        mmio_bus: Arc::new(mmio_bus),
+        device_handlers: attached.handlers,
         serial,
         serial_input_drained,
         i8042,

@@ -266,14 +266,15 @@ impl Controller {
             .boot_source
             .clone()
             .ok_or(ActionError::NoBootSource)?;
-        if !self.resources.drives.is_empty() || !self.resources.network_interfaces.is_empty() {
+        if !self.resources.network_interfaces.is_empty() {
             log::warn!(
-                "drives and network-interfaces are validated but not yet attached in this version of ember"
+                "network-interfaces are validated but not yet attached in this version of ember"
             );
         }
         let mut microvm = build_microvm(
             &boot,
             &self.resources.machine_config,
+            &self.resources.drives,
             self.prepared.take(),
             BuildOptions {
                 boot_timer_start: self.boot_timer_start,
@@ -288,6 +289,9 @@ impl Controller {
             microvm.serial.clone(),
             drained,
         ))));
+        for handler in microvm.device_handlers.drain(..) {
+            events.add_subscriber(handler);
+        }
         vcpu::install_kick_handler().map_err(|e| ActionError::Run(e.to_string()))?;
 
         let pause = Arc::new(PauseControl::default());

@@ -25,6 +25,8 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// RAM beyond the gap starts here.
 pub const HIGH_RAM_START: u64 = MMIO_GAP_END;
+/// virtio-mmio device windows start here, 4 KiB each.
+pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
 /// Interrupt controllers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;

@@ -1,0 +1,636 @@
+//! virtio-blk: a guest disk backed by a host file.
+//!
+//! The device runs on the vmm thread: the guest's queue notification arrives as an
+//! ioeventfd, requests are carried out with positional vectored I/O straight between the
+//! file and guest memory, and completion raises the device's interrupt through an irqfd.
+
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateError, INT_USED_RING, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt,
+    read_config_bytes,
+};
+use crate::metrics::METRICS;
+use request::{
+    ID_BYTES, Request, RequestType, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+};
+
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_BLK_F_RO: u32 = 5;
+pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+/// Queue size offered to the guest.
+pub const QUEUE_SIZE: u16 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("drive {id:?}: cannot open {path}: {source}")]
+    Open {
+        id: String,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What the device is made from.
+#[derive(Clone, Debug)]
+pub struct BlockConfig {
+    pub id: String,
+    pub path: String,
+    pub read_only: bool,
+    /// Offer FLUSH (cache_type "Writeback"); with "Unsafe" the guest is not told to flush.
+    pub flush: bool,
+}
+
+struct ActiveQueue {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+pub struct Block {
+    config: BlockConfig,
+    file: File,
+    capacity: u64,
+    config_space: [u8; 8],
+    active: Option<ActiveQueue>,
+}
+
+impl Block {
+    /// Opens the backing file once, for the life of the VM, with the guest's access.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let open_err = |source| BlockError::Open {
+            id: config.id.clone(),
+            path: config.path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        if len % SECTOR_SIZE != 0 {
+            log::warn!(
+                "drive {:?}: {} is {len} bytes, not a multiple of 512; the last {} bytes are not visible to the guest",
+                config.id,
+                config.path,
+                len % SECTOR_SIZE
+            );
+        }
+        let capacity = len / SECTOR_SIZE;
+        Ok(Block {
+            config,
+            file,
+            capacity,
+            config_space: capacity.to_le_bytes(),
+            active: None,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Handles everything the guest queued; raises the interrupt once if anything completed.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut completed = false;
+        loop {
+            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+                let head = chain.head_index();
+                let descs: Vec<Descriptor> = chain.collect();
+                let used = execute(&self.file, &self.config, self.capacity, &active.mem, &descs);
+                if let Err(e) = active.queue.add_used(&active.mem, head, used) {
+                    log::warn!("drive {:?}: cannot return a request: {e}", self.config.id);
+                }
+                completed = true;
+            }
+            // Closes the race with a guest that queued more just as we finished.
+            match active.queue.enable_notification(&active.mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("drive {:?}: broken queue: {e}", self.config.id);
+                    break;
+                }
+            }
+        }
+        if completed {
+            active.interrupt.trigger(INT_USED_RING);
+        }
+    }
+}
+
+/// Carries out one chain; returns the number of bytes written into guest buffers.
+fn execute(
+    file: &File,
+    config: &BlockConfig,
+    capacity: u64,
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+) -> u32 {
+    let req = match request::parse(descs, mem, capacity) {
+        Ok(r) => r,
+        Err(e) => {
+            METRICS.block.invalid_reqs_count.inc();
+            log::debug!("drive {:?}: bad request: {e}", config.id);
+            // Answer through the status byte if the chain has one; otherwise nothing can
+            // be said to the guest, and the chain is returned with nothing written.
+            return match request::status_address(descs, mem) {
+                Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR, addr).is_ok() => 1,
+                _ => 0,
+            };
+        }
+    };
+    let (status, data_written) = match req.kind {
+        RequestType::In => match transfer(file, mem, &req, Direction::Read) {
+            Ok(()) => {
+                METRICS.block.read_count.inc();
+                METRICS.block.read_bytes.add(req.data_len);
+                (VIRTIO_BLK_S_OK, req.data_len as u32)
+            }
+            Err(e) => io_failed(config, "read", e),
+        },
+        RequestType::Out if config.read_only => {
+            METRICS.block.invalid_reqs_count.inc();
+            (VIRTIO_BLK_S_IOERR, 0)
+        }
+        RequestType::Out => match transfer(file, mem, &req, Direction::Write) {
+            Ok(()) => {
+                METRICS.block.write_count.inc();
+                METRICS.block.write_bytes.add(req.data_len);
+                (VIRTIO_BLK_S_OK, 0)
+            }
+            Err(e) => io_failed(config, "write", e),
+        },
+        RequestType::Flush => match file.sync_all() {
+            Ok(()) => {
+                METRICS.block.flush_count.inc();
+                (VIRTIO_BLK_S_OK, 0)
+            }
+            Err(e) => io_failed(config, "flush", e),
+        },
+        RequestType::GetId => {
+            let mut id = [0u8; ID_BYTES];
+            let n = config.id.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&config.id.as_bytes()[..n]);
+            let mut written = 0u32;
+            let mut rest = &id[..];
+            for (addr, len) in &req.data {
+                let take = rest.len().min(*len as usize);
+                if mem.write_slice(&rest[..take], *addr).is_err() {
+                    break;
+                }
+                written += take as u32;
+                rest = &rest[take..];
+            }
+            (VIRTIO_BLK_S_OK, written)
+        }
+        RequestType::Unsupported(t) => {
+            METRICS.block.invalid_reqs_count.inc();
+            log::debug!("drive {:?}: unsupported request type {t}", config.id);
+            (VIRTIO_BLK_S_UNSUPP, 0)
+        }
+    };
+    if mem.write_obj(status, req.status).is_err() {
+        return data_written;
+    }
+    data_written + 1
+}
+
+fn io_failed(config: &BlockConfig, what: &str, e: std::io::Error) -> (u8, u32) {
+    METRICS.block.io_errors.inc();
+    log::warn!("drive {:?}: {what} failed: {e}", config.id);
+    (VIRTIO_BLK_S_IOERR, 0)
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// One `preadv`/`pwritev` between the file and every data buffer of the request, repeated
+/// for short transfers.
+fn transfer(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    dir: Direction,
+) -> std::io::Result<()> {
+    let mut iovecs = Vec::with_capacity(req.data.len());
+    for (addr, len) in &req.data {
+        let slice = mem
+            .get_slice(*addr, *len as usize)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+        iovecs.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: *len as usize,
+        });
+    }
+    let mut offset = req.sector * SECTOR_SIZE;
+    let mut remaining: &mut [libc::iovec] = &mut iovecs;
+    while !remaining.is_empty() {
+        // SAFETY: every iovec points into guest memory checked above to hold its length,
+        // and the mapping outlives the call.
+        let n = unsafe {
+            match dir {
+                Direction::Read => libc::preadv(
+                    file.as_raw_fd(),
+                    remaining.as_ptr(),
+                    remaining.len().min(libc::UIO_MAXIOV as usize) as i32,
+                    offset as libc::off_t,
+                ),
+                Direction::Write => libc::pwritev(
+                    file.as_raw_fd(),
+                    remaining.as_ptr(),
+                    remaining.len().min(libc::UIO_MAXIOV as usize) as i32,
+                    offset as libc::off_t,
+                ),
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            // The file shrank under the guest.
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        offset += n as u64;
+        let mut n = n as usize;
+        while let Some(first) = remaining.first_mut() {
+            if n < first.iov_len {
+                // SAFETY: advancing within the same buffer.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n).cast() };
+                first.iov_len -= n;
+                break;
+            }
+            n -= first.iov_len;
+            remaining = &mut remaining[1..];
+        }
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1;
+        if self.config.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if self.config.flush {
+            f |= 1 << VIRTIO_BLK_F_FLUSH;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The block configuration the device offers is read-only.
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        let queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
+        if !queue.ready() {
+            return Err(ActivateError::BadQueue(0));
+        }
+        self.active = Some(ActiveQueue {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+/// Runs the device's queue when the guest notifies it.
+pub struct BlockEventHandler {
+    pub block: Arc<Mutex<Block>>,
+    pub queue_evt: EventFd,
+}
+
+impl MutEventSubscriber for BlockEventHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.queue_evt.read();
+        self.block
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .process_queue();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_evt, EventSet::IN)) {
+            log::error!("virtio-blk: cannot watch the queue eventfd: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::driver::{Desc, QueueDriver, VRING_DESC_F_NEXT};
+    use request::*;
+    use std::io::Write;
+    use vm_memory::GuestAddress;
+
+    const HDR: u64 = 0x10_000;
+    const DATA: u64 = 0x20_000;
+    const STATUS: u64 = 0x30_000;
+    const SECTORS: u64 = 16;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        driver: QueueDriver,
+        block: Block,
+        irq: EventFd,
+        path: std::path::PathBuf,
+    }
+
+    fn disk_byte(i: u64) -> u8 {
+        (i * 7 % 251) as u8
+    }
+
+    fn rig(name: &str, read_only: bool) -> Rig {
+        let path = std::env::temp_dir().join(format!("ember-blk-{}-{name}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        let contents: Vec<u8> = (0..SECTORS * SECTOR_SIZE).map(disk_byte).collect();
+        f.write_all(&contents).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let driver = QueueDriver::new(&mem, 0, 16);
+        let mut block = Block::new(BlockConfig {
+            id: "data_disk".into(),
+            path: path.display().to_string(),
+            read_only,
+            flush: true,
+        })
+        .unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        block
+            .activate(
+                mem.clone(),
+                0,
+                vec![driver.device_queue()],
+                Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap())),
+            )
+            .unwrap();
+        Rig {
+            mem,
+            driver,
+            block,
+            irq,
+            path,
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    impl Rig {
+        /// Submits header + data descriptors + status; returns (used len, status byte).
+        fn submit(&mut self, kind: u32, sector: u64, data: &[Desc]) -> (u32, u8) {
+            self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+            self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let mut chain = vec![Desc {
+                addr: HDR,
+                len: 16,
+                write: false,
+            }];
+            chain.extend_from_slice(data);
+            chain.push(Desc {
+                addr: STATUS,
+                len: 1,
+                write: true,
+            });
+            let head = self.driver.add_chain(&self.mem, &chain);
+            self.block.process_queue();
+            let used = self.driver.take_used(&self.mem);
+            assert_eq!(used.len(), 1, "one chain returned");
+            assert_eq!(used[0].0, u32::from(head));
+            (used[0].1, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
+        }
+
+        fn file(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    fn data(len: u32, write: bool) -> Desc {
+        Desc {
+            addr: DATA,
+            len,
+            write,
+        }
+    }
+
+    #[test]
+    fn read_write_flush_and_get_id() {
+        let mut r = rig("rw", false);
+        assert_eq!(r.block.capacity(), SECTORS);
+        let (used, status) = r.submit(VIRTIO_BLK_T_IN, 2, &[data(1024, true)]);
+        assert_eq!((used, status), (1025, VIRTIO_BLK_S_OK));
+        let mut got = vec![0u8; 1024];
+        r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        let want: Vec<u8> = (1024..2048).map(disk_byte).collect();
+        assert_eq!(got, want);
+        assert!(r.irq.read().unwrap() >= 1, "interrupt raised");
+
+        // Two data buffers in one request land contiguously on disk.
+        r.mem.write_slice(&[0xaa; 512], GuestAddress(DATA)).unwrap();
+        r.mem
+            .write_slice(&[0xbb; 512], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        let (used, status) = r.submit(
+            VIRTIO_BLK_T_OUT,
+            5,
+            &[
+                data(512, false),
+                Desc {
+                    addr: DATA + 0x1000,
+                    len: 512,
+                    write: false,
+                },
+            ],
+        );
+        assert_eq!((used, status), (1, VIRTIO_BLK_S_OK));
+        let f = r.file();
+        assert!(f[5 * 512..6 * 512].iter().all(|&b| b == 0xaa));
+        assert!(f[6 * 512..7 * 512].iter().all(|&b| b == 0xbb));
+        assert_eq!(f[7 * 512], disk_byte(7 * 512), "neighbour untouched");
+
+        assert_eq!(r.submit(VIRTIO_BLK_T_FLUSH, 0, &[]), (1, VIRTIO_BLK_S_OK));
+        let (used, status) = r.submit(VIRTIO_BLK_T_GET_ID, 0, &[data(20, true)]);
+        assert_eq!((used, status), (21, VIRTIO_BLK_S_OK));
+        let mut id = [0u8; 20];
+        r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..9], b"data_disk");
+        assert_eq!(id[9..], [0; 11]);
+        assert_eq!(r.submit(42, 0, &[]), (1, VIRTIO_BLK_S_UNSUPP));
+    }
+
+    #[test]
+    fn read_only_and_bounds() {
+        let mut r = rig("ro", true);
+        assert_ne!(r.block.device_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let before = r.file();
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_OUT, 1, &[data(512, false)]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(r.file(), before, "read-only disk unchanged");
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, SECTORS, &[data(512, true)]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, SECTORS - 1, &[data(1024, true)])
+                .1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, SECTORS - 1, &[data(512, true)]).1,
+            VIRTIO_BLK_S_OK
+        );
+    }
+
+    #[test]
+    fn hostile_chains_answered_without_harm() {
+        let mut r = rig("hostile", false);
+        let before = r.file();
+        // Not a multiple of 512, outside memory, wrong direction.
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, 0, &[data(100, true)]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        let outside = Desc {
+            addr: (1 << 20) - 256,
+            len: 512,
+            write: true,
+        };
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, 0, &[outside]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_OUT, 0, &[data(512, true)]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(r.file(), before);
+
+        // A read-only status descriptor: nothing can be written back, the chain still returns.
+        let head = r.driver.add_chain(
+            &r.mem,
+            &[
+                Desc {
+                    addr: HDR,
+                    len: 16,
+                    write: false,
+                },
+                Desc {
+                    addr: STATUS,
+                    len: 1,
+                    write: false,
+                },
+            ],
+        );
+        r.block.process_queue();
+        assert_eq!(r.driver.take_used(&r.mem), vec![(u32::from(head), 0)]);
+
+        // A descriptor that points at itself: the chain ends at the queue size, no hang.
+        r.driver.write_raw(
+            &r.mem,
+            3,
+            Desc {
+                addr: HDR,
+                len: 16,
+                write: false,
+            },
+            VRING_DESC_F_NEXT,
+            3,
+        );
+        r.driver.publish(&r.mem, 3);
+        r.block.process_queue();
+        assert_eq!(r.driver.take_used(&r.mem).len(), 1);
+        // The device keeps working afterwards.
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, 0, &[data(512, true)]).1,
+            VIRTIO_BLK_S_OK
+        );
+    }
+
+    #[test]
+    fn host_io_error_becomes_ioerr() {
+        let mut r = rig("eio", false);
+        // Swap the backing file for a read-only handle: the host write fails.
+        r.block.file = File::open(&r.path).unwrap();
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_OUT, 0, &[data(512, false)]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, 0, &[data(512, true)]).1,
+            VIRTIO_BLK_S_OK
+        );
+    }
+
+    #[test]
+    fn inactive_or_reset_device_ignores_notifications() {
+        let mut r = rig("reset", false);
+        r.block.reset();
+        r.driver.add_chain(
+            &r.mem,
+            &[Desc {
+                addr: HDR,
+                len: 16,
+                write: false,
+            }],
+        );
+        r.block.process_queue();
+        assert!(r.driver.take_used(&r.mem).is_empty());
+    }
+}
