@@ -839,3 +839,47 @@ fn vm_prepared_ahead_of_instance_start() {
         "{err}"
     );
 }
+
+#[test]
+fn patch_drive_after_boot_swaps_the_backing_file() {
+    let mut vm = ApiVm::start(&[]);
+    let first = vm.dir.write("first.img", vec![0u8; 64 * 512]);
+    let second = vm.dir.write("second.img", vec![0u8; 128 * 512]);
+    let mut c = vm.client();
+    let drive =
+        serde_json::json!({"drive_id": "data", "path_on_host": first, "is_root_device": false});
+    assert_eq!(
+        c.call("PUT", "/drives/data", Some(&drive.to_string()))
+            .status,
+        204
+    );
+    drop(c);
+    boot_waiting_probe(&mut vm);
+    let mut c = vm.client();
+    let patch = serde_json::json!({"drive_id": "data", "path_on_host": second});
+    let r = c.call("PATCH", "/drives/data", Some(&patch.to_string()));
+    assert_eq!(r.status, 204, "{r:?}");
+    let config = c.call("GET", "/vm/config", None).json();
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        second.to_str().unwrap()
+    );
+    let bad = serde_json::json!({"drive_id": "data", "path_on_host": "/nonexistent/disk"});
+    let r = c.call("PATCH", "/drives/data", Some(&bad.to_string()));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.fault().contains("cannot open /nonexistent/disk"),
+        "{}",
+        r.fault()
+    );
+    let r = c.call("PATCH", "/drives/other", Some(r#"{"drive_id": "other"}"#));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.fault().contains("drive \"other\" does not exist"),
+        "{}",
+        r.fault()
+    );
+    drop(c);
+    let (_, _, err) = vm.terminate();
+    assert!(err.contains("drive \"data\": now backed by"), "{err}");
+}

@@ -107,6 +107,8 @@ pub struct MicroVm {
     pub serial_input_drained: EventFd,
     /// Event-loop subscribers of the devices (queue notifications).
     pub device_handlers: Vec<Subscriber>,
+    /// The block devices by drive id, for updates after start.
+    pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
     /// The API's SendCtrlAltDel injects keys here.
     pub i8042: Arc<Mutex<I8042>>,
     pub stop: StopSignal,
@@ -122,6 +124,7 @@ pub struct MicroVm {
 struct AttachedDrives {
     cmdline_args: Vec<String>,
     handlers: Vec<Subscriber>,
+    blocks: Vec<(String, Arc<Mutex<Block>>)>,
 }
 
 /// Creates a virtio-blk device per drive, root drive first (so it is /dev/vda), each in its
@@ -137,6 +140,7 @@ fn attach_drives(
     let mut out = AttachedDrives {
         cmdline_args: Vec::new(),
         handlers: Vec::new(),
+        blocks: Vec::new(),
     };
     for (i, drive) in ordered.into_iter().enumerate() {
         let irq = VIRTIO_IRQ_START + i as u32;
@@ -199,6 +203,7 @@ fn attach_drives(
             ],
         );
         mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        out.blocks.push((drive.drive_id.clone(), block.clone()));
         out.handlers
             .push(Arc::new(Mutex::new(BlockEventHandler { block, queue_evt })));
         out.cmdline_args
@@ -421,6 +426,7 @@ pub fn build_microvm(
         pio_bus: Arc::new(pio_bus),
         mmio_bus: Arc::new(mmio_bus),
         device_handlers: attached.handlers,
+        blocks: attached.blocks,
         serial,
         serial_input_drained,
         i8042,

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 
-use super::action::{ActionError, InstanceInfo, VmmAction, VmmData};
-use super::builder::{BuildOptions, MicroVm, PreparedVm, build_microvm};
+use super::action::{ActionError, DriveUpdate, InstanceInfo, VmmAction, VmmData};
+use super::builder::{BuildError, BuildOptions, MicroVm, PreparedVm, build_microvm};
 use super::console::{ConsoleInput, RawTerminal};
 use super::resources::VmResources;
 use super::{Subscriber, VmExit, decide_exit};
 use crate::arch::x86_64::kernel::BootFile;
-use crate::config::{BootSourceConfig, DriveConfig};
+use crate::config::{BootSourceConfig, ConfigError, DriveConfig, DriveError};
 use crate::exit_code;
 use crate::logger;
 use crate::metrics::{METRICS, MetricsSink};
@@ -176,20 +176,7 @@ impl Controller {
             }
             PatchDrive(u) => {
                 self.post_boot("PATCH /drives")?;
-                if !self
-                    .resources
-                    .drives
-                    .iter()
-                    .any(|d| d.drive_id == u.drive_id)
-                {
-                    return Err(ActionError::NotFound {
-                        kind: "drive",
-                        id: u.drive_id,
-                    });
-                }
-                Err(ActionError::Unsupported(
-                    "updating a drive after boot (block devices are not attached yet)".into(),
-                ))
+                empty(self.patch_drive(u))
             }
             PutNetworkInterface(n) => {
                 self.pre_boot("PUT /network-interfaces")?;
@@ -257,6 +244,51 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
         }
+    }
+
+    /// `PATCH /drives/{id}` on a running VM: a new backing file and/or new rate limits.
+    fn patch_drive(&mut self, update: DriveUpdate) -> Result<(), ActionError> {
+        let not_found = || ActionError::NotFound {
+            kind: "drive",
+            id: update.drive_id.clone(),
+        };
+        let vm = self.vm.as_ref().ok_or_else(not_found)?;
+        let block = vm
+            .microvm
+            .blocks
+            .iter()
+            .find(|(id, _)| *id == update.drive_id)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(not_found)?;
+        if let Some(rl) = &update.rate_limiter {
+            rl.validate().map_err(|e| {
+                ConfigError::from(DriveError::RateLimiter(update.drive_id.clone(), e))
+            })?;
+        }
+        let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &update.path_on_host {
+            block.swap_backing(path).map_err(BuildError::from)?;
+            if let Some(d) = self
+                .resources
+                .drives
+                .iter_mut()
+                .find(|d| d.drive_id == update.drive_id)
+            {
+                d.path_on_host = Some(path.clone());
+            }
+        }
+        if let Some(rl) = update.rate_limiter {
+            block.update_rate_limiter(&rl);
+            if let Some(d) = self
+                .resources
+                .drives
+                .iter_mut()
+                .find(|d| d.drive_id == update.drive_id)
+            {
+                d.rate_limiter = Some(rl);
+            }
+        }
+        Ok(())
     }
 
     fn start(&mut self, events: &mut EventManager<Subscriber>) -> Result<(), ActionError> {

@@ -193,7 +193,9 @@ impl MmioTransport {
                 .map_or(0, |q| u32::from(q.ready())),
             0x060 => self.interrupt.status(),
             0x070 => self.status,
-            0x0fc => self.config_generation,
+            0x0fc => self
+                .config_generation
+                .wrapping_add(self.device().config_generation()),
             _ => {
                 log::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0

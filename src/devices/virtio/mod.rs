@@ -93,6 +93,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver reset the device: drop the queues, keep the backend.
     fn reset(&mut self);
+    /// Counts changes the device made to its own configuration space, so the driver can
+    /// tell a torn read (virtio 1.2, 4.2.2 ConfigGeneration).
+    fn config_generation(&self) -> u32 {
+        0
+    }
 }
 
 /// Copies the bytes of `config` at `offset` into `data`; out-of-range bytes read as zero.

@@ -17,8 +17,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, INT_USED_RING, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt,
-    read_config_bytes,
+    ActivateError, INT_CONFIG_CHANGE, INT_USED_RING, VIRTIO_F_VERSION_1, VirtioDevice,
+    VirtioInterrupt, read_config_bytes,
 };
 use crate::metrics::METRICS;
 use request::{
@@ -63,39 +63,76 @@ pub struct Block {
     file: File,
     capacity: u64,
     config_space: [u8; 8],
+    generation: u32,
     active: Option<ActiveQueue>,
+}
+
+/// Opens a backing file with the guest's access; returns it with its size in sectors.
+fn open_backing(config: &BlockConfig, path: &str) -> Result<(File, u64), BlockError> {
+    let open_err = |source| BlockError::Open {
+        id: config.id.clone(),
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .open(path)
+        .map_err(open_err)?;
+    let len = file.metadata().map_err(open_err)?.len();
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        log::warn!(
+            "drive {:?}: {path} is {len} bytes, not a multiple of 512; the last {} bytes are not visible to the guest",
+            config.id,
+            len % SECTOR_SIZE
+        );
+    }
+    Ok((file, len / SECTOR_SIZE))
 }
 
 impl Block {
     /// Opens the backing file once, for the life of the VM, with the guest's access.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
-        let open_err = |source| BlockError::Open {
-            id: config.id.clone(),
-            path: config.path.clone(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(open_err)?;
-        let len = file.metadata().map_err(open_err)?.len();
-        if len % SECTOR_SIZE != 0 {
-            log::warn!(
-                "drive {:?}: {} is {len} bytes, not a multiple of 512; the last {} bytes are not visible to the guest",
-                config.id,
-                config.path,
-                len % SECTOR_SIZE
-            );
-        }
-        let capacity = len / SECTOR_SIZE;
+        let (file, capacity) = open_backing(&config, &config.path)?;
         Ok(Block {
             config,
             file,
             capacity,
             config_space: capacity.to_le_bytes(),
+            generation: 0,
             active: None,
         })
+    }
+
+    /// Replaces the backing file of a running drive (`PATCH /drives`): requests from now on
+    /// go to the new file, the capacity follows it, and the guest is told its configuration
+    /// changed.
+    pub fn swap_backing(&mut self, path: &str) -> Result<(), BlockError> {
+        let (file, capacity) = open_backing(&self.config, path)?;
+        self.file = file;
+        self.config.path = path.to_owned();
+        self.capacity = capacity;
+        self.config_space = capacity.to_le_bytes();
+        self.generation = self.generation.wrapping_add(1);
+        if let Some(active) = &self.active {
+            active.interrupt.trigger(INT_CONFIG_CHANGE);
+        }
+        log::info!(
+            "drive {:?}: now backed by {path} ({capacity} sectors)",
+            self.config.id
+        );
+        Ok(())
+    }
+
+    /// New rate limits from `PATCH /drives`.
+    pub fn update_rate_limiter(
+        &mut self,
+        _config: &crate::config::rate_limiter::RateLimiterConfig,
+    ) {
+        log::warn!(
+            "drive {:?}: rate_limiter is not yet effective in this version",
+            self.config.id
+        );
     }
 
     pub fn capacity(&self) -> u64 {
@@ -342,6 +379,10 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.generation
     }
 }
 
@@ -616,6 +657,29 @@ mod tests {
             r.submit(VIRTIO_BLK_T_IN, 0, &[data(512, true)]).1,
             VIRTIO_BLK_S_OK
         );
+    }
+
+    #[test]
+    fn swap_backing_changes_capacity_and_notifies() {
+        let mut r = rig("swap", false);
+        let other = r.path.with_extension("other");
+        std::fs::write(&other, vec![0x77u8; 4 * 512]).unwrap();
+        let _ = r.irq.read();
+        r.block.swap_backing(other.to_str().unwrap()).unwrap();
+        assert_eq!(r.block.capacity(), 4);
+        let mut cap = [0u8; 8];
+        r.block.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 4);
+        assert_eq!(r.block.config_generation(), 1);
+        assert_eq!(r.irq.read().unwrap(), 1, "config-change interrupt");
+        let (_, status) = r.submit(VIRTIO_BLK_T_IN, 3, &[data(512, true)]);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let mut got = [0u8; 512];
+        r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(got.iter().all(|&b| b == 0x77));
+        assert!(r.block.swap_backing("/nonexistent/disk").is_err());
+        assert_eq!(r.block.capacity(), 4, "a failed swap keeps the old file");
+        std::fs::remove_file(other).unwrap();
     }
 
     #[test]
