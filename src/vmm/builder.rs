@@ -155,13 +155,8 @@ fn attach_drives(
             path: drive.path_on_host.clone().unwrap_or_default(),
             read_only: drive.is_read_only,
             flush: drive.cache_type == CacheType::Writeback,
+            async_io: drive.io_engine == IoEngine::Async,
         })?;
-        if drive.io_engine == IoEngine::Async {
-            log::warn!(
-                "drive {:?}: io_engine \"Async\" is not available in this version; using \"Sync\"",
-                drive.drive_id
-            );
-        }
         if drive.rate_limiter.is_some() {
             log::warn!(
                 "drive {:?}: rate_limiter is not yet effective in this version",
@@ -179,6 +174,11 @@ fn attach_drives(
                 ""
             }
         );
+        let completion_evt = block
+            .completion_eventfd()
+            .map(EventFd::try_clone)
+            .transpose()
+            .map_err(|e| BuildError::EventFd("io_uring completions", e))?;
         let block = Arc::new(Mutex::new(block));
         let queue_evt = eventfd("a virtio queue")?;
         let irqfd = eventfd("a virtio interrupt")?;
@@ -204,8 +204,11 @@ fn attach_drives(
         );
         mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
         out.blocks.push((drive.drive_id.clone(), block.clone()));
-        out.handlers
-            .push(Arc::new(Mutex::new(BlockEventHandler { block, queue_evt })));
+        out.handlers.push(Arc::new(Mutex::new(BlockEventHandler {
+            block,
+            queue_evt,
+            completion_evt,
+        })));
         out.cmdline_args
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         if drive.is_root_device {

@@ -4,6 +4,7 @@
 //! ioeventfd, requests are carried out with positional vectored I/O straight between the
 //! file and guest memory, and completion raises the device's interrupt through an irqfd.
 
+pub mod io_engine;
 pub mod request;
 
 use std::fs::{File, OpenOptions};
@@ -21,6 +22,7 @@ use super::{
     VirtioInterrupt, read_config_bytes,
 };
 use crate::metrics::METRICS;
+use io_engine::{AsyncEngine, PendingRequest};
 use request::{
     ID_BYTES, Request, RequestType, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -50,6 +52,8 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Offer FLUSH (cache_type "Writeback"); with "Unsafe" the guest is not told to flush.
     pub flush: bool,
+    /// Use an io_uring (io_engine "Async") when the host has one.
+    pub async_io: bool,
 }
 
 struct ActiveQueue {
@@ -65,6 +69,7 @@ pub struct Block {
     config_space: [u8; 8],
     generation: u32,
     active: Option<ActiveQueue>,
+    engine: Option<AsyncEngine>,
 }
 
 /// Opens a backing file with the guest's access; returns it with its size in sectors.
@@ -94,6 +99,20 @@ impl Block {
     /// Opens the backing file once, for the life of the VM, with the guest's access.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
         let (file, capacity) = open_backing(&config, &config.path)?;
+        let engine = if config.async_io {
+            match AsyncEngine::new(QUEUE_SIZE) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    log::warn!(
+                        "drive {:?}: {e}; falling back to io_engine \"Sync\"",
+                        config.id
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Block {
             config,
             file,
@@ -101,6 +120,7 @@ impl Block {
             config_space: capacity.to_le_bytes(),
             generation: 0,
             active: None,
+            engine,
         })
     }
 
@@ -143,6 +163,16 @@ impl Block {
         &self.config.id
     }
 
+    /// The engine's completion eventfd, when requests run asynchronously.
+    pub fn completion_eventfd(&self) -> Option<&EventFd> {
+        self.engine.as_ref().map(AsyncEngine::eventfd)
+    }
+
+    /// True when requests go through the io_uring.
+    pub fn is_async(&self) -> bool {
+        self.engine.is_some()
+    }
+
     /// Handles everything the guest queued; raises the interrupt once if anything completed.
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
@@ -153,11 +183,18 @@ impl Block {
             while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
                 let head = chain.head_index();
                 let descs: Vec<Descriptor> = chain.collect();
-                let used = execute(&self.file, &self.config, self.capacity, &active.mem, &descs);
-                if let Err(e) = active.queue.add_used(&active.mem, head, used) {
-                    log::warn!("drive {:?}: cannot return a request: {e}", self.config.id);
+                let backend = Backend {
+                    file: &self.file,
+                    config: &self.config,
+                    capacity: self.capacity,
+                    engine: self.engine.as_mut(),
+                };
+                if let Outcome::Done(used) = execute(backend, &active.mem, head, &descs) {
+                    if let Err(e) = active.queue.add_used(&active.mem, head, used) {
+                        log::warn!("drive {:?}: cannot return a request: {e}", self.config.id);
+                    }
+                    completed = true;
                 }
-                completed = true;
             }
             // Closes the race with a guest that queued more just as we finished.
             match active.queue.enable_notification(&active.mem) {
@@ -173,16 +210,97 @@ impl Block {
             active.interrupt.trigger(INT_USED_RING);
         }
     }
+
+    /// Returns requests the io_uring finished to the guest.
+    pub fn process_completions(&mut self) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        let done = engine.completions();
+        self.complete_async(done);
+    }
+
+    fn complete_async(&mut self, done: Vec<(PendingRequest, std::io::Result<u64>)>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if done.is_empty() {
+            return;
+        }
+        for (req, result) in done {
+            let (status, data_written) = match result {
+                Ok(n) if n == req.expected => {
+                    count_success(req.kind, n);
+                    let written = if req.kind == RequestType::In {
+                        n as u32
+                    } else {
+                        0
+                    };
+                    (VIRTIO_BLK_S_OK, written)
+                }
+                Ok(n) => io_failed(
+                    &self.config,
+                    "transfer",
+                    std::io::Error::other(format!("{n} of {} bytes", req.expected)),
+                ),
+                Err(e) => io_failed(&self.config, "request", e),
+            };
+            let used = match active.mem.write_obj(status, req.status) {
+                Ok(()) => data_written + 1,
+                Err(_) => data_written,
+            };
+            if let Err(e) = active.queue.add_used(&active.mem, req.head, used) {
+                log::warn!("drive {:?}: cannot return a request: {e}", self.config.id);
+            }
+        }
+        active.interrupt.trigger(INT_USED_RING);
+    }
 }
 
-/// Carries out one chain; returns the number of bytes written into guest buffers.
-fn execute(
-    file: &File,
-    config: &BlockConfig,
+/// What a request runs against.
+struct Backend<'a> {
+    file: &'a File,
+    config: &'a BlockConfig,
     capacity: u64,
+    engine: Option<&'a mut AsyncEngine>,
+}
+
+/// Whether a request finished now or went to the io_uring.
+enum Outcome {
+    /// Finished; this many bytes were written into guest buffers.
+    Done(u32),
+    /// In flight; it completes through `process_completions`.
+    Submitted,
+}
+
+fn count_success(kind: RequestType, bytes: u64) {
+    match kind {
+        RequestType::In => {
+            METRICS.block.read_count.inc();
+            METRICS.block.read_bytes.add(bytes);
+        }
+        RequestType::Out => {
+            METRICS.block.write_count.inc();
+            METRICS.block.write_bytes.add(bytes);
+        }
+        RequestType::Flush => METRICS.block.flush_count.inc(),
+        _ => {}
+    }
+}
+
+/// Carries out one chain, or hands it to the io_uring.
+fn execute(
+    backend: Backend<'_>,
     mem: &GuestMemoryMmap,
+    head: u16,
     descs: &[Descriptor],
-) -> u32 {
+) -> Outcome {
+    let Backend {
+        file,
+        config,
+        capacity,
+        engine,
+    } = backend;
     let req = match request::parse(descs, mem, capacity) {
         Ok(r) => r,
         Err(e) => {
@@ -190,17 +308,59 @@ fn execute(
             log::debug!("drive {:?}: bad request: {e}", config.id);
             // Answer through the status byte if the chain has one; otherwise nothing can
             // be said to the guest, and the chain is returned with nothing written.
-            return match request::status_address(descs, mem) {
+            return Outcome::Done(match request::status_address(descs, mem) {
                 Some(addr) if mem.write_obj(VIRTIO_BLK_S_IOERR, addr).is_ok() => 1,
                 _ => 0,
-            };
+            });
         }
     };
+    let read_only_write = req.kind == RequestType::Out && config.read_only;
+    if let Some(engine) = engine
+        && !read_only_write
+        && matches!(
+            req.kind,
+            RequestType::In | RequestType::Out | RequestType::Flush
+        )
+    {
+        let pending = PendingRequest {
+            head,
+            kind: req.kind,
+            status: req.status,
+            expected: if req.kind == RequestType::Flush {
+                0
+            } else {
+                req.data_len
+            },
+        };
+        let submitted = match req.kind {
+            RequestType::Flush => engine.submit_fsync(file, pending),
+            _ => match guest_iovecs(mem, &req) {
+                Ok(iovecs) => engine.submit_rw(
+                    file,
+                    req.kind == RequestType::Out,
+                    req.sector * SECTOR_SIZE,
+                    iovecs,
+                    pending,
+                ),
+                Err(e) => {
+                    let (status, _) = io_failed(config, "request", e);
+                    return Outcome::Done(write_status(mem, &req, status, 0));
+                }
+            },
+        };
+        return match submitted {
+            Ok(()) => Outcome::Submitted,
+            Err(e) => {
+                let (status, _) =
+                    io_failed(config, "submission", std::io::Error::other(e.to_string()));
+                Outcome::Done(write_status(mem, &req, status, 0))
+            }
+        };
+    }
     let (status, data_written) = match req.kind {
         RequestType::In => match transfer(file, mem, &req, Direction::Read) {
             Ok(()) => {
-                METRICS.block.read_count.inc();
-                METRICS.block.read_bytes.add(req.data_len);
+                count_success(req.kind, req.data_len);
                 (VIRTIO_BLK_S_OK, req.data_len as u32)
             }
             Err(e) => io_failed(config, "read", e),
@@ -211,15 +371,14 @@ fn execute(
         }
         RequestType::Out => match transfer(file, mem, &req, Direction::Write) {
             Ok(()) => {
-                METRICS.block.write_count.inc();
-                METRICS.block.write_bytes.add(req.data_len);
+                count_success(req.kind, req.data_len);
                 (VIRTIO_BLK_S_OK, 0)
             }
             Err(e) => io_failed(config, "write", e),
         },
         RequestType::Flush => match file.sync_all() {
             Ok(()) => {
-                METRICS.block.flush_count.inc();
+                count_success(req.kind, 0);
                 (VIRTIO_BLK_S_OK, 0)
             }
             Err(e) => io_failed(config, "flush", e),
@@ -246,10 +405,16 @@ fn execute(
             (VIRTIO_BLK_S_UNSUPP, 0)
         }
     };
-    if mem.write_obj(status, req.status).is_err() {
-        return data_written;
+    Outcome::Done(write_status(mem, &req, status, data_written))
+}
+
+/// Writes the status byte; returns the used length (data written plus the status byte, if
+/// it could be written).
+fn write_status(mem: &GuestMemoryMmap, req: &Request, status: u8, data_written: u32) -> u32 {
+    match mem.write_obj(status, req.status) {
+        Ok(()) => data_written + 1,
+        Err(_) => data_written,
     }
-    data_written + 1
 }
 
 fn io_failed(config: &BlockConfig, what: &str, e: std::io::Error) -> (u8, u32) {
@@ -266,12 +431,8 @@ enum Direction {
 
 /// One `preadv`/`pwritev` between the file and every data buffer of the request, repeated
 /// for short transfers.
-fn transfer(
-    file: &File,
-    mem: &GuestMemoryMmap,
-    req: &Request,
-    dir: Direction,
-) -> std::io::Result<()> {
+/// Host addresses of a request's data buffers, checked to lie in guest memory.
+fn guest_iovecs(mem: &GuestMemoryMmap, req: &Request) -> std::io::Result<Vec<libc::iovec>> {
     let mut iovecs = Vec::with_capacity(req.data.len());
     for (addr, len) in &req.data {
         let slice = mem
@@ -282,6 +443,16 @@ fn transfer(
             iov_len: *len as usize,
         });
     }
+    Ok(iovecs)
+}
+
+fn transfer(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    dir: Direction,
+) -> std::io::Result<()> {
+    let mut iovecs = guest_iovecs(mem, req)?;
     let mut offset = req.sector * SECTOR_SIZE;
     let mut remaining: &mut [libc::iovec] = &mut iovecs;
     while !remaining.is_empty() {
@@ -378,6 +549,11 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // Requests in flight finish into the old rings before they are forgotten.
+        if let Some(engine) = self.engine.as_mut() {
+            let done = engine.drain();
+            self.complete_async(done);
+        }
         self.active = None;
     }
 
@@ -390,20 +566,29 @@ impl VirtioDevice for Block {
 pub struct BlockEventHandler {
     pub block: Arc<Mutex<Block>>,
     pub queue_evt: EventFd,
+    /// The io_uring's completion eventfd, for the Async engine.
+    pub completion_evt: Option<EventFd>,
 }
 
 impl MutEventSubscriber for BlockEventHandler {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_evt.read();
-        self.block
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .process_queue();
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut block = self.block.lock().unwrap_or_else(|e| e.into_inner());
+        if events.fd() == self.queue_evt.as_raw_fd() {
+            let _ = self.queue_evt.read();
+            block.process_queue();
+        } else {
+            block.process_completions();
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.queue_evt, EventSet::IN)) {
             log::error!("virtio-blk: cannot watch the queue eventfd: {e}");
+        }
+        if let Some(evt) = &self.completion_evt
+            && let Err(e) = ops.add(Events::new(evt, EventSet::IN))
+        {
+            log::error!("virtio-blk: cannot watch the io_uring completions: {e}");
         }
     }
 }
@@ -434,6 +619,10 @@ mod tests {
     }
 
     fn rig(name: &str, read_only: bool) -> Rig {
+        rig_with(name, read_only, false)
+    }
+
+    fn rig_with(name: &str, read_only: bool, async_io: bool) -> Rig {
         let path = std::env::temp_dir().join(format!("ember-blk-{}-{name}", std::process::id()));
         let mut f = File::create(&path).unwrap();
         let contents: Vec<u8> = (0..SECTORS * SECTOR_SIZE).map(disk_byte).collect();
@@ -445,6 +634,7 @@ mod tests {
             path: path.display().to_string(),
             read_only,
             flush: true,
+            async_io,
         })
         .unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -490,10 +680,29 @@ mod tests {
             });
             let head = self.driver.add_chain(&self.mem, &chain);
             self.block.process_queue();
+            self.wait_async();
             let used = self.driver.take_used(&self.mem);
             assert_eq!(used.len(), 1, "one chain returned");
             assert_eq!(used[0].0, u32::from(head));
             (used[0].1, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
+        }
+
+        /// With the io_uring engine, waits until nothing is in flight.
+        fn wait_async(&mut self) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self
+                .block
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.in_flight() > 0)
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "io_uring request never completed"
+                );
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                self.block.process_completions();
+            }
         }
 
         fn file(&self) -> Vec<u8> {
@@ -511,7 +720,60 @@ mod tests {
 
     #[test]
     fn read_write_flush_and_get_id() {
-        let mut r = rig("rw", false);
+        check_read_write_flush_and_get_id(rig("rw", false));
+    }
+
+    #[test]
+    fn async_engine_read_write_flush_and_get_id() {
+        let r = rig_with("rw-async", false, true);
+        if !r.block.is_async() {
+            eprintln!("skipped: io_uring is not available on this host");
+            return;
+        }
+        check_read_write_flush_and_get_id(r);
+    }
+
+    #[test]
+    fn async_engine_read_only_bounds_and_reset_drain() {
+        let mut r = rig_with("ro-async", true, true);
+        if !r.block.is_async() {
+            eprintln!("skipped: io_uring is not available on this host");
+            return;
+        }
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_OUT, 1, &[data(512, false)]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, SECTORS, &[data(512, true)]).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        // A request in flight when the driver resets still completes into its ring.
+        r.mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
+        r.mem.write_obj(0u64, GuestAddress(HDR + 8)).unwrap();
+        r.driver.add_chain(
+            &r.mem,
+            &[
+                Desc {
+                    addr: HDR,
+                    len: 16,
+                    write: false,
+                },
+                data(512, true),
+                Desc {
+                    addr: STATUS,
+                    len: 1,
+                    write: true,
+                },
+            ],
+        );
+        r.block.process_queue();
+        r.block.reset();
+        assert_eq!(r.block.engine.as_ref().map(AsyncEngine::in_flight), Some(0));
+        assert_eq!(r.driver.take_used(&r.mem).len(), 1);
+    }
+
+    fn check_read_write_flush_and_get_id(mut r: Rig) {
         assert_eq!(r.block.capacity(), SECTORS);
         let (used, status) = r.submit(VIRTIO_BLK_T_IN, 2, &[data(1024, true)]);
         assert_eq!((used, status), (1025, VIRTIO_BLK_S_OK));
