@@ -14,6 +14,7 @@ pub mod exit_code;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;

@@ -193,7 +193,7 @@ metric_group!(
     /// Block devices, summed over all drives.
     BlockMetrics {
         counters: [read_count, write_count, flush_count, read_bytes, write_bytes,
-            invalid_reqs_count, io_errors],
+            invalid_reqs_count, io_errors, rate_limiter_throttled],
     }
 );
 metric_group!(

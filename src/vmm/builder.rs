@@ -156,13 +156,8 @@ fn attach_drives(
             read_only: drive.is_read_only,
             flush: drive.cache_type == CacheType::Writeback,
             async_io: drive.io_engine == IoEngine::Async,
+            rate_limiter: drive.rate_limiter.clone(),
         })?;
-        if drive.rate_limiter.is_some() {
-            log::warn!(
-                "drive {:?}: rate_limiter is not yet effective in this version",
-                drive.drive_id
-            );
-        }
         log::info!(
             "drive {:?}: {} ({} sectors{}) at {base:#x}, IRQ {irq}",
             drive.drive_id,

@@ -285,7 +285,14 @@ impl Controller {
                 .iter_mut()
                 .find(|d| d.drive_id == update.drive_id)
             {
-                d.rate_limiter = Some(rl);
+                // As the limiter does: buckets given replace, absent ones stay.
+                let stored = d.rate_limiter.get_or_insert_with(Default::default);
+                if rl.bandwidth.is_some() {
+                    stored.bandwidth = rl.bandwidth;
+                }
+                if rl.ops.is_some() {
+                    stored.ops = rl.ops;
+                }
             }
         }
         Ok(())
