@@ -20,6 +20,11 @@ fn boot_source(extra: &str, vcpus: u8, mem: usize) -> String {
 
 /// Configures and starts the probe through the API; returns once the guest printed DONE.
 fn boot_waiting_probe(vm: &mut ApiVm) {
+    boot_waiting_probe_with(vm, "", 7);
+}
+
+/// As [`boot_waiting_probe`], with more probe arguments and the checks they add.
+fn boot_waiting_probe_with(vm: &mut ApiVm, args: &str, checks: usize) {
     let mut c = vm.client();
     let r = c.call(
         "PUT",
@@ -30,7 +35,7 @@ fn boot_waiting_probe(vm: &mut ApiVm) {
     let r = c.call(
         "PUT",
         "/boot-source",
-        Some(&boot_source("probe.wait=serial", 2, 256)),
+        Some(&boot_source(&format!("probe.wait=serial {args}"), 2, 256)),
     );
     assert_eq!(r.status, 204, "{r:?}");
     let r = c.call(
@@ -41,7 +46,7 @@ fn boot_waiting_probe(vm: &mut ApiVm) {
     assert_eq!(r.status, 204, "{r:?}");
     let lines = vm.wait_for_line("PROBE DONE");
     assert!(
-        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        lines.contains(&format!("PROBE DONE pass={checks} fail=0")),
         "{lines:#?}"
     );
 }
@@ -58,9 +63,9 @@ fn firecracker_client_flow_boots_the_probe() {
     let version = c.call("GET", "/version", None).json();
     assert_eq!(version["firecracker_version"], env!("CARGO_PKG_VERSION"));
 
-    let drive_path = vm.dir.write("disk.img", vec![0u8; 1 << 20]);
+    let drive_path = disk_image(&vm.dir, "disk.img", 0, 2048);
     let steps = [
-        ("PUT", "/boot-source".to_owned(), boot_source("", 2, 256)),
+        ("PUT", "/boot-source".to_owned(), boot_source("probe.blk=1 probe.blk0.id=rootfs", 2, 256)),
         ("PUT", "/machine-config".to_owned(), r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": false}"#.to_owned()),
         (
             "PUT",
@@ -83,7 +88,10 @@ fn firecracker_client_flow_boots_the_probe() {
     assert_eq!(config["drives"][0]["drive_id"], "rootfs");
     assert_eq!(config["drives"][0]["cache_type"], "Unsafe");
     assert_eq!(config["network-interfaces"][0]["host_dev_name"], "tap0");
-    assert_eq!(config["boot-source"]["boot_args"], probe_args(2, 256, ""));
+    assert_eq!(
+        config["boot-source"]["boot_args"],
+        probe_args(2, 256, "probe.blk=1 probe.blk0.id=rootfs")
+    );
     let mc = c.call("GET", "/machine-config", None).json();
     assert_eq!(mc["vcpu_count"], 2);
 
@@ -93,9 +101,10 @@ fn firecracker_client_flow_boots_the_probe() {
         Some(r#"{"action_type": "InstanceStart"}"#),
     );
     assert_eq!(r.status, 204, "{r:?}");
+    // The drive is the guest's /dev/vda: the probe's block checks pass too.
     let lines = vm.wait_for_line("PROBE DONE");
     assert!(
-        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        lines.contains(&"PROBE DONE pass=14 fail=0".to_owned()),
         "{lines:#?}"
     );
     // The probe resets the VM; ember exits 0 and removes its socket.
@@ -843,7 +852,7 @@ fn vm_prepared_ahead_of_instance_start() {
 #[test]
 fn patch_drive_after_boot_swaps_the_backing_file() {
     let mut vm = ApiVm::start(&[]);
-    let first = vm.dir.write("first.img", vec![0u8; 64 * 512]);
+    let first = disk_image(&vm.dir, "first.img", 0, 64);
     let second = vm.dir.write("second.img", vec![0u8; 128 * 512]);
     let mut c = vm.client();
     let drive =
@@ -854,7 +863,7 @@ fn patch_drive_after_boot_swaps_the_backing_file() {
         204
     );
     drop(c);
-    boot_waiting_probe(&mut vm);
+    boot_waiting_probe_with(&mut vm, "probe.blk=1", 14);
     let mut c = vm.client();
     let patch = serde_json::json!({"drive_id": "data", "path_on_host": second});
     let r = c.call("PATCH", "/drives/data", Some(&patch.to_string()));

@@ -159,7 +159,7 @@ fn attach_drives(
             rate_limiter: drive.rate_limiter.clone(),
         })?;
         log::info!(
-            "drive {:?}: {} ({} sectors{}) at {base:#x}, IRQ {irq}",
+            "drive {:?}: {} ({} sectors{}, {} I/O) at {base:#x}, IRQ {irq}",
             drive.drive_id,
             drive.path_on_host.as_deref().unwrap_or(""),
             block.capacity(),
@@ -167,6 +167,11 @@ fn attach_drives(
                 ", read-only"
             } else {
                 ""
+            },
+            if block.is_async() {
+                "io_uring"
+            } else {
+                "synchronous"
             }
         );
         let completion_evt = block

@@ -71,6 +71,20 @@ pub fn probe_args(vcpus: u8, mem_mib: usize, extra: &str) -> String {
         .to_owned()
 }
 
+/// A disk image whose sector 0 carries the probe's pattern for block device `n` (see
+/// resources/probe/README.md): `EMBER-DISK-<n>` padded with '.' to 16 bytes, then byte k is
+/// (k + n) & 0xff.
+pub fn disk_image(dir: &Scratch, name: &str, n: usize, sectors: usize) -> PathBuf {
+    let mut img = vec![0u8; sectors * 512];
+    let tag = format!("EMBER-DISK-{n}");
+    img[..16].fill(b'.');
+    img[..tag.len()].copy_from_slice(tag.as_bytes());
+    for (k, b) in img.iter_mut().enumerate().take(512).skip(16) {
+        *b = ((k + n) & 0xff) as u8;
+    }
+    dir.write(name, img)
+}
+
 /// A config that boots `kernel` with the given machine and command line.
 pub fn config_json(kernel: &Path, vcpus: u8, mem_mib: usize, boot_args: &str) -> String {
     serde_json::json!({

@@ -25,7 +25,7 @@ impl Cmdline {
         self.text
     }
 
-    fn words(&self) -> impl Iterator<Item = &'static [u8]> {
+    fn words(&self) -> impl Iterator<Item = &'static [u8]> + use<> {
         self.text
             .split(|&b| b == b' ' || b == b'\t' || b == b'\n')
             .filter(|w| !w.is_empty())
@@ -34,15 +34,17 @@ impl Cmdline {
     /// The value of the last `key=value` word (later words override earlier ones, as in
     /// Linux).
     pub fn get(&self, key: &[u8]) -> Option<&'static [u8]> {
-        let mut found = None;
-        for word in self.words() {
-            if let Some(rest) = word.strip_prefix(key)
-                && let Some((b'=', value)) = rest.split_first()
-            {
-                found = Some(value);
-            }
-        }
-        found
+        self.all(key).last()
+    }
+
+    /// The values of every `key=value` word, in order: for keys that may repeat, such as
+    /// `virtio_mmio.device`.
+    pub fn all<'a>(&self, key: &'a [u8]) -> impl Iterator<Item = &'static [u8]> + use<'a> {
+        self.words()
+            .filter_map(move |word| match word.strip_prefix(key)?.split_first() {
+                Some((b'=', value)) => Some(value),
+                _ => None,
+            })
     }
 
     /// A required numeric parameter; on failure says why in `d` (missing or not a number).

@@ -74,6 +74,13 @@ pub unsafe fn write_cr3(pml4: u64) {
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
 }
 
+/// The time-stamp counter: the only clock the probe has (no timer, interrupts off).
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc only reads the counter, and CPL 0 may always run it (CR4.TSD or not).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 pub struct CpuidResult {
     pub eax: u32,
     pub ebx: u32,

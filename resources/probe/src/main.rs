@@ -1,7 +1,8 @@
 //! ember's probe guest: booted like a Linux `vmlinux`, it checks from inside the VM what
-//! ember promises a guest (boot state, zero page, command line, memory map, CPUID, MP table)
-//! and prints one `PROBE ...` line per check on the serial port. With the `pvh` feature it
-//! also has a PVH entry (src/pvh.rs), and a VMM that honours the note enters it there.
+//! ember promises a guest (boot state, zero page, command line, memory map, CPUID, MP table,
+//! virtio-blk devices) and prints one `PROBE ...` line per check on the serial port. With
+//! the `pvh` feature it also has a PVH entry (src/pvh.rs), and a VMM that honours the note
+//! enters it there.
 //!
 //! Guest code may run through KVM's instruction emulator, where every instruction costs about
 //! a microsecond and SSE arithmetic is not emulated. Hence: built without SSE, no `core::fmt`
@@ -10,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+mod blkcheck;
 mod bootinfo;
 mod bootparams;
 mod cmdline;
@@ -30,6 +32,11 @@ mod report;
 mod reset;
 mod serial;
 mod startinfo;
+mod timeout;
+mod virtio;
+mod virtio_blk;
+mod virtio_mmio;
+mod virtq;
 
 use bootinfo::{BootInfo, Entry};
 use cmdline::Cmdline;
@@ -141,6 +148,15 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
     }
     report.check(b"cpuid", |d| cpuid::check(&boot, d));
     report.check(b"mptable", |d| mptable::check(&boot, d));
+    // Only when the test expects block devices or the VMM announces virtio devices, so other
+    // boots keep their checks. Needs the memory check's map, which covers the MMIO gap.
+    if boot.cmdline.get(b"probe.blk").is_some() || virtio::announced(&boot.cmdline) {
+        let mut found = virtio::Found::new();
+        report.check(b"virtio", |d| virtio::check(&boot, &mut found, d));
+        for (n, &base) in found.blk().iter().enumerate() {
+            blkcheck::run(&mut report, &boot.cmdline, n, base);
+        }
+    }
 
     report.done();
 

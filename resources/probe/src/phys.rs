@@ -25,6 +25,11 @@ pub fn read_u64(addr: u64) -> u64 {
     unsafe { read_volatile(addr as *const u64) }
 }
 
+pub fn write_u32(addr: u64, value: u32) {
+    // SAFETY: callers only write device registers or memory the probe owns.
+    unsafe { write_volatile(addr as *mut u32, value) }
+}
+
 pub fn write_u64(addr: u64, value: u64) {
     // SAFETY: callers only write RAM that holds nothing of the probe's or the VMM's.
     unsafe { write_volatile(addr as *mut u64, value) }

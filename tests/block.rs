@@ -1,0 +1,275 @@
+//! virtio-blk end to end: the probe guest finds each drive through the command line, drives
+//! it with a polling virtio-mmio driver and checks reads, writes, flushes, read-only drives
+//! and the end of the disk from inside the VM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::*;
+
+/// Checks the probe always runs (longmode, zeropage, cmdline, e820, memory, cpuid, mptable).
+const BASE_CHECKS: usize = 7;
+/// The `virtio` check plus six `blk<n>.*` checks per device.
+fn expected_checks(devices: usize) -> usize {
+    BASE_CHECKS + 1 + 6 * devices
+}
+
+/// The pattern the probe writes to sector `s` (1..=8) of device `n`.
+fn written_byte(s: usize, k: usize, n: usize) -> u8 {
+    ((s * 7 + k + n * 13) & 0xff) as u8
+}
+
+fn assert_written(path: &Path, n: usize) {
+    let img = std::fs::read(path).unwrap();
+    for s in 1..=8 {
+        for k in 0..512 {
+            assert_eq!(
+                img[s * 512 + k],
+                written_byte(s, k, n),
+                "sector {s} byte {k} of {path:?}"
+            );
+        }
+    }
+}
+
+struct Drive {
+    id: &'static str,
+    path: PathBuf,
+    root: bool,
+    read_only: bool,
+    extra: serde_json::Value,
+}
+
+fn config(drives: &[Drive], extra_args: &str) -> String {
+    let mut args = format!("probe.blk={}", drives.len());
+    // Device n is the n-th in command-line order: the root drive first, then the others.
+    let mut ordered: Vec<&Drive> = drives.iter().filter(|d| d.root).collect();
+    ordered.extend(drives.iter().filter(|d| !d.root));
+    for (n, d) in ordered.iter().enumerate() {
+        args.push_str(&format!(" probe.blk{n}.id={}", d.id));
+    }
+    args.push(' ');
+    args.push_str(extra_args);
+    let mut cfg: serde_json::Value = serde_json::from_str(&config_json(
+        &probe_elf(),
+        2,
+        256,
+        &probe_args(2, 256, args.trim_end()),
+    ))
+    .unwrap();
+    cfg["drives"] = drives
+        .iter()
+        .map(|d| {
+            let mut v = serde_json::json!({
+                "drive_id": d.id,
+                "path_on_host": d.path,
+                "is_root_device": d.root,
+                "is_read_only": d.read_only,
+            });
+            for (k, val) in d.extra.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            v
+        })
+        .collect();
+    cfg.to_string()
+}
+
+fn none() -> serde_json::Value {
+    serde_json::json!({})
+}
+
+#[test]
+fn one_root_drive_read_write() {
+    let dir = Scratch::new("blk1");
+    let path = disk_image(&dir, "root.img", 0, 2048);
+    let drives = [Drive {
+        id: "rootfs",
+        path: path.clone(),
+        root: true,
+        read_only: false,
+        extra: none(),
+    }];
+    let r = boot_config(&config(&drives, ""));
+    r.assert_probe_passed(expected_checks(1));
+    assert!(
+        r.stdout
+            .contains("PROBE blk0.init ok cap=2048 ro=0 flush=0"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("PROBE blk0.id ok id=rootfs"),
+        "{}",
+        r.stdout
+    );
+    // The guest saw the device announced and the root device named.
+    let cmdline = r.line_starting("PROBE cmdline ok").unwrap();
+    assert!(
+        cmdline.contains("virtio_mmio.device=4K@0xd0000000:5 root=/dev/vda rw"),
+        "{cmdline}"
+    );
+    assert_written(&path, 0);
+}
+
+#[test]
+fn three_drives_read_only_writeback_and_async() {
+    let dir = Scratch::new("blk3");
+    let data = disk_image(&dir, "data.img", 1, 16);
+    let root = disk_image(&dir, "root.img", 0, 4096);
+    let scratch = disk_image(&dir, "scratch.img", 2, 64);
+    let ro_before = std::fs::read(&data).unwrap();
+    // Root listed last on purpose: it must still become device 0 (/dev/vda).
+    let drives = [
+        Drive {
+            id: "data",
+            path: data.clone(),
+            root: false,
+            read_only: true,
+            extra: none(),
+        },
+        Drive {
+            id: "scratch",
+            path: scratch.clone(),
+            root: false,
+            read_only: false,
+            extra: serde_json::json!({"cache_type": "Writeback", "io_engine": "Async"}),
+        },
+        Drive {
+            id: "rootfs",
+            path: root.clone(),
+            root: true,
+            read_only: false,
+            extra: serde_json::json!({"cache_type": "Writeback", "partuuid": "0eaa91a0-01"}),
+        },
+    ];
+    let r = boot_config(&config(&drives, ""));
+    r.assert_probe_passed(expected_checks(3));
+    assert!(
+        r.stdout
+            .contains("PROBE blk0.init ok cap=4096 ro=0 flush=1"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("PROBE blk0.write ok sectors=1-8 flushed=1"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("PROBE blk1.init ok cap=16 ro=1 flush=0"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("PROBE blk1.readonly ok refused=ioerr"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("PROBE blk2.id ok id=scratch"),
+        "{}",
+        r.stdout
+    );
+    let cmdline = r.line_starting("PROBE cmdline ok").unwrap();
+    assert!(
+        cmdline.contains("root=PARTUUID=0eaa91a0-01 rw"),
+        "{cmdline}"
+    );
+    assert!(
+        cmdline.contains("virtio_mmio.device=4K@0xd0002000:7"),
+        "{cmdline}"
+    );
+    assert_written(&root, 0);
+    assert_written(&scratch, 2);
+    assert_eq!(
+        std::fs::read(&data).unwrap(),
+        ro_before,
+        "read-only drive changed"
+    );
+    assert!(
+        r.stderr.contains("io_uring I/O") || r.stderr.contains("falling back"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn rate_limited_drive_still_completes() {
+    let dir = Scratch::new("blkrl");
+    let path = disk_image(&dir, "root.img", 0, 256);
+    let limiter = serde_json::json!({"rate_limiter": {
+        "ops": {"size": 2, "refill_time": 20},
+        "bandwidth": {"size": 8192, "refill_time": 20}
+    }});
+    let drives = [Drive {
+        id: "rootfs",
+        path: path.clone(),
+        root: true,
+        read_only: false,
+        extra: limiter,
+    }];
+    let r = boot_config(&config(&drives, ""));
+    r.assert_probe_passed(expected_checks(1));
+    assert_written(&path, 0);
+}
+
+#[test]
+fn flushed_writes_survive_sigkill() {
+    let dir = Scratch::new("blkkill");
+    let path = disk_image(&dir, "root.img", 0, 512);
+    let drives = [Drive {
+        id: "rootfs",
+        path: path.clone(),
+        root: true,
+        read_only: false,
+        extra: serde_json::json!({"cache_type": "Writeback"}),
+    }];
+    let cfg = dir.write("vm.json", config(&drives, "probe.wait=serial"));
+    let mut child = ember_command(&["--no-api", "--config-file", cfg.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert_ne!(
+            out.read_line(&mut line).unwrap(),
+            0,
+            "ember exited early: {lines:#?}"
+        );
+        let done = line.starts_with("PROBE DONE");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("PROBE blk0.write ok sectors=1-8 flushed=1")),
+        "{lines:#?}"
+    );
+    // No chance to flush anything on the way out.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_written(&path, 0);
+}
+
+#[test]
+fn missing_drive_file_is_a_configuration_error() {
+    let drives = [Drive {
+        id: "rootfs",
+        path: "/nonexistent/root.img".into(),
+        root: true,
+        read_only: false,
+        extra: none(),
+    }];
+    let r = boot_config(&config(&drives, ""));
+    assert_fails(&r, 3, "drive \"rootfs\": cannot open /nonexistent/root.img");
+}
