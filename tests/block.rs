@@ -273,3 +273,68 @@ fn missing_drive_file_is_a_configuration_error() {
     let r = boot_config(&config(&drives, ""));
     assert_fails(&r, 3, "drive \"rootfs\": cannot open /nonexistent/root.img");
 }
+
+/// Mounts a tmpfs of `size` at `dir` for the life of the guard; None where mounting is not
+/// allowed (not root).
+struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    fn new(dir: &Path, size: &str) -> Option<Self> {
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "ember-test",
+                dir.to_str()?,
+            ])
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| TmpfsMount(dir.to_owned()))
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn host_enospc_becomes_ioerr_and_the_vm_goes_on() {
+    let dir = Scratch::new("enospc");
+    let mnt = dir.path("full");
+    std::fs::create_dir(&mnt).unwrap();
+    let Some(_mount) = TmpfsMount::new(&mnt, "8k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // A sparse disk whose first page holds sector 0's pattern, on a filesystem with one
+    // page left, which the filler takes: the probe's write to sectors 1-8 runs out of space.
+    let img = disk_image(&dir, "src.img", 0, 8);
+    let disk = mnt.join("disk.img");
+    std::fs::copy(&img, &disk).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.set_len(1 << 20).unwrap();
+    let _ = std::fs::write(mnt.join("filler"), vec![1u8; 4096]);
+    let drives = [Drive {
+        id: "rootfs",
+        path: disk,
+        root: true,
+        read_only: false,
+        extra: none(),
+    }];
+    let r = boot_config(&config(&drives, ""));
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    assert!(r.stdout.contains("PROBE blk0.read0 ok"), "{}", r.stdout);
+    let write = r.line_starting("PROBE blk0.write").unwrap();
+    assert!(
+        write.contains("FAIL") && write.to_lowercase().contains("ioerr"),
+        "{write}"
+    );
+    // Reads still work after the failed write.
+    assert!(r.stdout.contains("PROBE blk0.eod ok"), "{}", r.stdout);
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+}
