@@ -326,6 +326,17 @@ impl PreparedVm {
         })
     }
 
+    /// Destroys the VM off the calling thread: tearing down a VM with an in-kernel irqchip
+    /// takes 10-20 ms on some hosts (docs/performance.md), which must not delay a request.
+    pub fn discard(self) {
+        let spawned = std::thread::Builder::new()
+            .name("vm-teardown".into())
+            .spawn(move || drop(self));
+        if let Err(e) = spawned {
+            log::debug!("cannot tear the unused VM down in the background: {e}");
+        }
+    }
+
     /// True when this VM can serve `machine`: only the memory settings went into it; the
     /// vCPUs are made at start.
     pub fn fits(&self, machine: &MachineConfig) -> bool {
@@ -363,7 +374,12 @@ pub fn build_microvm(
             log::debug!("using the VM and memory prepared ahead of start");
             p
         }
-        _ => PreparedVm::new(machine)?,
+        stale => {
+            if let Some(old) = stale {
+                old.discard();
+            }
+            PreparedVm::new(machine)?
+        }
     };
     if usize::from(machine.vcpu_count) > kvm.max_vcpus() {
         return Err(BuildError::TooManyVcpus {

@@ -86,7 +86,9 @@ impl Controller {
         if !self.needs_preparing() {
             return;
         }
-        self.prepared = None;
+        if let Some(old) = self.prepared.take() {
+            old.discard();
+        }
         match PreparedVm::new(&self.resources.machine_config) {
             Ok(p) => self.prepared = Some(p),
             Err(e) => log::debug!("cannot prepare the VM ahead of start: {e}"),
