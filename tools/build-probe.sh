@@ -23,6 +23,10 @@ for var in $(env | sed -n 's/^\(CARGO_BUILD_[A-Z0-9_]*\|CARGO_TARGET_[A-Z0-9_]*\
 done
 unset RUSTFLAGS RUSTDOCFLAGS RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER CARGO_INCREMENTAL \
     CARGO_MAKEFLAGS MAKEFLAGS MFLAGS CARGO_PRIMARY_PACKAGE CARGO_MANIFEST_DIR CARGO_MANIFEST_PATH
+# The probe always builds with the default toolchain, even when the outer build runs on
+# another one (the fuzz targets build ember with nightly): every build then boots the same
+# guest, and target/probe is not rebuilt back and forth.
+unset CARGO RUSTC RUSTUP_TOOLCHAIN
 
 # Guest code may run in KVM's instruction emulator, which cannot run SSE arithmetic: build
 # without SSE (rustc warns about the float ABI; the probe has no floats).
@@ -36,7 +40,7 @@ log="$out/build.log"
 build() {
     local target_dir="$1"
     shift
-    if ! "${CARGO:-cargo}" build --release --offline --locked \
+    if ! cargo build --release --offline --locked \
         --target x86_64-unknown-linux-gnu \
         --manifest-path "$root/resources/probe/Cargo.toml" \
         --target-dir "$target_dir" "$@" >>"$log" 2>&1; then

@@ -84,6 +84,11 @@ impl AsyncEngine {
             return Err(EngineError::Full);
         }
         self.slots[slot] = Some(inflight);
+        Ok(())
+    }
+
+    /// Hands everything pushed since the last call to the kernel in one system call.
+    pub fn submit(&mut self) -> Result<(), EngineError> {
         self.ring.submit().map_err(EngineError::Submit)?;
         Ok(())
     }
