@@ -873,6 +873,25 @@ fn patch_drive_after_boot_swaps_the_backing_file() {
         config["drives"][0]["path_on_host"],
         second.to_str().unwrap()
     );
+    // Rate limits: the bucket given replaces, the other one stays.
+    for limits in [
+        serde_json::json!({"ops": {"size": 100, "refill_time": 1000}}),
+        serde_json::json!({"bandwidth": {"size": 1048576, "refill_time": 100}}),
+    ] {
+        let body = serde_json::json!({"drive_id": "data", "rate_limiter": limits});
+        let r = c.call("PATCH", "/drives/data", Some(&body.to_string()));
+        assert_eq!(r.status, 204, "{r:?}");
+    }
+    let config = c.call("GET", "/vm/config", None).json();
+    assert_eq!(config["drives"][0]["rate_limiter"]["ops"]["size"], 100);
+    assert_eq!(
+        config["drives"][0]["rate_limiter"]["bandwidth"]["size"],
+        1048576
+    );
+    let zero_refill = serde_json::json!({"drive_id": "data", "rate_limiter": {"ops": {"size": 1, "refill_time": 0}}});
+    let r = c.call("PATCH", "/drives/data", Some(&zero_refill.to_string()));
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("refill_time"), "{}", r.fault());
     let bad = serde_json::json!({"drive_id": "data", "path_on_host": "/nonexistent/disk"});
     let r = c.call("PATCH", "/drives/data", Some(&bad.to_string()));
     assert_eq!(r.status, 400);

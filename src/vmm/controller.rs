@@ -267,34 +267,26 @@ impl Controller {
                 ConfigError::from(DriveError::RateLimiter(update.drive_id.clone(), e))
             })?;
         }
+        let stored = self
+            .resources
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == update.drive_id)
+            .ok_or_else(not_found)?;
         let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = &update.path_on_host {
-            block.swap_backing(path).map_err(BuildError::from)?;
-            if let Some(d) = self
-                .resources
-                .drives
-                .iter_mut()
-                .find(|d| d.drive_id == update.drive_id)
-            {
-                d.path_on_host = Some(path.clone());
-            }
+        if let Some(path) = update.path_on_host {
+            block.swap_backing(&path).map_err(BuildError::from)?;
+            stored.path_on_host = Some(path);
         }
         if let Some(rl) = update.rate_limiter {
             block.update_rate_limiter(&rl);
-            if let Some(d) = self
-                .resources
-                .drives
-                .iter_mut()
-                .find(|d| d.drive_id == update.drive_id)
-            {
-                // As the limiter does: buckets given replace, absent ones stay.
-                let stored = d.rate_limiter.get_or_insert_with(Default::default);
-                if rl.bandwidth.is_some() {
-                    stored.bandwidth = rl.bandwidth;
-                }
-                if rl.ops.is_some() {
-                    stored.ops = rl.ops;
-                }
+            // As the limiter does: buckets given replace, absent ones stay.
+            let limits = stored.rate_limiter.get_or_insert_with(Default::default);
+            if rl.bandwidth.is_some() {
+                limits.bandwidth = rl.bandwidth;
+            }
+            if rl.ops.is_some() {
+                limits.ops = rl.ops;
             }
         }
         Ok(())
