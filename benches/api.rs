@@ -21,21 +21,21 @@
 //! as a smoke test. Any ember run that misbehaves (an unexpected status, no `PROBE START`,
 //! failing probe checks, a non-zero exit) fails the benchmark.
 
-use std::fs::{self, File};
+mod common;
+
+use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::process::{ChildStdin, ChildStdout, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::Kvm;
+use common::{
+    BareKvm, MIB, Order, RUN_TIMEOUT, Result, Running, has_line_starting, median, min_max, ratio,
+    ratio_row, spawn_true_once, time_row,
+};
 
-type Result<T> = std::result::Result<T, String>;
-
-const EMBER: &str = env!("CARGO_BIN_EXE_ember");
-const MIB: u64 = 1 << 20;
 /// Guest shape booted through the API; the bare-KVM baseline uses the same.
 const MEM_MIB: u64 = 128;
 const DEFAULT_RUNS: usize = 20;
@@ -47,8 +47,6 @@ const SMOKE_REQUESTS: usize = 200;
 /// Pause between connection attempts while ember starts: short against its start-up time,
 /// long enough that polling does not take a CPU from it on a 2-CPU host.
 const CONNECT_POLL: Duration = Duration::from_micros(50);
-/// A run takes well under a second; anything near this is a hang, not a slow run.
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shape booted (Firecracker's default), and another valid one of the same length that
 /// the latency phase alternates with, so every PUT has the same size.
 const BOOT_MACHINE: &str = r#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
@@ -61,41 +59,21 @@ const STARTUP_METRIC: &str = "ember_api_server_process_startup_time_us";
 const INSTANCE_START_METRIC: &str = "ember_latencies_us_instance_start_us";
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("api bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_code("api", run())
 }
 
 fn run() -> Result<()> {
-    // `cargo bench` passes `--bench`; `cargo test` does not and only wants to know it works.
-    let bench = if std::env::args().any(|a| a == "--bench") {
-        Bench::new(runs_from_env()?, WARMUP_RUNS, REQUESTS_PER_RUN)?
+    let bench = if common::invoked_as_bench() {
+        Bench::new(
+            common::runs_from_env(DEFAULT_RUNS)?,
+            WARMUP_RUNS,
+            REQUESTS_PER_RUN,
+        )?
     } else {
         Bench::new(1, 0, SMOKE_REQUESTS)?
     };
     let result = bench.measure().map(|r| r.print(&bench));
-    // On failure the ember logs stay, for whoever looks into it.
-    if result.is_ok() {
-        // Best effort: a leftover temp dir is harmless and must not hide the real result.
-        let _ = fs::remove_dir_all(&bench.dir);
-    }
-    result
-}
-
-fn runs_from_env() -> Result<usize> {
-    match std::env::var("EMBER_BENCH_RUNS") {
-        Err(_) => Ok(DEFAULT_RUNS),
-        Ok(s) => match s.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!(
-                "EMBER_BENCH_RUNS={s:?} is not a positive whole number"
-            )),
-        },
-    }
+    common::remove_dir_on_success(&bench.dir, result)
 }
 
 struct Bench {
@@ -108,15 +86,8 @@ struct Bench {
 
 impl Bench {
     fn new(runs: usize, warmup: usize, requests: usize) -> Result<Self> {
-        let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/probe/probe.elf");
-        if !probe.is_file() {
-            return Err(format!(
-                "{} is missing: `cargo build --release` builds it",
-                probe.display()
-            ));
-        }
-        let dir = std::env::temp_dir().join(format!("ember-api-bench-{}", std::process::id()));
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let probe = common::probe_elf()?;
+        let dir = common::create_temp_dir("ember-api-bench")?;
         Ok(Bench {
             dir,
             probe,
@@ -132,7 +103,9 @@ impl Bench {
     fn measure(&self) -> Result<Results> {
         let mut results = Results::default();
         for i in 0..self.warmup + self.runs {
-            let (bare_kvm, bare_kvm_teardown) = bare_kvm_once(MEM_MIB * MIB)?;
+            // In the order ember uses: the memory slot before the irqchip.
+            let (vm, bare_kvm) = BareKvm::create(MEM_MIB * MIB, Order::MemorySlotFirst)?;
+            let bare_kvm_teardown = vm.teardown();
             let baselines = Baselines {
                 bare_kvm,
                 bare_kvm_teardown,
@@ -503,10 +476,10 @@ fn metric_us(text: &str, name: &str) -> Result<Duration> {
 // ---------------------------------------------------------------------------------------
 // The ember process
 
-/// An ember process serving the API; killed and reaped if a run is abandoned, so an
-/// error never leaves a guest waiting on its serial port behind.
+/// An ember process serving the API; `child` is killed and reaped if a run is abandoned,
+/// so an error never leaves a guest waiting on its serial port behind.
 struct Ember {
-    child: Child,
+    child: Running,
     stdin: Option<ChildStdin>,
     stdout: ChildStdout,
     /// Everything the guest has written on its serial console so far.
@@ -522,21 +495,12 @@ impl Ember {
     fn spawn(sock: &Path, log: &Path) -> Result<Self> {
         // ember removes its socket when it exits; one left by a killed run must not count.
         let _ = fs::remove_file(sock);
-        // Log lines go to a file: nothing has to drain it, and it explains a failed run.
-        let log_file =
-            File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let mut cmd = Command::new(EMBER);
-        cmd.arg("--api-sock")
-            .arg(sock)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log_file);
+        let mut cmd = common::ember_command(log, Stdio::piped())?;
+        cmd.arg("--api-sock").arg(sock);
         let spawned = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot spawn {EMBER}: {e}"))?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().expect("stdout was set to a pipe");
+        let mut child = Running::spawn(&mut cmd)?;
+        let stdin = child.0.stdin.take();
+        let stdout = child.0.stdout.take().expect("stdout was set to a pipe");
         Ok(Ember {
             child,
             stdin,
@@ -557,6 +521,7 @@ impl Ember {
                 Err(e) => {
                     if let Some(status) = self
                         .child
+                        .0
                         .try_wait()
                         .map_err(|e| format!("cannot check on ember: {e}"))?
                     {
@@ -639,10 +604,7 @@ impl Ember {
                 break;
             }
         }
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| format!("cannot wait for ember: {e}"))?;
+        let status = self.child.wait()?;
         let out = String::from_utf8_lossy(&self.out);
         if !status.success() {
             return Err(format!("ember exited with {status}"));
@@ -650,11 +612,7 @@ impl Ember {
         if !out.starts_with("PROBE START") {
             return Err("the console output does not begin with `PROBE START`".into());
         }
-        match out.lines().find(|l| l.starts_with("PROBE DONE")) {
-            Some(line) if line.ends_with(" fail=0") => {}
-            Some(line) => return Err(format!("probe checks failed: {line}")),
-            None => return Err("no `PROBE DONE` line".into()),
-        }
+        common::check_probe_done(&out)?;
         if !out.contains("PROBE GOT 0x78") {
             return Err("the probe did not report the byte sent on stdin".into());
         }
@@ -664,7 +622,7 @@ impl Ember {
     /// Stops an ember that never started a guest with SIGTERM; it must shut down cleanly,
     /// with 128 + 15 as its exit code.
     fn terminate(&mut self) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        let pid = libc::pid_t::try_from(self.child.0.id()).expect("a pid fits pid_t");
         // SAFETY: kill(2) on our own child, which has not been waited for, so the pid is
         // still ours.
         if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
@@ -673,10 +631,7 @@ impl Ember {
                 std::io::Error::last_os_error()
             ));
         }
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| format!("cannot wait for ember: {e}"))?;
+        let status = self.child.wait()?;
         if status.code() != Some(128 + libc::SIGTERM) {
             return Err(format!("ember exited with {status} on SIGTERM, not 143"));
         }
@@ -685,57 +640,15 @@ impl Ember {
 
     /// `problem` with the guest's console output and ember's log attached.
     fn explain(&self, problem: String) -> String {
-        let log_text = fs::read_to_string(&self.log).unwrap_or_default();
-        format!(
-            "{problem}\n--- guest serial output ---\n{}\n--- ember log ({}) ---\n{log_text}",
-            String::from_utf8_lossy(&self.out),
-            self.log.display()
-        )
+        common::explain(&problem, &String::from_utf8_lossy(&self.out), &self.log)
     }
-}
-
-impl Drop for Ember {
-    fn drop(&mut self) {
-        // Both are no-ops once the child has been waited for.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn has_line_starting(out: &[u8], prefix: &str) -> bool {
-    out.split(|&b| b == b'\n')
-        .any(|line| line.starts_with(prefix.as_bytes()))
 }
 
 /// Waits until one of the given descriptors (`None`: not watched) is readable or closed;
 /// gives up at `deadline` so a stuck guest or server cannot hang the bench.
 fn poll_readable<const N: usize>(fds: [Option<RawFd>; N], deadline: Instant) -> Result<[bool; N]> {
-    let mut pfds = fds.map(|fd| libc::pollfd {
-        fd: fd.unwrap_or(-1), // poll skips negative descriptors
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let timeout_ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-        let nfds = libc::nfds_t::try_from(N).expect("a handful of descriptors");
-        // SAFETY: `pfds` is an array of N valid pollfd structures that outlives the call.
-        let ready = unsafe { libc::poll(pfds.as_mut_ptr(), nfds, timeout_ms) };
-        if ready < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("poll: {err}"));
-        }
-        if ready == 0 {
-            return Err(format!(
-                "ember did not get there within {} s",
-                RUN_TIMEOUT.as_secs()
-            ));
-        }
-        return Ok(pfds.map(|p| p.revents != 0));
-    }
+    common::poll_until(fds, deadline)?
+        .ok_or_else(|| format!("ember did not get there within {} s", RUN_TIMEOUT.as_secs()))
 }
 
 /// Runs `f` with this thread confined to one CPU (the first it may use), like `taskset -c`;
@@ -773,95 +686,6 @@ fn on_one_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     let result = f();
     set(&old)?;
     result
-}
-
-// ---------------------------------------------------------------------------------------
-// Baselines
-
-/// What every KVM VMM must create before its guest runs, in the order ember uses (memory
-/// slot before the irqchip; the other order costs ~7.5 ms on nested hosts, see
-/// docs/performance.md): VM, one 128 MiB slot of anonymous memory, irqchip, one vCPU.
-/// Returns the time to create it and, separately, the time to tear it down.
-fn bare_kvm_once(mem_bytes: u64) -> Result<(Duration, Duration)> {
-    let start = Instant::now();
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    let mem = GuestRam::new(mem_bytes)?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: mem_bytes,
-        userspace_addr: mem.addr as u64,
-    };
-    // SAFETY: the region is a live mapping of `mem_bytes` that outlives `vm` (dropped below).
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    vm.create_irq_chip()
-        .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
-    let vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    let created = start.elapsed();
-    let start = Instant::now();
-    drop(vcpu);
-    drop(vm);
-    drop(kvm);
-    drop(mem);
-    Ok((created, start.elapsed()))
-}
-
-/// Anonymous, lazily reserved memory, like ember's guest RAM; unmapped on drop.
-struct GuestRam {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-impl GuestRam {
-    fn new(len: u64) -> Result<Self> {
-        let len = usize::try_from(len).map_err(|_| format!("{len} bytes do not fit usize"))?;
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap of {len} bytes: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(GuestRam { addr, len })
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`, which nothing uses any more.
-        unsafe { libc::munmap(self.addr, self.len) };
-    }
-}
-
-/// The fork/exec floor any VMM process pays: spawn `/bin/true` and wait for its exit.
-fn spawn_true_once() -> Result<Duration> {
-    let start = Instant::now();
-    let status = Command::new("/bin/true")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run /bin/true: {e}"))?;
-    let elapsed = start.elapsed();
-    if !status.success() {
-        return Err(format!("/bin/true exited with {status}"));
-    }
-    Ok(elapsed)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1014,8 +838,8 @@ impl LatencyResults {
             &format!("baseline: echo thread ({put_sizes})"),
             &self.put_echo,
         );
-        println!("  {:<56} {:>9.2}", "ratio GET / echo", self.get_ratio());
-        println!("  {:<56} {:>9.2}", "ratio PUT / echo", self.put_ratio());
+        ratio_row("ratio GET / echo", self.get_ratio());
+        ratio_row("ratio PUT / echo", self.put_ratio());
     }
 }
 
@@ -1071,10 +895,7 @@ impl Results {
              {} runs after {} warm-up",
             bench.runs, bench.warmup
         );
-        println!(
-            "  {:<56} {:>9} {:>9} {:>9}",
-            "measurement (ms)", "median", "min", "max"
-        );
+        common::time_header();
         time_row("ember spawn -> API socket accepting", &self.accepting);
         time_row("ember spawn -> first GET / answered", &self.first_answer);
         time_row(
@@ -1096,18 +917,9 @@ impl Results {
         let accept_ratio = ratio(&self.accepting, &self.spawn_true);
         let changed_ratio = ratio(&self.start_changed.first_byte, &self.bare_kvm);
         let idle_ratio = ratio(&self.start_after_idle.first_byte, &self.bare_kvm);
-        println!(
-            "  {:<56} {accept_ratio:>9.2}",
-            "ratio accepting / spawn /bin/true"
-        );
-        println!(
-            "  {:<56} {idle_ratio:>9.2}",
-            "ratio first byte (after idle) / bare KVM"
-        );
-        println!(
-            "  {:<56} {changed_ratio:>9.2}",
-            "ratio first byte (shape changed) / bare KVM"
-        );
+        ratio_row("ratio accepting / spawn /bin/true", accept_ratio);
+        ratio_row("ratio first byte (after idle) / bare KVM", idle_ratio);
+        ratio_row("ratio first byte (shape changed) / bare KVM", changed_ratio);
         println!(
             "  (shape changed: {MEM_MIB} MiB is PUT right before InstanceStart, after \
              ember sat idle configured for 256 MiB;"
@@ -1134,28 +946,6 @@ impl Results {
     }
 }
 
-/// Median of a non-empty sample (halfway between the middle two for an even count).
-fn median(values: &[Duration]) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2
-    }
-}
-
-fn ratio(ember: &[Duration], baseline: &[Duration]) -> f64 {
-    median(ember).as_secs_f64() / median(baseline).as_secs_f64()
-}
-
-fn min_max(values: &[Duration]) -> (Duration, Duration) {
-    let min = values.iter().min().copied().unwrap_or_default();
-    let max = values.iter().max().copied().unwrap_or_default();
-    (min, max)
-}
-
 fn latency_row(name: &str, l: &Latencies) {
     let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
     let (min, max) = min_max(&l.run_medians);
@@ -1165,16 +955,5 @@ fn latency_row(name: &str, l: &Latencies) {
         us(min),
         us(max),
         us(l.p99())
-    );
-}
-
-fn time_row(name: &str, values: &[Duration]) {
-    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
-    let (min, max) = min_max(values);
-    println!(
-        "  {name:<56} {:>9} {:>9} {:>9}",
-        ms(median(values)),
-        ms(min),
-        ms(max)
     );
 }

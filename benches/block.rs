@@ -41,6 +41,8 @@
 //! pass, default 64). Without `--bench` on the command line (`cargo test --all-targets`
 //! runs this file too) it makes one small run, as a smoke test.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
@@ -58,10 +60,9 @@ use ember::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-type Result<T> = std::result::Result<T, String>;
+use common::{MIB, Result, env_number, median, median_of_sorted, min_max};
 
 const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
 const DEFAULT_RUNS: usize = 50;
 /// Runs discarded first, so caches, the allocator and the io_uring are warm.
 const WARMUP_RUNS: usize = 2;
@@ -96,26 +97,18 @@ const SECTOR: usize = SECTOR_SIZE as usize;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("block bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_code("block", run())
 }
 
 fn run() -> Result<()> {
-    // `cargo bench` passes `--bench`; `cargo test` does not and only wants to know it works.
-    let params = if std::env::args().any(|a| a == "--bench") {
+    let params = if common::invoked_as_bench() {
         Params::from_env()?
     } else {
         println!("smoke test (no --bench): one small run; the figures mean nothing");
         Params::smoke()
     };
     let disk_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&disk_dir)
-        .map_err(|e| format!("cannot create {}: {e}", disk_dir.display()))?;
+    common::create_dir_all(&disk_dir)?;
     let name = format!("ember-block-bench-{}.img", std::process::id());
     let places = [
         ("tmpfs", Path::new("/dev/shm").join(&name), true),
@@ -171,7 +164,7 @@ impl Params {
 
     fn from_env() -> Result<Self> {
         let p = Params {
-            runs: env_number("EMBER_BENCH_RUNS", DEFAULT_RUNS as u64)? as usize,
+            runs: common::runs_from_env(DEFAULT_RUNS)?,
             warmup: WARMUP_RUNS,
             depth: env_number("EMBER_BENCH_DEPTH", DEFAULT_DEPTH as u64)? as usize,
             file_bytes: env_number("EMBER_BENCH_FILE_MIB", DEFAULT_FILE_MIB)? * MIB,
@@ -196,16 +189,6 @@ impl Params {
             ));
         }
         Ok(p)
-    }
-}
-
-fn env_number(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(s) => match s.trim().parse::<u64>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("{name}={s:?} is not a positive whole number")),
-        },
     }
 }
 
@@ -966,6 +949,7 @@ fn report(label: &str, depth: usize, series: &[Series]) -> Vec<String> {
     for s in series {
         let batches = s.batch_times(|t| t.timed);
         let med = median(&batches);
+        let (min, max) = min_max(&batches);
         let secs = med.as_secs_f64();
         let mut cols = [String::new(), String::new(), String::new(), String::new()];
         let mut verdict = String::new();
@@ -1010,8 +994,8 @@ fn report(label: &str, depth: usize, series: &[Series]) -> Vec<String> {
             (depth as u64 * s.workload.len()) as f64 / secs / MIB as f64,
             depth as f64 / secs,
             us(med),
-            us(batches.iter().min().copied().unwrap_or_default()),
-            us(batches.iter().max().copied().unwrap_or_default()),
+            us(min),
+            us(max),
             cols[0],
             cols[1],
             cols[2],
@@ -1070,24 +1054,7 @@ impl Ratios {
 fn median_f64(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_unstable_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    }
-}
-
-/// Median of a non-empty sample (halfway between the middle two for an even count).
-fn median(values: &[Duration]) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2
-    }
+    median_of_sorted(&sorted)
 }
 
 fn us(d: Duration) -> String {

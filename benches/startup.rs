@@ -15,20 +15,20 @@
 //! measurement, as a smoke test. Any failed ember run (non-zero exit, missing or failing
 //! `PROBE DONE`) fails the benchmark: numbers measured on a broken boot mean nothing.
 
-use std::fs::{self, File};
+mod common;
+
+use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::Kvm;
+use common::{
+    MIB, Order, RUN_TIMEOUT, Result, Running, bare_kvm_once, has_line_starting, median, min_max,
+    ratio, ratio_row, spawn_true_once, time_row,
+};
 
-type Result<T> = std::result::Result<T, String>;
-
-const EMBER: &str = env!("CARGO_BIN_EXE_ember");
-const MIB: u64 = 1 << 20;
 /// Guest shape for the start-up measurements; the bare-KVM baseline uses the same.
 const STARTUP_MEM_MIB: u64 = 128;
 /// Guest sizes for the memory measurement: overhead should not depend on them.
@@ -36,48 +36,22 @@ const MEMORY_SIZES_MIB: [u64; 2] = [128, 1024];
 const DEFAULT_RUNS: usize = 20;
 /// Runs discarded first, so page cache, the dynamic loader and KVM's module state are warm.
 const WARMUP_RUNS: usize = 2;
-/// A probe boot takes well under a second; anything near this is a hang, not a slow boot.
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where ember puts guest RAM above 3 GiB (mirrors its x86_64 layout).
 const MMIO_GAP_START: u64 = 0xc000_0000;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("startup bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_code("startup", run())
 }
 
 fn run() -> Result<()> {
-    // `cargo bench` passes `--bench`; `cargo test` does not and only wants to know it works.
-    let (runs, warmup) = if std::env::args().any(|a| a == "--bench") {
-        (runs_from_env()?, WARMUP_RUNS)
+    let (runs, warmup) = if common::invoked_as_bench() {
+        (common::runs_from_env(DEFAULT_RUNS)?, WARMUP_RUNS)
     } else {
         (1, 0)
     };
     let bench = Bench::new(runs, warmup)?;
     let result = bench.run_all();
-    // On failure the configs and ember logs stay, for whoever looks into it.
-    if result.is_ok() {
-        // Best effort: a leftover temp dir is harmless and must not hide the real result.
-        let _ = fs::remove_dir_all(&bench.dir);
-    }
-    result
-}
-
-fn runs_from_env() -> Result<usize> {
-    match std::env::var("EMBER_BENCH_RUNS") {
-        Err(_) => Ok(DEFAULT_RUNS),
-        Ok(s) => match s.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!(
-                "EMBER_BENCH_RUNS={s:?} is not a positive whole number"
-            )),
-        },
-    }
+    common::remove_dir_on_success(&bench.dir, result)
 }
 
 struct Bench {
@@ -90,15 +64,8 @@ struct Bench {
 
 impl Bench {
     fn new(runs: usize, warmup: usize) -> Result<Self> {
-        let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/probe/probe.elf");
-        if !probe.is_file() {
-            return Err(format!(
-                "{} is missing: `cargo build --release` builds it",
-                probe.display()
-            ));
-        }
-        let dir = std::env::temp_dir().join(format!("ember-bench-{}", std::process::id()));
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let probe = common::probe_elf()?;
+        let dir = common::create_temp_dir("ember-bench")?;
         Ok(Bench {
             dir,
             probe,
@@ -185,108 +152,6 @@ impl Bench {
 }
 
 // ---------------------------------------------------------------------------------------
-// Baselines
-
-/// Which comes first when building the bare VM. On some hosts the order matters a lot:
-/// registering a memory slot once the in-kernel irqchip exists can wait for a kernel
-/// grace period, so the benchmark times both orders and says which one the baseline uses.
-#[derive(Clone, Copy, PartialEq)]
-enum Order {
-    MemorySlotFirst,
-    IrqchipFirst,
-}
-
-/// Creates what every KVM VMM must before its guest runs: the VM, one memory slot backed
-/// by an anonymous mapping, the in-kernel irqchip and one vCPU. Teardown is not timed.
-fn bare_kvm_once(mem_bytes: u64, order: Order) -> Result<Duration> {
-    let start = Instant::now();
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    let mem = AnonMapping::new(mem_bytes)?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: mem_bytes,
-        userspace_addr: mem.addr as u64,
-    };
-    let irqchip = || {
-        vm.create_irq_chip()
-            .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))
-    };
-    if order == Order::IrqchipFirst {
-        irqchip()?;
-    }
-    // SAFETY: the region is a live mapping of `mem_bytes` that outlives `vm` (dropped below).
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    if order == Order::MemorySlotFirst {
-        irqchip()?;
-    }
-    let vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    let elapsed = start.elapsed();
-    drop(vcpu);
-    drop(vm);
-    drop(mem);
-    Ok(elapsed)
-}
-
-/// Anonymous, lazily reserved memory, like ember's guest RAM.
-struct AnonMapping {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-impl AnonMapping {
-    fn new(len: u64) -> Result<Self> {
-        let len = usize::try_from(len).map_err(|_| format!("{len} bytes do not fit usize"))?;
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap of {len} bytes: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(AnonMapping { addr, len })
-    }
-}
-
-impl Drop for AnonMapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`, which nothing else uses.
-        unsafe { libc::munmap(self.addr, self.len) };
-    }
-}
-
-/// Spawn-to-exit of a process that does nothing: the floor for starting any VMM process.
-fn spawn_true_once() -> Result<Duration> {
-    let start = Instant::now();
-    let status = Command::new("/bin/true")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run /bin/true: {e}"))?;
-    let elapsed = start.elapsed();
-    if !status.success() {
-        return Err(format!("/bin/true failed: {status}"));
-    }
-    Ok(elapsed)
-}
-
-// ---------------------------------------------------------------------------------------
 // ember runs
 
 struct StartupSample {
@@ -300,10 +165,7 @@ fn ember_startup_once(config: &Path, log: &Path) -> Result<StartupSample> {
     let mut cmd = ember_command(config, log, Stdio::null())?;
     let deadline = Instant::now() + RUN_TIMEOUT;
     let start = Instant::now();
-    let mut child = Running(
-        cmd.spawn()
-            .map_err(|e| format!("cannot spawn {EMBER}: {e}"))?,
-    );
+    let mut child = Running::spawn(&mut cmd)?;
     let mut stdout = child.0.stdout.take().expect("stdout was set to a pipe");
     let mut out = Vec::new();
     let mut byte = [0u8; 1];
@@ -350,14 +212,11 @@ impl MemorySample {
 fn ember_memory_once(config: &Path, log: &Path, mem_bytes: u64) -> Result<MemorySample> {
     let mut cmd = ember_command(config, log, Stdio::piped())?;
     let deadline = Instant::now() + RUN_TIMEOUT;
-    let mut child = Running(
-        cmd.spawn()
-            .map_err(|e| format!("cannot spawn {EMBER}: {e}"))?,
-    );
+    let mut child = Running::spawn(&mut cmd)?;
     let mut stdin = child.0.stdin.take().expect("stdin was set to a pipe");
     let mut stdout = child.0.stdout.take().expect("stdout was set to a pipe");
     let mut out = Vec::new();
-    while !contains_line_starting(&out, "PROBE DONE") {
+    while !has_line_starting(&out, "PROBE DONE") {
         let mut buf = [0u8; 256];
         let n = read_before(&mut stdout, &mut buf, deadline)?;
         if n == 0 {
@@ -385,38 +244,9 @@ fn ember_memory_once(config: &Path, log: &Path, mem_bytes: u64) -> Result<Memory
 }
 
 fn ember_command(config: &Path, log: &Path, stdin: Stdio) -> Result<Command> {
-    // Log lines go to a file rather than a pipe: nothing has to drain it, and it is at hand
-    // to explain a failed run.
-    let log_file =
-        File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let mut cmd = Command::new(EMBER);
-    cmd.arg("--no-api")
-        .arg("--config-file")
-        .arg(config)
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(log_file);
+    let mut cmd = common::ember_command(log, stdin)?;
+    cmd.arg("--no-api").arg("--config-file").arg(config);
     Ok(cmd)
-}
-
-/// A child that is killed and reaped if a run is abandoned, so an error never leaves a
-/// guest waiting on its serial port behind.
-struct Running(Child);
-
-impl Running {
-    fn wait(&mut self) -> Result<ExitStatus> {
-        self.0
-            .wait()
-            .map_err(|e| format!("cannot wait for ember: {e}"))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // Both are no-ops once the child has been waited for.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `read` that gives up at `deadline` instead of hanging the bench on a stuck guest; the
@@ -426,19 +256,7 @@ fn read_before(
     buf: &mut [u8],
     deadline: Instant,
 ) -> Result<usize> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let mut pfd = libc::pollfd {
-        fd: src.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let timeout_ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: polls one descriptor we own, described by a valid pollfd.
-    let ready = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    if ready < 0 {
-        return Err(format!("poll: {}", std::io::Error::last_os_error()));
-    }
-    if ready == 0 {
+    if common::poll_until([Some(src.as_raw_fd())], deadline)?.is_none() {
         return Err(format!(
             "ember did not finish within {} s; killed it",
             RUN_TIMEOUT.as_secs()
@@ -463,35 +281,14 @@ fn read_to_end_before(
     }
 }
 
-fn contains_line_starting(out: &[u8], prefix: &str) -> bool {
-    out.split(|&b| b == b'\n')
-        .any(|line| line.starts_with(prefix.as_bytes()))
-}
-
 /// A boot counts only if ember exited 0 and the probe finished with every check passing.
 fn check_boot(status: ExitStatus, out: &str, log: &Path) -> Result<()> {
-    let done = out.lines().find(|l| l.starts_with("PROBE DONE"));
-    let problem = if !status.success() {
-        Some(format!("ember exited with {status}"))
+    let verdict = if status.success() {
+        common::check_probe_done(out)
     } else {
-        match done {
-            None => Some("no `PROBE DONE` line".to_string()),
-            Some(line) if !line.ends_with(" fail=0") => {
-                Some(format!("probe checks failed: {line}"))
-            }
-            Some(_) => None,
-        }
+        Err(format!("ember exited with {status}"))
     };
-    match problem {
-        None => Ok(()),
-        Some(p) => {
-            let log_text = fs::read_to_string(log).unwrap_or_default();
-            Err(format!(
-                "{p}\n--- guest serial output ---\n{out}\n--- ember log ({}) ---\n{log_text}",
-                log.display()
-            ))
-        }
-    }
+    verdict.map_err(|p| common::explain(&p, out, log))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -648,7 +445,7 @@ struct StartupResults {
 
 impl StartupResults {
     fn ratio_bare_kvm(&self) -> f64 {
-        median(&self.first_byte).as_secs_f64() / median(&self.bare_kvm).as_secs_f64()
+        ratio(&self.first_byte, &self.bare_kvm)
     }
 
     fn ratio_floor(&self) -> f64 {
@@ -668,54 +465,8 @@ impl MemoryResults {
     }
 
     fn range_of(&self, f: impl Fn(&MemorySample) -> u64) -> (u64, u64) {
-        let values: Vec<u64> = self.samples.iter().map(f).collect();
-        let min = values.iter().copied().min().unwrap_or(0);
-        let max = values.iter().copied().max().unwrap_or(0);
-        (min, max)
+        min_max(&self.samples.iter().map(f).collect::<Vec<_>>())
     }
-}
-
-/// Median of a non-empty sample (halfway between the middle two for an even count).
-fn median<T: Copy + Ord + Halfway>(values: &[T]) -> T {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        T::halfway(sorted[mid - 1], sorted[mid])
-    }
-}
-
-trait Halfway {
-    fn halfway(a: Self, b: Self) -> Self;
-}
-
-impl Halfway for Duration {
-    fn halfway(a: Self, b: Self) -> Self {
-        (a + b) / 2
-    }
-}
-
-impl Halfway for u64 {
-    fn halfway(a: Self, b: Self) -> Self {
-        a.midpoint(b)
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
-}
-
-fn print_time_row(name: &str, values: &[Duration]) {
-    let min = values.iter().min().copied().unwrap_or_default();
-    let max = values.iter().max().copied().unwrap_or_default();
-    println!(
-        "  {name:<56} {:>9} {:>9} {:>9}",
-        ms(median(values)),
-        ms(min),
-        ms(max)
-    );
 }
 
 fn print_startup(r: &StartupResults, runs: usize, warmup: usize) {
@@ -723,30 +474,22 @@ fn print_startup(r: &StartupResults, runs: usize, warmup: usize) {
         "ember start-up: 1 vCPU, {STARTUP_MEM_MIB} MiB, probe guest; \
          {runs} runs after {warmup} warm-up"
     );
-    println!(
-        "  {:<56} {:>9} {:>9} {:>9}",
-        "measurement (ms)", "median", "min", "max"
-    );
-    print_time_row("ember spawn -> first guest serial byte", &r.first_byte);
-    print_time_row("ember spawn -> exit (probe done, VM reset)", &r.exit);
-    print_time_row(
+    common::time_header();
+    time_row("ember spawn -> first guest serial byte", &r.first_byte);
+    time_row("ember spawn -> exit (probe done, VM reset)", &r.exit);
+    time_row(
         &format!("baseline: bare KVM VM+{STARTUP_MEM_MIB}MiB slot+irqchip+vCPU"),
         &r.bare_kvm,
     );
-    print_time_row("baseline: spawn /bin/true -> exit", &r.spawn_true);
-    print_time_row(
+    time_row("baseline: spawn /bin/true -> exit", &r.spawn_true);
+    time_row(
         "diagnostic: bare KVM as above, irqchip before the slot",
         &r.bare_kvm_irqchip_first,
     );
-    println!(
-        "  {:<56} {:>9.2}",
-        "ratio first-byte / bare KVM",
-        r.ratio_bare_kvm()
-    );
-    println!(
-        "  {:<56} {:>9.2}",
+    ratio_row("ratio first-byte / bare KVM", r.ratio_bare_kvm());
+    ratio_row(
         "ratio first-byte / (spawn /bin/true + bare KVM)",
-        r.ratio_floor()
+        r.ratio_floor(),
     );
     println!();
 }
