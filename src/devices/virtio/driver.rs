@@ -82,6 +82,13 @@ impl QueueDriver {
         let _ = mem.write_obj(next, at.unchecked_add(14));
     }
 
+    /// Sets `used_event` (EVENT_IDX): the driver wants an interrupt once the used index
+    /// passes this value.
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, value: u16) {
+        let at = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
+        let _ = mem.write_obj(value, at);
+    }
+
     /// Makes `head` available to the device.
     pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
         let slot = self.avail_idx % self.size;
