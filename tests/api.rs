@@ -911,3 +911,49 @@ fn patch_drive_after_boot_swaps_the_backing_file() {
     let (_, _, err) = vm.terminate();
     assert!(err.contains("drive \"data\": now backed by"), "{err}");
 }
+
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_keyboard() {
+    let mut vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let r = c.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("probe.wait=kbd", 2, 256)),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let lines = vm.wait_for_line("PROBE DONE");
+    assert!(
+        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        "{lines:#?}"
+    );
+    // The probe now polls the i8042; the scancodes come only from this call.
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    drop(c);
+    let lines = vm.wait_for_line("PROBE KBD");
+    assert_eq!(
+        lines.last().unwrap(),
+        "PROBE KBD 1d 38 53 9d b8 d3",
+        "{lines:#?}"
+    );
+    // Having read them, the probe resets the VM: a clean exit.
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -2,6 +2,8 @@
 
 use core::arch::asm;
 
+pub const PORT_I8042_DATA: u16 = 0x60;
+/// Commands when written, the status register when read.
 pub const PORT_I8042_COMMAND: u16 = 0x64;
 
 #[inline(always)]

@@ -98,9 +98,12 @@ impl<const N: usize> Line<N> {
 
     /// `0x` and exactly two hex digits.
     pub fn hex_byte(&mut self, value: u8) -> &mut Self {
-        self.str(b"0x")
-            .byte(hex_digit(value >> 4))
-            .byte(hex_digit(value))
+        self.str(b"0x").hex2(value)
+    }
+
+    /// Exactly two hex digits, no prefix: for lists of bytes.
+    pub fn hex2(&mut self, value: u8) -> &mut Self {
+        self.byte(hex_digit(value >> 4)).byte(hex_digit(value))
     }
 
     /// A range as `start-end` (end exclusive).

@@ -1,6 +1,7 @@
 //! ember's probe guest: booted like a Linux `vmlinux`, it checks from inside the VM what
 //! ember promises a guest (boot state, zero page, command line, memory map, CPUID, MP table,
-//! virtio-blk devices) and prints one `PROBE ...` line per check on the serial port. With
+//! virtio-blk devices) and prints one `PROBE ...` line per check on the serial port; on
+//! request it then waits for input the host sends (a serial byte, Ctrl+Alt+Del). With
 //! the `pvh` feature it also has a PVH entry (src/pvh.rs), and a VMM that honours the note
 //! enters it there.
 //!
@@ -19,6 +20,7 @@ mod cpu;
 mod cpuid;
 mod e820;
 mod initrd;
+mod kbd;
 mod line;
 mod longmode;
 mod mem;
@@ -164,11 +166,15 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
         serial::write(b"PROBE FAULT triple\n");
         reset::triple_fault();
     }
-    if boot.cmdline.get(b"probe.wait") == Some(b"serial") {
-        let byte = serial::read_byte();
-        let mut line = line::Line::<24>::new();
-        line.str(b"PROBE GOT ").hex_byte(byte).str(b"\n");
-        serial::write(line.as_bytes());
+    match boot.cmdline.get(b"probe.wait") {
+        Some(b"serial") => {
+            let byte = serial::read_byte();
+            let mut line = line::Line::<24>::new();
+            line.str(b"PROBE GOT ").hex_byte(byte).str(b"\n");
+            serial::write(line.as_bytes());
+        }
+        Some(b"kbd") => kbd::wait_and_report(),
+        _ => {}
     }
     reset::reset()
 }
