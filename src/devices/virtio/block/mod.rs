@@ -817,23 +817,31 @@ mod tests {
     }
 
     impl Rig {
-        /// Submits header + data descriptors + status; returns (used len, status byte).
-        fn submit(&mut self, kind: u32, sector: u64, data: &[Desc]) -> (u32, u8) {
+        /// Puts a request (header, data descriptors, status) in the ring without running
+        /// the device; returns its head index.
+        fn queue_request(&mut self, kind: u32, sector: u64, data: &[Desc]) -> u16 {
             self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
             self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
             self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-            let mut chain = vec![Desc {
+            let header = Desc {
                 addr: HDR,
                 len: 16,
                 write: false,
-            }];
-            chain.extend_from_slice(data);
-            chain.push(Desc {
+            };
+            let status = Desc {
                 addr: STATUS,
                 len: 1,
                 write: true,
-            });
-            let head = self.driver.add_chain(&self.mem, &chain);
+            };
+            let mut chain = vec![header];
+            chain.extend_from_slice(data);
+            chain.push(status);
+            self.driver.add_chain(&self.mem, &chain)
+        }
+
+        /// Submits header + data descriptors + status; returns (used len, status byte).
+        fn submit(&mut self, kind: u32, sector: u64, data: &[Desc]) -> (u32, u8) {
+            let head = self.queue_request(kind, sector, data);
             self.block.process_queue();
             self.wait_async();
             let used = self.driver.take_used(&self.mem);
@@ -904,24 +912,7 @@ mod tests {
             VIRTIO_BLK_S_IOERR
         );
         // A request in flight when the driver resets still completes into its ring.
-        r.mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
-        r.mem.write_obj(0u64, GuestAddress(HDR + 8)).unwrap();
-        r.driver.add_chain(
-            &r.mem,
-            &[
-                Desc {
-                    addr: HDR,
-                    len: 16,
-                    write: false,
-                },
-                data(512, true),
-                Desc {
-                    addr: STATUS,
-                    len: 1,
-                    write: true,
-                },
-            ],
-        );
+        r.queue_request(VIRTIO_BLK_T_IN, 0, &[data(512, true)]);
         r.block.process_queue();
         r.block.reset();
         assert_eq!(r.block.engine.as_ref().map(AsyncEngine::in_flight), Some(0));
@@ -1188,21 +1179,7 @@ mod tests {
             VIRTIO_BLK_S_OK
         );
         // The next request waits in the ring: nothing returned, the limiter's timer armed.
-        r.mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
-        let chain = [
-            Desc {
-                addr: HDR,
-                len: 16,
-                write: false,
-            },
-            data(512, true),
-            Desc {
-                addr: STATUS,
-                len: 1,
-                write: true,
-            },
-        ];
-        r.driver.add_chain(&r.mem, &chain);
+        r.queue_request(VIRTIO_BLK_T_IN, 0, &[data(512, true)]);
         r.block.process_queue();
         assert!(
             r.driver.take_used(&r.mem).is_empty(),
