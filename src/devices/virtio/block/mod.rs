@@ -526,45 +526,25 @@ enum Direction {
 
 /// One `preadv`/`pwritev` between the file and every data buffer of the request, repeated
 /// for short transfers.
-/// `pread`/`pwrite` for the common one-buffer request, a little cheaper than the vectored
-/// calls.
-fn transfer_one(
-    file: &File,
-    buf: libc::iovec,
-    mut offset: u64,
-    dir: Direction,
-) -> std::io::Result<()> {
-    let (mut ptr, mut left) = (buf.iov_base.cast::<u8>(), buf.iov_len);
-    while left > 0 {
-        // SAFETY: the buffer lies in guest memory checked to hold `iov_len` bytes, and the
-        // mapping outlives the call.
-        let n = unsafe {
-            match dir {
-                Direction::Read => {
-                    libc::pread(file.as_raw_fd(), ptr.cast(), left, offset as libc::off_t)
-                }
-                Direction::Write => {
-                    libc::pwrite(file.as_raw_fd(), ptr.cast(), left, offset as libc::off_t)
-                }
-            }
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+/// One positional read or write into (or from) `iovecs` at `offset`; returns what the
+/// system call returned. A single buffer, the common case, uses `pread`/`pwrite`, which
+/// measured a little cheaper than the vectored calls.
+///
+/// # Safety
+/// Every iovec must describe memory that is valid for the whole call.
+unsafe fn positional_io(file: &File, iovecs: &[libc::iovec], offset: u64, dir: Direction) -> isize {
+    let fd = file.as_raw_fd();
+    let off = offset as libc::off_t;
+    let count = iovecs.len().min(libc::UIO_MAXIOV as usize) as i32;
+    // SAFETY: upheld by the caller.
+    unsafe {
+        match (dir, iovecs) {
+            (Direction::Read, [one]) => libc::pread(fd, one.iov_base, one.iov_len, off),
+            (Direction::Write, [one]) => libc::pwrite(fd, one.iov_base, one.iov_len, off),
+            (Direction::Read, _) => libc::preadv(fd, iovecs.as_ptr(), count, off),
+            (Direction::Write, _) => libc::pwritev(fd, iovecs.as_ptr(), count, off),
         }
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-        }
-        let n = n as usize;
-        // SAFETY: advancing within the same buffer.
-        ptr = unsafe { ptr.add(n) };
-        left -= n;
-        offset += n as u64;
     }
-    Ok(())
 }
 
 /// Host addresses of a request's data buffers, checked to lie in guest memory.
@@ -589,30 +569,12 @@ fn transfer(
     dir: Direction,
 ) -> std::io::Result<()> {
     let mut iovecs = guest_iovecs(mem, req)?;
-    if let [single] = iovecs.as_slice() {
-        return transfer_one(file, *single, req.sector * SECTOR_SIZE, dir);
-    }
     let mut offset = req.sector * SECTOR_SIZE;
     let mut remaining: &mut [libc::iovec] = &mut iovecs;
     while !remaining.is_empty() {
         // SAFETY: every iovec points into guest memory checked above to hold its length,
         // and the mapping outlives the call.
-        let n = unsafe {
-            match dir {
-                Direction::Read => libc::preadv(
-                    file.as_raw_fd(),
-                    remaining.as_ptr(),
-                    remaining.len().min(libc::UIO_MAXIOV as usize) as i32,
-                    offset as libc::off_t,
-                ),
-                Direction::Write => libc::pwritev(
-                    file.as_raw_fd(),
-                    remaining.as_ptr(),
-                    remaining.len().min(libc::UIO_MAXIOV as usize) as i32,
-                    offset as libc::off_t,
-                ),
-            }
-        };
+        let n = unsafe { positional_io(file, remaining, offset, dir) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
