@@ -250,3 +250,13 @@ impl ApiVm {
         self.finish()
     }
 }
+
+impl Drop for ApiVm {
+    /// A test that fails half-way must not leave an ember running behind it.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
