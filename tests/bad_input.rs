@@ -11,12 +11,20 @@ const BAD_ARGUMENTS: i32 = 2;
 const BAD_CONFIGURATION: i32 = 3;
 const HOST_UNSUITABLE: i32 = 4;
 
-fn config_with(machine: serde_json::Value) -> String {
+fn config_value(machine: serde_json::Value) -> serde_json::Value {
     serde_json::json!({
         "boot-source": {"kernel_image_path": probe_elf(), "boot_args": probe_args(1, 128, "")},
         "machine-config": machine,
     })
-    .to_string()
+}
+
+fn config_with(machine: serde_json::Value) -> String {
+    config_value(machine).to_string()
+}
+
+/// A valid one-vCPU, 128 MiB probe config to spoil in one place.
+fn valid_config() -> serde_json::Value {
+    config_value(serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}))
 }
 
 #[test]
@@ -62,10 +70,7 @@ fn truncated_elf_kernel() {
 
 #[test]
 fn missing_initrd() {
-    let mut config: serde_json::Value = serde_json::from_str(&config_with(
-        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
-    ))
-    .unwrap();
+    let mut config = valid_config();
     config["boot-source"]["initrd_path"] = "/nonexistent/initrd".into();
     let r = boot_config(&config.to_string());
     assert_fails(
@@ -83,10 +88,7 @@ fn initrd_too_large_for_memory() {
         .unwrap()
         .set_len(200 << 20)
         .unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&config_with(
-        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
-    ))
-    .unwrap();
+    let mut config = valid_config();
     config["boot-source"]["initrd_path"] = initrd.to_str().unwrap().into();
     let r = boot_config(&config.to_string());
     assert_fails(&r, BAD_CONFIGURATION, "does not fit in guest memory");
@@ -118,10 +120,7 @@ fn unknown_fields() {
         serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128, "cpus": 2}),
     ));
     assert_fails(&r, BAD_CONFIGURATION, "unknown field `cpus`");
-    let mut config: serde_json::Value = serde_json::from_str(&config_with(
-        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
-    ))
-    .unwrap();
+    let mut config = valid_config();
     config["boot_source"] = serde_json::json!({});
     let r = boot_config(&config.to_string());
     assert_fails(&r, BAD_CONFIGURATION, "unknown field `boot_source`");
@@ -185,10 +184,7 @@ fn command_line_too_long() {
 
 #[test]
 fn unsupported_resource_key() {
-    let mut config: serde_json::Value = serde_json::from_str(&config_with(
-        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128}),
-    ))
-    .unwrap();
+    let mut config = valid_config();
     config["balloon"] = serde_json::json!({"amount_mib": 1, "deflate_on_oom": false});
     let r = boot_config(&config.to_string());
     assert_fails(

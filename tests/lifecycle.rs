@@ -146,22 +146,19 @@ fn closed_stdin_does_not_stop_the_guest() {
 fn boot_timer_and_log_file() {
     let dir = Scratch::new("log");
     let log = dir.path("ember.log");
-    let config = dir.write(
-        "vm.json",
-        config_json(&probe_elf(), 1, 128, &probe_args(1, 128, "")),
+    let config = config_json(&probe_elf(), 1, 128, &probe_args(1, 128, ""));
+    let r = boot_config_with_flags(
+        &config,
+        &[
+            "--boot-timer",
+            "--id",
+            "vm-42",
+            "--log-path",
+            log.to_str().unwrap(),
+            "--show-level",
+            "--show-log-origin",
+        ],
     );
-    let r = run_ember(&[
-        "--no-api",
-        "--config-file",
-        config.to_str().unwrap(),
-        "--boot-timer",
-        "--id",
-        "vm-42",
-        "--log-path",
-        log.to_str().unwrap(),
-        "--show-level",
-        "--show-log-origin",
-    ]);
     r.assert_probe_passed(7);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("Guest-boot-time = "), "{text}");
@@ -176,18 +173,8 @@ fn boot_timer_and_log_file() {
 
 #[test]
 fn log_level_filters() {
-    let dir = Scratch::new("level");
-    let config = dir.write(
-        "vm.json",
-        config_json(&probe_elf(), 1, 128, &probe_args(1, 128, "")),
-    );
-    let r = run_ember(&[
-        "--no-api",
-        "--config-file",
-        config.to_str().unwrap(),
-        "--level",
-        "Warning",
-    ]);
+    let config = config_json(&probe_elf(), 1, 128, &probe_args(1, 128, ""));
+    let r = boot_config_with_flags(&config, &["--level", "Warning"]);
     r.assert_probe_passed(7);
     assert!(!r.stderr.contains("microVM running"), "{}", r.stderr);
 }
@@ -196,17 +183,8 @@ fn log_level_filters() {
 fn errors_reach_stderr_when_logging_to_a_file() {
     let dir = Scratch::new("logerr");
     let log = dir.path("ember.log");
-    let config = dir.write(
-        "vm.json",
-        config_json("/nonexistent/k".as_ref(), 1, 128, "x=1"),
-    );
-    let r = run_ember(&[
-        "--no-api",
-        "--config-file",
-        config.to_str().unwrap(),
-        "--log-path",
-        log.to_str().unwrap(),
-    ]);
+    let config = config_json("/nonexistent/k".as_ref(), 1, 128, "x=1");
+    let r = boot_config_with_flags(&config, &["--log-path", log.to_str().unwrap()]);
     assert_eq!(r.code(), Some(3));
     assert!(
         r.stderr
@@ -233,28 +211,24 @@ fn version_flag() {
 
 #[test]
 fn not_yet_effective_flags_are_accepted_and_logged() {
-    let dir = Scratch::new("flags");
-    let config = dir.write(
-        "vm.json",
-        config_json(&probe_elf(), 1, 128, &probe_args(1, 128, "")),
+    let config = config_json(&probe_elf(), 1, 128, &probe_args(1, 128, ""));
+    let r = boot_config_with_flags(
+        &config,
+        &[
+            "--enable-pci",
+            "--no-seccomp",
+            "--mmds-size-limit",
+            "1024",
+            "--start-time-us",
+            "1",
+            "--start-time-cpu-us",
+            "1",
+            "--parent-cpu-time-us",
+            "1",
+            "--http-api-max-payload-size",
+            "4096",
+        ],
     );
-    let r = run_ember(&[
-        "--no-api",
-        "--config-file",
-        config.to_str().unwrap(),
-        "--enable-pci",
-        "--no-seccomp",
-        "--mmds-size-limit",
-        "1024",
-        "--start-time-us",
-        "1",
-        "--start-time-cpu-us",
-        "1",
-        "--parent-cpu-time-us",
-        "1",
-        "--http-api-max-payload-size",
-        "4096",
-    ]);
     r.assert_probe_passed(7);
     for flag in ["--enable-pci", "--no-seccomp", "--mmds-size-limit"] {
         assert!(

@@ -94,15 +94,23 @@ fn path_id(id: &str) -> Result<&str, RouteError> {
     }
 }
 
-fn same_id(path: &str, body: &str) -> Result<(), RouteError> {
-    if path == body {
-        Ok(())
-    } else {
-        Err(RouteError::IdMismatch {
+/// The body of a request on `/<resource>/{id}`: the path id must be valid and equal the
+/// id the body carries (read by `id_of`).
+fn body_for_id<T: DeserializeOwned>(
+    endpoint: &str,
+    path: &str,
+    bytes: &[u8],
+    id_of: impl Fn(&T) -> &String,
+) -> Result<T, RouteError> {
+    let path = path_id(path)?;
+    let value: T = body(endpoint, bytes)?;
+    if id_of(&value) != path {
+        return Err(RouteError::IdMismatch {
             path: path.into(),
-            body: body.into(),
-        })
+            body: id_of(&value).clone(),
+        });
     }
+    Ok(value)
 }
 
 /// Routes one request.
@@ -132,28 +140,24 @@ pub fn route(method: &str, target: &str, bytes: &[u8]) -> Result<VmmAction, Rout
             PatchMachineConfig(body::<MachineConfigUpdate>(&endpoint, bytes)?)
         }
         ("PUT", ["drives", id]) => {
-            let id = path_id(id)?;
-            let d: DriveConfig = body(&endpoint, bytes)?;
-            same_id(id, &d.drive_id)?;
-            PutDrive(d)
+            PutDrive(body_for_id(&endpoint, id, bytes, |d: &DriveConfig| {
+                &d.drive_id
+            })?)
         }
         ("PATCH", ["drives", id]) => {
-            let id = path_id(id)?;
-            let d: DriveUpdate = body(&endpoint, bytes)?;
-            same_id(id, &d.drive_id)?;
-            PatchDrive(d)
+            PatchDrive(body_for_id(&endpoint, id, bytes, |d: &DriveUpdate| {
+                &d.drive_id
+            })?)
         }
         ("PUT", ["network-interfaces", id]) => {
-            let id = path_id(id)?;
-            let n: NetConfig = body(&endpoint, bytes)?;
-            same_id(id, &n.iface_id)?;
-            PutNetworkInterface(n)
+            PutNetworkInterface(body_for_id(&endpoint, id, bytes, |n: &NetConfig| {
+                &n.iface_id
+            })?)
         }
         ("PATCH", ["network-interfaces", id]) => {
-            let id = path_id(id)?;
-            let n: NetUpdate = body(&endpoint, bytes)?;
-            same_id(id, &n.iface_id)?;
-            PatchNetworkInterface(n)
+            PatchNetworkInterface(body_for_id(&endpoint, id, bytes, |n: &NetUpdate| {
+                &n.iface_id
+            })?)
         }
         ("PUT", ["actions"]) => {
             let a: ActionBody = body(&endpoint, bytes)?;

@@ -99,16 +99,20 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), DriveError> {
     Ok(())
 }
 
+/// A drive with defaults for everything but id and root, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_drive(id: &str, root: bool) -> DriveConfig {
+    serde_json::from_value(serde_json::json!({
+        "drive_id": id, "is_root_device": root, "path_on_host": "/tmp/x"
+    }))
+    .expect("a valid drive body")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn drive(id: &str, root: bool) -> DriveConfig {
-        serde_json::from_value(serde_json::json!({
-            "drive_id": id, "is_root_device": root, "path_on_host": "/tmp/x"
-        }))
-        .unwrap()
-    }
+    use super::test_drive as drive;
 
     #[test]
     fn ids_and_roots() {

@@ -114,13 +114,7 @@ impl VmResources {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn drive(id: &str, root: bool) -> DriveConfig {
-        serde_json::from_value(serde_json::json!({
-            "drive_id": id, "is_root_device": root, "path_on_host": "/tmp/x"
-        }))
-        .unwrap()
-    }
+    use crate::config::drive::test_drive as drive;
 
     #[test]
     fn refused_changes_leave_resources_unchanged() {

@@ -128,6 +128,17 @@ impl ApiClient {
         self.send_raw(&request_bytes(method, path, body));
         self.read()
     }
+
+    /// Sends a request that must be refused with 400 and a fault message containing `want`.
+    pub fn expect_fault(&mut self, method: &str, path: &str, body: &str, want: &str) {
+        let r = self.call(method, path, Some(body));
+        assert_eq!(r.status, 400, "{method} {path} {body}: {r:?}");
+        assert!(
+            r.fault().contains(want),
+            "{method} {path} {body}: {}",
+            r.fault()
+        );
+    }
 }
 
 /// An ember process serving the API on a socket in its own scratch directory.

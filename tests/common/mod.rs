@@ -204,13 +204,20 @@ pub fn run_ember(args: &[&str]) -> RunResult {
 
 /// Boots a config text with `--no-api` and waits for ember to exit.
 pub fn boot_config(config: &str) -> RunResult {
+    boot_config_with_flags(config, &[])
+}
+
+/// Boots a config text with `--no-api` and more flags, and waits for ember to exit.
+pub fn boot_config_with_flags(config: &str, flags: &[&str]) -> RunResult {
     let dir = Scratch::new("boot");
     let path = dir.write("vm.json", config);
-    run_ember(&[
+    let mut args = vec![
         "--no-api",
         "--config-file",
         path.to_str().expect("utf-8 path"),
-    ])
+    ];
+    args.extend_from_slice(flags);
+    run_ember(&args)
 }
 
 /// Boots the probe ELF on a machine of this shape and returns the result.
