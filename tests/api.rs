@@ -20,7 +20,7 @@ fn boot_source(extra: &str, vcpus: u8, mem: usize) -> String {
 
 /// Configures and starts the probe through the API; returns once the guest printed DONE.
 fn boot_waiting_probe(vm: &mut ApiVm) {
-    boot_waiting_probe_with(vm, "", 7);
+    boot_waiting_probe_with(vm, "", PROBE_CHECKS);
 }
 
 /// As [`boot_waiting_probe`], with more probe arguments and the checks they add.
@@ -104,7 +104,10 @@ fn firecracker_client_flow_boots_the_probe() {
     // The drive is the guest's /dev/vda: the probe's block checks pass too.
     let lines = vm.wait_for_line("PROBE DONE");
     assert!(
-        lines.contains(&"PROBE DONE pass=14 fail=0".to_owned()),
+        lines.contains(&format!(
+            "PROBE DONE pass={} fail=0",
+            PROBE_CHECKS + 1 + PROBE_CHECKS_PER_BLOCK_DEVICE
+        )),
         "{lines:#?}"
     );
     // The probe resets the VM; ember exits 0 and removes its socket.
@@ -715,7 +718,7 @@ fn curl_sequence_from_the_readme() {
     assert_eq!(code, "204");
     let lines = vm.wait_for_line("PROBE DONE");
     assert!(
-        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        lines.contains(&format!("PROBE DONE pass={PROBE_CHECKS} fail=0")),
         "{lines:#?}"
     );
     let (code, _, err) = vm.finish();
@@ -829,7 +832,7 @@ fn vm_prepared_ahead_of_instance_start() {
     );
     let lines = vm.wait_for_line("PROBE DONE");
     assert!(
-        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        lines.contains(&format!("PROBE DONE pass={PROBE_CHECKS} fail=0")),
         "{lines:#?}"
     );
     let (code, _, err) = vm.finish();
@@ -854,7 +857,11 @@ fn patch_drive_after_boot_swaps_the_backing_file() {
         204
     );
     drop(c);
-    boot_waiting_probe_with(&mut vm, "probe.blk=1", 14);
+    boot_waiting_probe_with(
+        &mut vm,
+        "probe.blk=1",
+        PROBE_CHECKS + 1 + PROBE_CHECKS_PER_BLOCK_DEVICE,
+    );
     let mut c = vm.client();
     let patch = serde_json::json!({"drive_id": "data", "path_on_host": second});
     let r = c.call("PATCH", "/drives/data", Some(&patch.to_string()));
@@ -927,7 +934,7 @@ fn send_ctrl_alt_del_reaches_the_guest_keyboard() {
     assert_eq!(r.status, 204, "{r:?}");
     let lines = vm.wait_for_line("PROBE DONE");
     assert!(
-        lines.contains(&"PROBE DONE pass=7 fail=0".to_owned()),
+        lines.contains(&format!("PROBE DONE pass={PROBE_CHECKS} fail=0")),
         "{lines:#?}"
     );
     // The probe now polls the i8042; the scancodes come only from this call.

@@ -11,10 +11,10 @@ use std::process::Stdio;
 use common::*;
 
 /// Checks the probe always runs (longmode, zeropage, cmdline, e820, memory, cpuid, mptable).
-const BASE_CHECKS: usize = 7;
+const BASE_CHECKS: usize = PROBE_CHECKS;
 /// The `virtio` check plus six `blk<n>.*` checks per device.
 fn expected_checks(devices: usize) -> usize {
-    BASE_CHECKS + 1 + 6 * devices
+    BASE_CHECKS + 1 + PROBE_CHECKS_PER_BLOCK_DEVICE * devices
 }
 
 /// The pattern the probe writes to sector `s` (1..=8) of device `n`.

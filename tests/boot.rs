@@ -7,7 +7,7 @@ use common::*;
 
 /// Checks the probe runs in this build: longmode, zeropage, cmdline, e820, memory,
 /// cpuid, mptable.
-const CHECKS: usize = 7;
+const CHECKS: usize = PROBE_CHECKS;
 
 fn assert_cmdline_reached(r: &RunResult, args: &str) {
     let line = r.line_starting("PROBE cmdline ok").expect("cmdline line");

@@ -96,7 +96,9 @@ fn stdin_reaches_the_guest_console() {
     let dir = Scratch::new("stdin");
     let mut vm = start_waiting_probe(&dir, &[]);
     assert!(
-        vm.lines.iter().any(|l| l == "PROBE DONE pass=7 fail=0"),
+        vm.lines
+            .iter()
+            .any(|l| *l == format!("PROBE DONE pass={PROBE_CHECKS} fail=0")),
         "{:#?}",
         vm.lines
     );
@@ -159,7 +161,7 @@ fn boot_timer_and_log_file() {
             "--show-log-origin",
         ],
     );
-    r.assert_probe_passed(7);
+    r.assert_probe_passed(PROBE_CHECKS);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("Guest-boot-time = "), "{text}");
     // Lines carry the id, thread, level and origin.
@@ -175,7 +177,7 @@ fn boot_timer_and_log_file() {
 fn log_level_filters() {
     let config = config_json(&probe_elf(), 1, 128, &probe_args(1, 128, ""));
     let r = boot_config_with_flags(&config, &["--level", "Warning"]);
-    r.assert_probe_passed(7);
+    r.assert_probe_passed(PROBE_CHECKS);
     assert!(!r.stderr.contains("microVM running"), "{}", r.stderr);
 }
 
@@ -229,7 +231,7 @@ fn not_yet_effective_flags_are_accepted_and_logged() {
             "4096",
         ],
     );
-    r.assert_probe_passed(7);
+    r.assert_probe_passed(PROBE_CHECKS);
     for flag in ["--enable-pci", "--no-seccomp", "--mmds-size-limit"] {
         assert!(
             r.stderr
@@ -278,7 +280,7 @@ fn huge_pages_2m() {
     }
     let r = boot_config(&config);
     set_nr_hugepages(before);
-    r.assert_probe_passed(7);
+    r.assert_probe_passed(PROBE_CHECKS);
 
     // With no pages reserved, the error says what to do.
     if before == 0 {

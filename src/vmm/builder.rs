@@ -8,10 +8,11 @@ use std::time::Instant;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{self, AcpiConfig, DsdtDevice, PowerRegisters};
 use crate::arch::x86_64::boot_params::{self, LinuxBootInfo};
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::kernel::{self, BootFile, LoadedKernel};
-use crate::arch::x86_64::layout::MMIO_DEVICES_START;
+use crate::arch::x86_64::layout::{MMIO_DEVICES_START, PM_PORT_START};
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::BootProtocol;
 use crate::config::boot_source::CMDLINE_MAX_LEN;
@@ -29,6 +30,7 @@ const VIRTIO_IRQ_START: u32 = 5;
 const VIRTIO_IRQ_END: u32 = 23;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_IRQ, I8042_PORT_LEN};
+use crate::devices::legacy::power::{self, PowerManagement};
 use crate::devices::legacy::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleOutput, SerialDevice};
 use crate::exit_code;
 use crate::memory::{self, MemoryError};
@@ -51,6 +53,8 @@ pub enum BuildError {
     BootParams(#[from] boot_params::BootParamsError),
     #[error("{0}")]
     MpTable(#[from] mptable::MpTableError),
+    #[error("{0}")]
+    Acpi(#[from] acpi::AcpiError),
     #[error("{0}")]
     Vcpu(#[from] VcpuError),
     #[error("cannot place a device on the bus: {0}")]
@@ -79,6 +83,7 @@ impl BuildError {
         match self {
             BuildError::Kernel(_)
             | BuildError::BootParams(_)
+            | BuildError::Acpi(_)
             | BuildError::Block(_)
             | BuildError::TooManyDevices(_)
             | BuildError::CmdlineTooLong { .. } => exit_code::BAD_CONFIGURATION,
@@ -123,6 +128,8 @@ pub struct MicroVm {
 /// the root device) and the event-loop handlers that run their queues.
 struct AttachedDrives {
     cmdline_args: Vec<String>,
+    /// How the DSDT announces each device.
+    acpi_devices: Vec<DsdtDevice>,
     handlers: Vec<Subscriber>,
     blocks: Vec<(String, Arc<Mutex<Block>>)>,
 }
@@ -139,6 +146,7 @@ fn attach_drives(
     ordered.extend(drives.iter().filter(|d| !d.is_root_device));
     let mut out = AttachedDrives {
         cmdline_args: Vec::new(),
+        acpi_devices: Vec::new(),
         handlers: Vec::new(),
         blocks: Vec::new(),
     };
@@ -211,6 +219,11 @@ fn attach_drives(
         })));
         out.cmdline_args
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        out.acpi_devices.push(DsdtDevice::VirtioMmio {
+            base,
+            len: MMIO_WINDOW,
+            irq,
+        });
         if drive.is_root_device {
             let root = match &drive.partuuid {
                 Some(uuid) => format!("root=PARTUUID={uuid}"),
@@ -247,6 +260,7 @@ fn load_guest(
     boot: &BootSourceConfig,
     machine: &MachineConfig,
     device_args: &[String],
+    virtio_devices: &[DsdtDevice],
 ) -> Result<(LoadedKernel, u64), BuildError> {
     let mem_bytes = machine.mem_size_bytes();
     let loaded = kernel::load_kernel(mem, &mut files.kernel)?;
@@ -268,6 +282,16 @@ fn load_guest(
     }
     let cmdline_len = kernel::load_cmdline(mem, &cmdline)?;
     mptable::write(mem, machine.vcpu_count)?;
+    let mut acpi_devices = legacy_acpi_devices();
+    acpi_devices.extend_from_slice(virtio_devices);
+    let rsdp = acpi::write(
+        mem,
+        &AcpiConfig {
+            vcpu_count: machine.vcpu_count,
+            devices: &acpi_devices,
+            power: power_registers(),
+        },
+    )?;
     let boot_info = match loaded.protocol {
         BootProtocol::Linux64 => boot_params::write_zero_page(
             mem,
@@ -276,9 +300,10 @@ fn load_guest(
                 cmdline_len,
                 initrd,
                 setup_header: loaded.setup_header,
+                rsdp_addr: Some(rsdp),
             },
         )?,
-        BootProtocol::Pvh => boot_params::write_pvh_start_info(mem, mem_bytes, initrd)?,
+        BootProtocol::Pvh => boot_params::write_pvh_start_info(mem, mem_bytes, initrd, Some(rsdp))?,
     };
     log::info!(
         "kernel {} loaded, entry {:#x} ({:?} boot){}",
@@ -290,6 +315,31 @@ fn load_guest(
             .unwrap_or_default()
     );
     Ok((loaded, boot_info))
+}
+
+/// The legacy devices every VM has, as the DSDT announces them.
+fn legacy_acpi_devices() -> Vec<DsdtDevice> {
+    vec![
+        DsdtDevice::Serial {
+            port: COM1_PORT as u16,
+            irq: COM1_IRQ,
+        },
+        DsdtDevice::Keyboard {
+            data_port: I8042_DATA_PORT as u16,
+            command_port: (I8042_DATA_PORT + 4) as u16,
+            irq: I8042_IRQ,
+        },
+    ]
+}
+
+/// The ports of the power-management device, for the FADT.
+fn power_registers() -> PowerRegisters {
+    PowerRegisters {
+        sleep_control: (PM_PORT_START + power::SLEEP_CONTROL) as u16,
+        sleep_status: (PM_PORT_START + power::SLEEP_STATUS) as u16,
+        reset: (PM_PORT_START + power::RESET) as u16,
+        reset_value: power::RESET_VALUE,
+    }
 }
 
 struct BootFiles {
@@ -396,6 +446,7 @@ pub fn build_microvm(
         boot,
         machine,
         &attached.cmdline_args,
+        &attached.acpi_devices,
     )?;
 
     let stop = opts.stop;
@@ -424,6 +475,14 @@ pub fn build_microvm(
     let mut pio_bus = Bus::new();
     pio_bus.insert(serial.clone(), COM1_PORT, COM1_LEN)?;
     pio_bus.insert(i8042.clone(), I8042_DATA_PORT, I8042_PORT_LEN)?;
+    pio_bus.insert(
+        Arc::new(Mutex::new(PowerManagement::new(
+            acpi::S5_SLEEP_TYPE,
+            stop.clone(),
+        ))),
+        PM_PORT_START,
+        power::PORT_LEN,
+    )?;
 
     let supported_cpuid = kvm.supported_cpuid()?;
     let topology = Topology::new(machine.vcpu_count, machine.smt);

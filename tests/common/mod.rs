@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 
 pub const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
+/// Checks every probe boot runs (longmode through acpi); block devices and requests such as
+/// `probe.initrd_size` add their own.
+pub const PROBE_CHECKS: usize = 8;
+
+/// Checks each virtio-blk device adds after the `virtio` check (resources/probe/README.md).
+pub const PROBE_CHECKS_PER_BLOCK_DEVICE: usize = 6;
+
 /// How long any single ember run may take before the test calls it hung.
 pub const RUN_DEADLINE: Duration = Duration::from_secs(120);
 

@@ -54,6 +54,14 @@ impl BootInfo {
         }
     }
 
+    /// Where the VMM says the ACPI RSDP is; 0 if it did not say.
+    pub fn rsdp_addr(&self) -> u64 {
+        match self {
+            BootInfo::ZeroPage(zp) => zp.rsdp_addr(),
+            BootInfo::StartInfo(si) => si.rsdp_addr(),
+        }
+    }
+
     /// Where the boot data itself lies, as (start, end) ranges; unused ones are empty.
     pub fn areas(&self) -> [(u64, u64); 3] {
         match self {

@@ -14,6 +14,7 @@ const RAMDISK_SIZE: u64 = 0x21c;
 const EXT_RAMDISK_IMAGE: u64 = 0x0c0;
 const EXT_RAMDISK_SIZE: u64 = 0x0c4;
 const E820_ENTRIES: u64 = 0x1e8;
+const ACPI_RSDP_ADDR: u64 = 0x070;
 const E820_TABLE: u64 = 0x2d0;
 
 const BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -57,6 +58,11 @@ impl ZeroPage {
         let addr = read(RAMDISK_IMAGE, EXT_RAMDISK_IMAGE);
         let size = read(RAMDISK_SIZE, EXT_RAMDISK_SIZE);
         (addr != 0 || size != 0).then_some((addr, size))
+    }
+
+    /// The ACPI RSDP's address (boot protocol 2.14), 0 if the VMM gave none.
+    pub fn rsdp_addr(&self) -> u64 {
+        phys::read_u64(self.addr + ACPI_RSDP_ADDR)
     }
 
     /// Number of e820 entries, clamped to what the table can hold.

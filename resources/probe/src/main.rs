@@ -1,6 +1,6 @@
 //! ember's probe guest: booted like a Linux `vmlinux`, it checks from inside the VM what
 //! ember promises a guest (boot state, zero page, command line, memory map, CPUID, MP table,
-//! virtio-blk devices) and prints one `PROBE ...` line per check on the serial port; on
+//! ACPI tables, virtio-blk devices) and prints one `PROBE ...` line per check on the serial port; on
 //! request it then waits for input the host sends (a serial byte, Ctrl+Alt+Del). With
 //! the `pvh` feature it also has a PVH entry (src/pvh.rs), and a VMM that honours the note
 //! enters it there.
@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod blkcheck;
 mod bootinfo;
 mod bootparams;
@@ -150,6 +151,7 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
     }
     report.check(b"cpuid", |d| cpuid::check(&boot, d));
     report.check(b"mptable", |d| mptable::check(&boot, d));
+    report.check(b"acpi", |d| acpi::check(&boot, d));
     // Only when the test expects block devices or the VMM announces virtio devices, so other
     // boots keep their checks. Needs the memory check's map, which covers the MMIO gap.
     if boot.cmdline.get(b"probe.blk").is_some() || virtio::announced(&boot.cmdline) {

@@ -11,6 +11,7 @@ const VERSION: u64 = 0x04;
 const NR_MODULES: u64 = 0x0c;
 const MODLIST_PADDR: u64 = 0x10;
 const CMDLINE_PADDR: u64 = 0x18;
+const RSDP_PADDR: u64 = 0x20;
 const MEMMAP_PADDR: u64 = 0x28;
 const MEMMAP_ENTRIES: u64 = 0x30;
 /// Version 1, the first with the memory map.
@@ -34,6 +35,11 @@ pub struct StartInfo {
 impl StartInfo {
     pub fn cmdline_addr(&self) -> u64 {
         phys::read_u64(self.addr + CMDLINE_PADDR)
+    }
+
+    /// The ACPI RSDP's address, 0 if the VMM gave none.
+    pub fn rsdp_addr(&self) -> u64 {
+        phys::read_u64(self.addr + RSDP_PADDR)
     }
 
     fn memmap_addr(&self) -> u64 {

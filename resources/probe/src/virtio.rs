@@ -42,21 +42,25 @@ pub fn announced(cmdline: &Cmdline) -> bool {
     cmdline.all(KEY).next().is_some()
 }
 
-/// `<size>@<base>:<irq>[:<id>]` as (size, base). The irq and id are checked for form only:
-/// the probe polls and never takes the interrupt.
-fn parse_word(value: &[u8]) -> Option<(u64, u64)> {
+/// The announced devices' words, in command-line order.
+pub fn words(cmdline: &Cmdline) -> impl Iterator<Item = &'static [u8]> + use<> {
+    cmdline.all(KEY)
+}
+
+/// `<size>@<base>:<irq>[:<id>]` as (size, base, irq). The id is checked for form only.
+pub fn parse_word(value: &[u8]) -> Option<(u64, u64, u32)> {
     let at = value.iter().position(|&b| b == b'@')?;
     let size = parse_size(&value[..at])?;
     let mut fields = value[at + 1..].split(|&b| b == b':');
     let base = parse_u64(fields.next()?)?;
-    u32::try_from(parse_u64(fields.next()?)?).ok()?;
+    let irq = u32::try_from(parse_u64(fields.next()?)?).ok()?;
     if let Some(id) = fields.next() {
         parse_u64(id.strip_prefix(b"-").unwrap_or(id))?;
     }
     if fields.next().is_some() {
         return None;
     }
-    Some((size, base))
+    Some((size, base, irq))
 }
 
 /// A number with an optional K/M/G (or T/P/E) suffix, as Linux's memparse reads it. In hex the
@@ -139,7 +143,7 @@ pub fn check(boot: &Boot, found: &mut Found, d: &mut Detail) -> bool {
             ok = false;
             break;
         }
-        let Some((size, base)) = parse_word(value) else {
+        let Some((size, base, _irq)) = parse_word(value) else {
             problems
                 .str(b" dev")
                 .dec(index as u64)

@@ -80,6 +80,8 @@ pub struct LinuxBootInfo {
     pub initrd: Option<(u64, u64)>,
     /// The bzImage's own setup header, which the zero page must start from.
     pub setup_header: Option<setup_header>,
+    /// Where the ACPI RSDP is (boot protocol 2.14 `acpi_rsdp_addr`).
+    pub rsdp_addr: Option<u64>,
 }
 
 /// Builds the zero page.
@@ -112,6 +114,7 @@ pub fn zero_page(info: &LinuxBootInfo) -> Result<boot_params, BootParamsError> {
         };
     }
     params.e820_entries = map.len() as u8;
+    params.acpi_rsdp_addr = info.rsdp_addr.unwrap_or(0);
     Ok(params)
 }
 
@@ -135,6 +138,7 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
     mem: &M,
     mem_bytes: u64,
     initrd: Option<(u64, u64)>,
+    rsdp_addr: Option<u64>,
 ) -> Result<u64, BootParamsError> {
     let map: Vec<hvm_memmap_table_entry> = e820_map(mem_bytes)?
         .iter()
@@ -151,6 +155,7 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp_addr.unwrap_or(0),
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
@@ -236,6 +241,7 @@ mod tests {
             cmdline_len: 42,
             initrd: Some((0x300_0000, 0x1234)),
             setup_header: None,
+            rsdp_addr: Some(0xe_0000),
         };
         assert_eq!(write_zero_page(&mem, &info).unwrap(), ZERO_PAGE_START);
         let at = |off: u64| GuestAddress(ZERO_PAGE_START + off);
@@ -251,6 +257,7 @@ mod tests {
         );
         assert_eq!(mem.read_obj::<u32>(at(0x238)).unwrap(), 42);
         assert_eq!(mem.read_obj::<u8>(at(0x1e8)).unwrap(), 2);
+        assert_eq!(mem.read_obj::<u64>(at(0x070)).unwrap(), 0xe_0000);
         let e820 = |i: u64, field: u64| at(0x2d0 + 20 * i + field);
         assert_eq!(mem.read_obj::<u64>(e820(0, 0)).unwrap(), 0);
         assert_eq!(mem.read_obj::<u64>(e820(0, 8)).unwrap(), EBDA_START);
@@ -275,6 +282,7 @@ mod tests {
             cmdline_len: 1,
             initrd: None,
             setup_header: Some(hdr),
+            rsdp_addr: None,
         })
         .unwrap();
         assert_eq!((p.hdr.setup_sects, p.hdr.version), (7, 0x020f));
@@ -286,12 +294,14 @@ mod tests {
     fn pvh_start_info_read_back() {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
-        let addr = write_pvh_start_info(&mem, 64 * MIB, Some((0x200_0000, 0x500))).unwrap();
+        let addr = write_pvh_start_info(&mem, 64 * MIB, Some((0x200_0000, 0x500)), Some(0xe_0000))
+            .unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.cmdline_paddr, CMDLINE_START);
         assert_eq!(info.memmap_entries, 2);
         assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         let e: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr + 24)).unwrap();
         assert_eq!(
             (e.addr, e.size, e.type_),

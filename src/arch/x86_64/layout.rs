@@ -18,6 +18,10 @@ pub const PVH_MEMMAP_START: u64 = 0x6040;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Start of the extended BIOS data area; the MP table lives here and RAM below it is usable.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables: the RSDP here, where the legacy scan of 0xe0000-0xfffff finds it, and the
+/// other tables after it, up to 1 MiB. The e820 map leaves this range out of RAM.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = HIMEM_START;
 /// Where the kernel is loaded (the boot protocol's high memory).
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The MMIO gap below 4 GiB: no RAM here.
@@ -30,6 +34,8 @@ pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
 /// Interrupt controllers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
+/// The ACPI power-management registers (port I/O): sleep control, sleep status, reset.
+pub const PM_PORT_START: u64 = 0x600;
 /// KVM needs three pages for the TSS and one for the identity map of real-mode emulation,
 /// placed just below the BIOS area at the top of the 32-bit space where no RAM is.
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
@@ -78,6 +84,8 @@ mod tests {
             (PDPTE_START, 0x1000),
             (PDE_START, 0x1000),
             (CMDLINE_START, 2048),
+            (EBDA_START, 1024),
+            (ACPI_START, ACPI_END - ACPI_START),
         ];
         for (i, a) in areas.iter().enumerate() {
             for b in &areas[i + 1..] {

@@ -1,5 +1,6 @@
 //! x86_64 guests: memory layout, boot protocol, CPU state.
 
+pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
 pub mod interrupts;

@@ -1,6 +1,8 @@
-//! The PC devices a Linux guest expects: a 16550 UART and the i8042 keyboard controller.
+//! The PC devices a Linux guest expects: a 16550 UART, the i8042 keyboard controller, and
+//! the ACPI power-management registers.
 
 pub mod i8042;
+pub mod power;
 pub mod serial;
 
 use vmm_sys_util::eventfd::EventFd;
