@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod api;
+pub mod linux;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

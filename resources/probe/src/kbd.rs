@@ -9,8 +9,9 @@ use crate::timeout::{self, Deadline};
 
 /// Status register (read from the command port): a byte waits in the data port.
 const STATUS_OUTPUT_FULL: u8 = 1 << 0;
-/// Ctrl+Alt+Del in scancode set 1: three make codes, then three break codes.
-const KEYS: usize = 6;
+/// Ctrl+Alt+Del in scancode set 2 (the controller's translation stays off): three make
+/// codes, Delete's with the extended prefix, then the three break codes.
+const KEYS: usize = 11;
 /// How long the host may take to send them: about 30 s at 3 GHz (18-90 s over the 1-5 GHz
 /// TSC range), since the test sends them through the API only after seeing `PROBE DONE`.
 const WAIT_TICKS: u64 = 90_000_000_000;
@@ -18,7 +19,7 @@ const WAIT_TICKS: u64 = 90_000_000_000;
 /// seconds away, so a few thousand reads a second (0.2-1 ms apart) are plenty.
 const POLL_GAP_TICKS: u64 = 1 << 20;
 
-/// Collects `KEYS` bytes from the i8042 and prints them as `PROBE KBD 1d 38 ..`, or
+/// Collects `KEYS` bytes from the i8042 and prints them as `PROBE KBD 14 11 ..`, or
 /// `PROBE KBD timeout got=..` with those that came before the wait ran out.
 pub fn wait_and_report() {
     let mut got = [0u8; KEYS];
@@ -36,7 +37,7 @@ pub fn wait_and_report() {
         }
     }
 
-    let mut line = Line::<48>::new();
+    let mut line = Line::<64>::new();
     line.str(b"PROBE KBD ");
     if n < KEYS {
         line.str(b"timeout got=");

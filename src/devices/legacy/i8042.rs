@@ -36,9 +36,29 @@ const CMD_WRITE_KBD_OUTBUF: u8 = 0xd2;
 const CMD_PULSE_RESET: u8 = 0xfe;
 
 const CTR_KBD_INT: u8 = 0x01;
+/// Controller translates the keyboard's set 2 scancodes to set 1.
+const CTR_XLATE: u8 = 0x40;
 
-/// Set 1 scancodes for Ctrl+Alt+Del: three make codes, then three break codes.
-const CTRL_ALT_DEL: [u8; 6] = [0x1d, 0x38, 0x53, 0x9d, 0xb8, 0xd3];
+/// Ctrl+Alt+Del as the keyboard sends it, in scancode set 2: left Ctrl, left Alt and Delete
+/// (an extended key) pressed, then released in the opposite order. Without translation
+/// (ember's power-on state, which Linux keeps) the guest receives exactly this.
+const CTRL_ALT_DEL: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
+
+/// Set 2 break prefix and extended-key prefix.
+const SET2_BREAK: u8 = 0xf0;
+const SET2_EXTENDED: u8 = 0xe0;
+
+/// The 8042's set 2 to set 1 translation for the keys ember sends (Ctrl, Alt, Delete).
+fn set1_make_code(set2: u8) -> Option<u8> {
+    match set2 {
+        0x14 => Some(0x1d),
+        0x11 => Some(0x38),
+        0x71 => Some(0x53),
+        _ => None,
+    }
+}
 
 pub struct I8042 {
     status: u8,
@@ -47,6 +67,8 @@ pub struct I8042 {
     /// The last command that waits for a data byte on port 0x60.
     pending_cmd: Option<u8>,
     out_buf: VecDeque<u8>,
+    /// With translation on, a set 2 break prefix waits for the code it modifies.
+    pending_break: bool,
     stop: StopSignal,
     kbd_interrupt: EventFd,
 }
@@ -59,6 +81,7 @@ impl I8042 {
             outp: 0,
             pending_cmd: None,
             out_buf: VecDeque::new(),
+            pending_break: false,
             stop,
             kbd_interrupt,
         }
@@ -72,10 +95,31 @@ impl I8042 {
         }
     }
 
+    /// A byte from the keyboard, translated to set 1 as the controller does when the guest
+    /// set CTR bit 6: a break prefix is swallowed and sets bit 7 of the code after it.
+    fn push_key_byte(&mut self, b: u8) {
+        if self.control & CTR_XLATE == 0 {
+            self.push_byte(b);
+            return;
+        }
+        match b {
+            SET2_BREAK => self.pending_break = true,
+            SET2_EXTENDED => self.push_byte(b),
+            code => {
+                let Some(set1) = set1_make_code(code) else {
+                    log::debug!("i8042: no set 1 code for set 2 code {code:#x}");
+                    return;
+                };
+                let brk = std::mem::take(&mut self.pending_break);
+                self.push_byte(if brk { set1 | 0x80 } else { set1 });
+            }
+        }
+    }
+
     /// Queues Ctrl+Alt+Del for the guest (the API's SendCtrlAltDel).
     pub fn send_ctrl_alt_del(&mut self) {
         for b in CTRL_ALT_DEL {
-            self.push_byte(b);
+            self.push_key_byte(b);
         }
     }
 
@@ -186,8 +230,25 @@ mod tests {
         let (mut dev, _, irq) = device();
         dev.send_ctrl_alt_del();
         assert!(irq.read().unwrap() >= 1);
-        let got: Vec<u8> = (0..6).map(|_| read(&mut dev, OFF_DATA)).collect();
-        assert_eq!(got, CTRL_ALT_DEL);
+        let got: Vec<u8> = (0..11).map(|_| read(&mut dev, OFF_DATA)).collect();
+        // Set 2, as Linux reads it with translation off (the power-on state).
+        assert_eq!(
+            got,
+            [
+                0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14
+            ]
+        );
+        assert_eq!(read(&mut dev, OFF_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+    }
+
+    #[test]
+    fn translation_gives_set_1_when_the_guest_enables_it() {
+        let (mut dev, _, _) = device();
+        dev.write(OFF_COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(OFF_DATA, &[CTR_KBD_INT | CTR_XLATE]);
+        dev.send_ctrl_alt_del();
+        let got: Vec<u8> = (0..8).map(|_| read(&mut dev, OFF_DATA)).collect();
+        assert_eq!(got, [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]);
         assert_eq!(read(&mut dev, OFF_COMMAND) & SB_OUT_DATA_AVAIL, 0);
     }
 }
