@@ -8,9 +8,11 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use common::linux::{LinuxImages, LinuxVm, field, linux_test, number};
+use common::linux::{LinuxVm, field, linux_test, number};
+use common::nested::LinuxImages;
 use common::*;
 
 /// What every guest's command line starts with. `pci=off`: ember has no PCI bus yet.
@@ -26,8 +28,11 @@ irqs() {
 }
 "#;
 
-fn script(body: &str) -> String {
-    format!("{SCRIPT_PRELUDE}\n{body}")
+/// The guest's initramfs with `body` (after the prelude) as its /test.sh.
+fn guest_initrd(images: &LinuxImages, dir: &Scratch, body: &str) -> PathBuf {
+    images
+        .initrd(&dir.0, &format!("{SCRIPT_PRELUDE}\n{body}"))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn config(
@@ -52,6 +57,7 @@ const MACHINE_REPORT: &str = r#"
 echo "EMBER-TEST cmdline $(cat /proc/cmdline)"
 echo "EMBER-TEST machine cpus=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online) mem_kib=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
 echo "EMBER-TEST acpi devices=$(ls /sys/bus/acpi/devices | tr '\n' ' ')"
+echo "EMBER-TEST cpu flags $(grep -m1 ^flags /proc/cpuinfo)"
 poweroff -f
 "#;
 
@@ -83,7 +89,7 @@ fn boot_and_check_machine(
     vcpus: u8,
     mem: usize,
 ) {
-    let initrd = images.initrd(dir, &script(MACHINE_REPORT));
+    let initrd = guest_initrd(images, dir, MACHINE_REPORT);
     let args = format!("{BOOT_ARGS} ember.test=machine");
     let mut vm = LinuxVm::boot_config(dir, &config(kernel, &initrd, vcpus, mem, &args));
     let init = vm.wait_for("EMBER-GUEST init");
@@ -113,6 +119,9 @@ fn boot_and_check_machine(
     for hid in ["PNP0501", "PNP0303"] {
         assert!(acpi.contains(hid), "{acpi}");
     }
+    // The LAPIC's TSC-deadline mode, which KVM emulates and ember must announce.
+    let flags = vm.wait_for("EMBER-TEST cpu flags");
+    assert!(flags.contains(" tsc_deadline_timer"), "{flags}");
     let (code, log) = vm.wait_exit();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains(&format!("({protocol} boot)")), "{log}");
@@ -141,10 +150,10 @@ fn pvh_elf_boots_two_vcpus() {
 fn serial_console_works_both_ways_with_interrupts() {
     linux_test("serial_console_works_both_ways_with_interrupts", |images| {
         let dir = Scratch::new("linux-serial");
-        let initrd = images.initrd(
+        let initrd = guest_initrd(
+            images,
             &dir,
-            &script(
-                r#"
+            r#"
 echo "EMBER-TEST before timer=$(irqs LOC:) serial=$(irqs ttyS0)"
 sleep 1
 echo "EMBER-TEST after timer=$(irqs LOC:)"
@@ -154,7 +163,6 @@ eval "$cmd"
 echo "EMBER-TEST end serial=$(irqs ttyS0)"
 reboot -f
 "#,
-            ),
         );
         let mut vm =
             LinuxVm::boot_config(&dir, &config(&images.bzimage, &initrd, 2, 256, BOOT_ARGS));
@@ -186,7 +194,7 @@ fn ext4_root_on_virtio_blk_keeps_what_the_guest_wrote() {
         "ext4_root_on_virtio_blk_keeps_what_the_guest_wrote",
         |images| {
             let dir = Scratch::new("linux-ext4");
-            let rootfs = images.rootfs_copy(&dir);
+            let rootfs = images.rootfs_copy(&dir.0).unwrap();
             let mut ro_image = vec![0u8; 1 << 20];
             ro_image[..16].copy_from_slice(b"EMBER-READ-ONLY.");
             let ro_path = dir.write("readonly.img", &ro_image);
@@ -198,9 +206,10 @@ fn ext4_root_on_virtio_blk_keeps_what_the_guest_wrote() {
                     .unwrap()
                     .as_nanos()
             );
-            let initrd = images.initrd(
+            let initrd = guest_initrd(
+                images,
                 &dir,
-                &script(&format!(
+                &format!(
                     r#"
 echo "EMBER-TEST root $(grep ' / ' /proc/mounts)"
 echo "EMBER-TEST rootfs $(cat /etc/ember-rootfs)"
@@ -217,7 +226,7 @@ fi
 echo "EMBER-TEST irqs after=$(irqs virtio0)"
 poweroff -f
 "#
-                )),
+                ),
             );
             let mut cfg = config(&images.bzimage, &initrd, 2, 256, BOOT_ARGS);
             cfg["drives"] = serde_json::json!([
@@ -272,10 +281,10 @@ fn api_drives_a_linux_guest_through_its_life() {
         let mut second = vec![0u8; 2 << 20];
         second[..8].copy_from_slice(b"EMBER-B-");
         let second = dir.write("second.img", &second);
-        let initrd = images.initrd(
+        let initrd = guest_initrd(
+            images,
             &dir,
-            &script(
-                r#"
+            r#"
 sectors() { cat /sys/block/vda/size; }
 head8() { sync; echo 3 > /proc/sys/vm/drop_caches; head -c 8 /dev/vda; }
 echo "EMBER-TEST ready size=$(sectors) head=$(head8)"
@@ -285,7 +294,6 @@ while [ "$(sectors)" = "$old" ]; do sleep 0.2; done
 echo "EMBER-TEST swapped size=$(sectors) head=$(head8)"
 sleep 3600
 "#,
-            ),
         );
         let mut vm = LinuxVm::serve_api(&dir);
         let mut api = vm.api();

@@ -288,6 +288,31 @@ impl Vcpu {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }
 
+    /// Logs the registers that say where a guest was when it faulted, for whoever has to
+    /// find out why.
+    fn log_fault_state(&self) {
+        let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return;
+        };
+        log::error!(
+            "vCPU {}: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} (base {:#x}, l={}) idt={:#x}+{:#x}",
+            self.index,
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.cs.base,
+            s.cs.l,
+            s.idt.base,
+            s.idt.limit
+        );
+    }
+
     fn run_loop(&mut self, ctx: &VcpuContext) -> VcpuOutcome {
         loop {
             if ctx.stop.is_stopping() {
@@ -319,18 +344,23 @@ impl Vcpu {
                     ctx.mmio_bus.write(addr, data);
                 }
                 Ok(VcpuExit::Hlt) => return VcpuOutcome::GuestShutdown,
-                Ok(VcpuExit::Shutdown) => return VcpuOutcome::TripleFault { rip: self.rip() },
+                Ok(VcpuExit::Shutdown) => {
+                    self.log_fault_state();
+                    return VcpuOutcome::TripleFault { rip: self.rip() };
+                }
                 Ok(VcpuExit::InternalError) => {
                     // SAFETY: after KVM_EXIT_INTERNAL_ERROR, `internal` is the union member
                     // KVM filled in.
                     let suberror =
                         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    self.log_fault_state();
                     return VcpuOutcome::InternalError {
                         suberror,
                         rip: self.rip(),
                     };
                 }
                 Ok(VcpuExit::FailEntry(reason, _)) => {
+                    self.log_fault_state();
                     return VcpuOutcome::FailEntry {
                         reason,
                         rip: self.rip(),

@@ -8,177 +8,28 @@
 //! `EMBER_LINUX_TESTS=direct`, it runs the test's body. docs/testing.md has the details.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use super::api::ApiClient;
+use super::nested::{self, LinuxImages};
 use super::{RUN_DEADLINE, Scratch, ember_command};
 
 /// How long a Linux guest may take to reach a point the test waits for. Guests reach /init
 /// in about 10 s inside the nested host; this leaves room for a loaded CI machine.
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(180);
 
-/// How long one nested host may run (it boots one or two guests).
-const NESTED_HOST_TIMEOUT_S: u64 = 420;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// What tools/nested-host/build.sh made: the kernels and the guests' initramfs.
-pub struct LinuxImages {
-    /// The Debian kernel as a bzImage.
-    pub bzimage: PathBuf,
-    /// The same kernel as an ELF `vmlinux`.
-    pub vmlinux: PathBuf,
-    /// The guests' initramfs; a test appends its `/test.sh` (see [`LinuxImages::initrd`]).
-    pub guest_cpio: PathBuf,
-    /// An ext4 image with busybox, to copy and boot from as a virtio-blk root.
-    pub rootfs: PathBuf,
-}
-
-impl LinuxImages {
-    fn at(dir: &Path) -> Self {
-        LinuxImages {
-            bzimage: dir.join("vmlinuz"),
-            vmlinux: dir.join("vmlinux"),
-            guest_cpio: dir.join("guest.cpio"),
-            rootfs: dir.join("rootfs.ext4"),
-        }
-    }
-
-    /// An initramfs whose /init runs `script` as /test.sh: the base archive with a second
-    /// archive appended, which the kernel unpacks over the first.
-    pub fn initrd(&self, dir: &Scratch, script: &str) -> PathBuf {
-        let mut bytes = std::fs::read(&self.guest_cpio).expect("read the guest initramfs");
-        bytes.extend_from_slice(&cpio_newc(&[("test.sh", 0o100755, script.as_bytes())]));
-        dir.write("initrd.cpio", bytes)
-    }
-
-    /// A private copy of the root file system image.
-    pub fn rootfs_copy(&self, dir: &Scratch) -> PathBuf {
-        let to = dir.path("rootfs.ext4");
-        std::fs::copy(&self.rootfs, &to).expect("copy the root file system image");
-        to
-    }
-}
-
-/// A newc ("070701") cpio archive of regular files, with its trailer.
-pub fn cpio_newc(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
-        let fields = [
-            ino as u32,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            0,
-            0,
-            name.len() as u32 + 1,
-            0,
-        ];
-        out.extend_from_slice(b"070701");
-        for f in fields {
-            out.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-    }
-    let mut out = Vec::new();
-    for (i, (name, mode, data)) in files.iter().enumerate() {
-        entry(&mut out, i + 1, name, *mode, data);
-    }
-    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
-    out
-}
-
-/// Builds the images (once per machine; the script keeps them up to date) and returns them.
-fn images() -> LinuxImages {
-    let dir = repo().join("target/nested-host");
-    let status = Command::new("bash")
-        .arg(repo().join("tools/nested-host/build.sh"))
-        .arg(&dir)
-        .status()
-        .expect("run tools/nested-host/build.sh");
-    assert!(
-        status.success(),
-        "tools/nested-host/build.sh failed ({status}): the Linux guest images are missing"
-    );
-    LinuxImages::at(&dir)
-}
-
 /// Runs a Linux guest test: `body` directly where Linux guests can run, otherwise this one
 /// test (`name`, the test function's name) inside a nested host.
 pub fn linux_test(name: &str, body: impl FnOnce(&LinuxImages)) {
-    let inside = std::env::var_os("EMBER_NESTED_HOST").is_some();
-    let direct = std::env::var("EMBER_LINUX_TESTS").is_ok_and(|v| v == "direct");
-    if inside || direct {
-        let images = if inside {
-            // The outer run built them; the shared tree has them at the same path.
-            LinuxImages::at(&repo().join("target/nested-host"))
-        } else {
-            images()
-        };
+    if let Some(images) = nested::images_if_runnable_here() {
         body(&images);
         return;
     }
-    run_in_nested_host(name);
-}
-
-/// Nested hosts use both cores; two at once would only slow each other down.
-static NESTED_HOST: Mutex<()> = Mutex::new(());
-
-fn run_in_nested_host(name: &str) {
-    let _one_at_a_time = NESTED_HOST.lock().unwrap_or_else(|e| e.into_inner());
-    images();
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let runs = repo().join("target/nested-host/runs");
-    std::fs::create_dir_all(&runs).expect("create target/nested-host/runs");
-    let script = runs.join(format!("{name}.sh"));
-    std::fs::write(
-        &script,
-        format!(
-            "RUST_BACKTRACE=1 exec {} --exact {name} --nocapture --test-threads=1\n",
-            exe.display()
-        ),
-    )
-    .expect("write the nested host's script");
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(repo().join("tools/nested-host/run.sh"))
-        .arg("--timeout")
-        .arg(NESTED_HOST_TIMEOUT_S.to_string())
-        .arg(&script)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run tools/nested-host/run.sh");
-    let console = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    let errors = String::from_utf8_lossy(&out.stderr);
-    // What the test printed inside, for `--nocapture` runs and for failures.
-    println!(
-        "--- nested host ({:.1} s) ---\n{console}",
-        started.elapsed().as_secs_f64()
-    );
-    eprintln!("{errors}");
-    assert!(
-        out.status.success(),
-        "the test failed inside the nested host ({}); its output is above.\n{errors}",
-        out.status
-    );
+    let console = nested::run_self(&["--exact", name, "--nocapture", "--test-threads=1"])
+        .unwrap_or_else(|e| panic!("{e}"));
     // A filter that matched nothing would also exit 0: insist that the test really ran.
     assert!(
         console.contains("test result: ok. 1 passed"),

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod linux;
+pub mod nested;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -10,7 +10,8 @@
 # SCRIPT's, or 125 when the nested host itself failed and 124 on timeout.
 #
 # Usage: tools/nested-host/run.sh [--timeout SECONDS] SCRIPT
-# Environment: NESTED_SMP (CPUs, default 2), NESTED_MEM_MIB (memory, default 2048).
+# Environment: NESTED_SMP (CPUs, default 2), NESTED_MEM_MIB (memory, default 2048),
+# NESTED_MONITOR (a path: QEMU's monitor listens there, for looking into a stuck host).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -49,12 +50,17 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 fi
 bash "$here/build.sh" "$out"
 
+monitor=()
+if [ -n "${NESTED_MONITOR:-}" ]; then
+    monitor=(-monitor "unix:$NESTED_MONITOR,server,nowait")
+fi
+
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
 timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -accel tcg -cpu max -smp "${NESTED_SMP:-2}" -m "${NESTED_MEM_MIB:-2048}" \
-    -nodefaults -no-reboot -display none -serial stdio \
+    -nodefaults -no-reboot -display none -serial stdio "${monitor[@]}" \
     -kernel "$out/vmlinuz" -initrd "$out/outer.cpio" \
     -append "console=ttyS0 quiet panic=-1 nested.share=$root nested.script=$script" \
     -virtfs "local,path=$root,mount_tag=share,security_model=none,id=share" \

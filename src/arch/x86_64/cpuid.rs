@@ -17,6 +17,10 @@ const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_EXT_APIC_ID: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// The LAPIC timer's TSC-deadline mode. KVM emulates it in the in-kernel LAPIC (ember
+/// requires KVM_CAP_TSC_DEADLINE_TIMER) but leaves the bit for the VMM to set: without it
+/// Linux programs the LAPIC timer in one-shot mode, which costs it a calibration at boot.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Topology level types in leaves 0xB and 0x1F, ECX[15:8].
@@ -115,7 +119,7 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, vcpu_index: u8, topo: Topo
         match e.function {
             LEAF_FEATURES => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((count & 0xff) << 16);
-                e.ecx |= ECX_HYPERVISOR;
+                e.ecx |= ECX_HYPERVISOR | ECX_TSC_DEADLINE;
                 if count > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -229,6 +233,7 @@ mod tests {
         assert_eq!((f1.ebx >> 16) & 0xff, 4);
         assert_eq!(f1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
         assert_ne!(f1.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(f1.ecx & ECX_TSC_DEADLINE, 0, "TSC-deadline timer offered");
         assert_ne!(f1.edx & EDX_HTT, 0);
 
         let mut v = intel();

@@ -1,0 +1,198 @@
+//! The nested host from the Rust side: the images tools/nested-host/build.sh makes, and
+//! running this very test or bench binary inside a nested host (tools/nested-host/run.sh).
+//! Shared by the tests and the benchmarks (benches/linux_boot.rs includes this file), so it
+//! depends on nothing else in tests/common.
+
+#![allow(dead_code)] // the tests and the benchmarks each use a part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// How long one nested host may run (it boots a few guests).
+const NESTED_HOST_TIMEOUT_S: u64 = 420;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn images_dir() -> PathBuf {
+    repo().join("target/nested-host")
+}
+
+/// What tools/nested-host/build.sh made: the kernels and the guests' initramfs.
+pub struct LinuxImages {
+    /// The Debian kernel as a bzImage.
+    pub bzimage: PathBuf,
+    /// The same kernel as an ELF `vmlinux`.
+    pub vmlinux: PathBuf,
+    /// The guests' initramfs; a test appends its `/test.sh` (see [`LinuxImages::initrd`]).
+    pub guest_cpio: PathBuf,
+    /// An ext4 image with busybox, to copy and boot from as a virtio-blk root.
+    pub rootfs: PathBuf,
+}
+
+impl LinuxImages {
+    fn at(dir: &Path) -> Self {
+        LinuxImages {
+            bzimage: dir.join("vmlinuz"),
+            vmlinux: dir.join("vmlinux"),
+            guest_cpio: dir.join("guest.cpio"),
+            rootfs: dir.join("rootfs.ext4"),
+        }
+    }
+
+    /// Writes `dir/initrd.cpio`: an initramfs whose /init runs `script` as /test.sh, the base
+    /// archive with a second one appended, which the kernel unpacks over the first.
+    pub fn initrd(&self, dir: &Path, script: &str) -> Result<PathBuf, String> {
+        let mut bytes = std::fs::read(&self.guest_cpio)
+            .map_err(|e| format!("cannot read {}: {e}", self.guest_cpio.display()))?;
+        bytes.extend_from_slice(&cpio_newc(&[("test.sh", 0o100755, script.as_bytes())]));
+        let path = dir.join("initrd.cpio");
+        std::fs::write(&path, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Writes `dir/rootfs.ext4`, a private copy of the root file system image.
+    pub fn rootfs_copy(&self, dir: &Path) -> Result<PathBuf, String> {
+        let to = dir.join("rootfs.ext4");
+        std::fs::copy(&self.rootfs, &to)
+            .map_err(|e| format!("cannot copy {}: {e}", self.rootfs.display()))?;
+        Ok(to)
+    }
+}
+
+/// A newc ("070701") cpio archive of regular files, with its trailer.
+pub fn cpio_newc(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
+        let fields = [
+            ino as u32,
+            mode,
+            0, // uid
+            0, // gid
+            1, // nlink
+            0, // mtime
+            data.len() as u32,
+            0, // dev major
+            0, // dev minor
+            0, // rdev major
+            0, // rdev minor
+            name.len() as u32 + 1,
+            0, // check
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(&mut out, i + 1, name, *mode, data);
+    }
+    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// Builds the images (the script does nothing when they are up to date) and returns them.
+pub fn build_images() -> Result<LinuxImages, String> {
+    let status = Command::new("bash")
+        .arg(repo().join("tools/nested-host/build.sh"))
+        .arg(images_dir())
+        .status()
+        .map_err(|e| format!("cannot run tools/nested-host/build.sh: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "tools/nested-host/build.sh failed ({status}): the Linux guest images are missing"
+        ));
+    }
+    Ok(LinuxImages::at(&images_dir()))
+}
+
+/// The images, when Linux guests can run right here: inside a nested host (its `/init`
+/// sets `EMBER_NESTED_HOST`; the outer run built the images), or on a host with hardware
+/// virtualization when `EMBER_LINUX_TESTS=direct`. None means: go through a nested host.
+pub fn images_if_runnable_here() -> Option<LinuxImages> {
+    if std::env::var_os("EMBER_NESTED_HOST").is_some() {
+        return Some(LinuxImages::at(&images_dir()));
+    }
+    if std::env::var("EMBER_LINUX_TESTS").is_ok_and(|v| v == "direct") {
+        return Some(build_images().unwrap_or_else(|e| panic!("{e}")));
+    }
+    None
+}
+
+/// Nested hosts use both cores; two at once would only slow each other down.
+static NESTED_HOST: Mutex<()> = Mutex::new(());
+
+/// Runs this binary with `args` inside a nested host and returns the nested host's console
+/// (which it also prints). Fails when the binary failed there or the host could not run.
+pub fn run_self(args: &[&str]) -> Result<String, String> {
+    run_self_with_env(args, &[])
+}
+
+/// As [`run_self`], with environment variables set for the binary inside.
+pub fn run_self_with_env(args: &[&str], env: &[(String, String)]) -> Result<String, String> {
+    let _one_at_a_time = NESTED_HOST.lock().unwrap_or_else(|e| e.into_inner());
+    build_images()?;
+    let exe = std::env::current_exe().map_err(|e| format!("this binary's path: {e}"))?;
+    let runs = images_dir().join("runs");
+    std::fs::create_dir_all(&runs).map_err(|e| format!("cannot create {}: {e}", runs.display()))?;
+    let name = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .copied()
+        .unwrap_or("run");
+    let script = runs.join(format!(
+        "{}-{name}.sh",
+        exe.file_name().and_then(|n| n.to_str()).unwrap_or("binary")
+    ));
+    // Values are single-quoted for the nested host's shell; they never hold a quote.
+    let vars: String = env
+        .iter()
+        .map(|(k, v)| format!("{k}='{}' ", v.replace('\'', "")))
+        .collect();
+    std::fs::write(
+        &script,
+        format!(
+            "{vars}RUST_BACKTRACE=1 exec {} {}\n",
+            exe.display(),
+            args.join(" ")
+        ),
+    )
+    .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(repo().join("tools/nested-host/run.sh"))
+        .arg("--timeout")
+        .arg(NESTED_HOST_TIMEOUT_S.to_string())
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run tools/nested-host/run.sh: {e}"))?;
+    let console = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "--- nested host ({:.1} s) ---\n{console}",
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!("{errors}");
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed inside the nested host ({}); its output is above.\n{errors}",
+            exe.display(),
+            out.status
+        ));
+    }
+    Ok(console)
+}
