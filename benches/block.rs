@@ -55,8 +55,8 @@ use ember::devices::virtio::block::request::{
     SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use ember::devices::virtio::block::{Block, BlockConfig, QUEUE_SIZE};
-use ember::devices::virtio::driver::{Desc, QueueDriver};
-use ember::devices::virtio::{VirtioDevice, VirtioInterrupt};
+use ember::devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use ember_virtq_driver::{Desc, QueueDriver};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -488,7 +488,7 @@ impl Device {
                 mem.clone(),
                 0,
                 vec![driver.device_queue()],
-                Arc::new(VirtioInterrupt::new(irq_for_device)),
+                Arc::new(EventFdInterrupt(irq_for_device)),
             )
             .map_err(|e| format!("activate: {e:?}"))?;
         let completion = block.completion_eventfd().map(AsRawFd::as_raw_fd);
@@ -1059,4 +1059,13 @@ fn median_f64(values: &[f64]) -> f64 {
 
 fn us(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+/// The device's interrupt as a plain eventfd the caller can watch.
+struct EventFdInterrupt(EventFd);
+
+impl VirtioInterrupt for EventFdInterrupt {
+    fn trigger(&self, _kind: VirtioInterruptType) {
+        let _ = self.0.write(1);
+    }
 }

@@ -112,21 +112,30 @@ fn parse_id(s: &str) -> Result<String, String> {
 }
 
 impl Cli {
-    /// Flags accepted for compatibility whose feature ember does not implement yet; each is
-    /// logged so an operator is not misled.
-    pub fn not_yet_effective(&self) -> Vec<&'static str> {
+    /// Flags that ask for a protection or a device model ember does not have yet. Accepting
+    /// them would fail open (a custom seccomp filter silently not installed) or hand the
+    /// guest a different machine than asked for, so ember refuses to start instead.
+    pub fn missing_features(&self) -> Vec<&'static str> {
         let mut flags = Vec::new();
         if self.seccomp_filter.is_some() {
             flags.push("--seccomp-filter");
         }
+        if self.enable_pci {
+            flags.push("--enable-pci");
+        }
+        flags
+    }
+
+    /// Flags accepted for compatibility whose effect ember does not implement yet but whose
+    /// absence changes nothing the guest or the host's safety depends on; each is logged so
+    /// an operator is not misled.
+    pub fn not_yet_effective(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
         if self.no_seccomp {
             flags.push("--no-seccomp");
         }
         if self.mmds_size_limit.is_some() {
             flags.push("--mmds-size-limit");
-        }
-        if self.enable_pci {
-            flags.push("--enable-pci");
         }
         if self.start_time_cpu_us.is_some() {
             flags.push("--start-time-cpu-us");
@@ -179,7 +188,8 @@ mod tests {
         assert_eq!(cli.id, "vm-1");
         assert_eq!(cli.level, Some(LogLevel::Debug));
         assert_eq!(cli.http_api_max_payload_size, 1000);
-        assert!(cli.not_yet_effective().contains(&"--enable-pci"));
+        assert_eq!(cli.missing_features(), vec!["--enable-pci"]);
+        assert!(cli.not_yet_effective().contains(&"--no-seccomp"));
     }
 
     #[test]

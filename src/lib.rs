@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod exit_code;
+pub mod host_file;
 pub mod logger;
 pub mod memory;
 pub mod metrics;

@@ -168,7 +168,14 @@ metric_group!(
 metric_group!(
     /// The controller.
     VmmMetrics {
-        counters: [instance_starts, pauses, resumes],
+        counters: [instance_starts, pauses, resumes,
+            /// Register accesses and device set-ups a guest got wrong (answered, ignored).
+            guest_errors,
+            /// Interrupts that could not be raised (the eventfd counter was full).
+            interrupt_errors,
+            /// Log lines dropped: guest-triggered ones over their rate limit, or lines a
+            /// full log destination could not take.
+            log_lines_dropped],
     }
 );
 metric_group!(
@@ -180,13 +187,17 @@ metric_group!(
 metric_group!(
     /// The serial console.
     UartMetrics {
-        counters: [read_count, write_count, missed_write_count, input_bytes],
+        counters: [read_count, write_count, missed_write_count, input_bytes,
+            /// Guest output bytes dropped because the host's console did not keep up.
+            output_dropped_bytes],
     }
 );
 metric_group!(
     /// The i8042 keyboard controller.
     I8042Metrics {
-        counters: [reset_count, read_count, write_count, ctrl_alt_del_count],
+        counters: [reset_count, read_count, write_count, ctrl_alt_del_count,
+            /// Bytes dropped because the guest did not read the output buffer.
+            missed_bytes],
     }
 );
 metric_group!(

@@ -41,7 +41,7 @@ fn missing_kernel() {
 fn kernel_is_a_directory() {
     let dir = Scratch::new("kdir");
     let r = boot_config(&config_json(&dir.0, 1, 128, "x=1"));
-    assert_fails(&r, BAD_CONFIGURATION, "is not a regular file");
+    assert_fails(&r, BAD_CONFIGURATION, "is a directory, not a regular file");
 }
 
 #[test]

@@ -271,7 +271,11 @@ fn missing_drive_file_is_a_configuration_error() {
         extra: none(),
     }];
     let r = boot_config(&config(&drives, ""));
-    assert_fails(&r, 3, "drive \"rootfs\": cannot open /nonexistent/root.img");
+    assert_fails(
+        &r,
+        3,
+        "drive \"rootfs\": cannot open backing file /nonexistent/root.img",
+    );
 }
 
 /// Mounts a tmpfs of `size` at `dir` for the life of the guard; None where mounting is not

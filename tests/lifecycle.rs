@@ -217,7 +217,6 @@ fn not_yet_effective_flags_are_accepted_and_logged() {
     let r = boot_config_with_flags(
         &config,
         &[
-            "--enable-pci",
             "--no-seccomp",
             "--mmds-size-limit",
             "1024",
@@ -232,13 +231,32 @@ fn not_yet_effective_flags_are_accepted_and_logged() {
         ],
     );
     r.assert_probe_passed(PROBE_CHECKS);
-    for flag in ["--enable-pci", "--no-seccomp", "--mmds-size-limit"] {
+    for flag in ["--no-seccomp", "--mmds-size-limit"] {
         assert!(
             r.stderr
                 .contains(&format!("{flag} is accepted but not yet effective")),
             "{}",
             r.stderr
         );
+    }
+}
+
+/// A flag asking for a protection ember lacks must not be accepted and silently ignored:
+/// running without a filter the operator supplied would fail open.
+#[test]
+fn flags_for_missing_features_are_refused() {
+    let config = config_json(&probe_elf(), 1, 128, &probe_args(1, 128, ""));
+    let dir = Scratch::new("missing-features");
+    let filter = dir.write("filter.json", "{}");
+    let filter = filter.display().to_string();
+    for flags in [
+        vec!["--seccomp-filter", filter.as_str()],
+        vec!["--enable-pci"],
+    ] {
+        let r = boot_config_with_flags(&config, &flags);
+        // 3: a bad configuration, as for any other refused setting.
+        assert_fails(&r, 3, &format!("{} asks for a feature", flags[0]));
+        assert!(r.stderr.contains("refusing to start"), "{}", r.stderr);
     }
 }
 

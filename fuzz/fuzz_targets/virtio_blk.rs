@@ -11,9 +11,9 @@
 use std::sync::{Arc, OnceLock};
 
 use ember::devices::virtio::VirtioDevice;
-use ember::devices::virtio::VirtioInterrupt;
+use ember::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use ember::devices::virtio::block::{Block, BlockConfig};
-use ember::devices::virtio::driver::QueueDriver;
+use ember_virtq_driver::QueueDriver;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -92,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
             mem.clone(),
             0,
             vec![d.device_queue()],
-            Arc::new(VirtioInterrupt::new(irq)),
+            Arc::new(EventFdInterrupt(irq)),
         )
         .expect("activate");
     block.process_queue();
@@ -109,3 +109,12 @@ fuzz_target!(|data: &[u8]| {
     let size = std::fs::metadata(disk()).expect("disk metadata").len();
     assert_eq!(size, DISK_SECTORS * 512, "the disk grew");
 });
+
+/// The device's interrupt as a plain eventfd the caller can watch.
+struct EventFdInterrupt(EventFd);
+
+impl VirtioInterrupt for EventFdInterrupt {
+    fn trigger(&self, _kind: VirtioInterruptType) {
+        let _ = self.0.write(1);
+    }
+}

@@ -1,3 +1,43 @@
-//! Architecture-specific guest set-up. ember runs x86_64 guests today.
+//! Architecture-specific guest set-up behind one interface, so the rest of ember (the VM,
+//! the vCPUs, the builder, guest memory) never names an architecture: each supported one
+//! provides the items re-exported below under the same names.
+//!
+//! - `layout`: where RAM, device windows and legacy devices live (`ram_ranges`,
+//!   `VIRTIO_MMIO_START`/`_END`, `DEVICE_IRQ_FIRST`/`_LAST`, ...);
+//! - `setup_vm`, `create_interrupt_controllers`, `ArchVmError`: the VM before its vCPUs;
+//! - `load_guest`, `BootSpec`, `BootState`, `BootError`, `CMDLINE_MAX_LEN`: kernel, initrd,
+//!   command line and firmware tables in guest memory;
+//! - `configure_vcpu`, `VcpuSetupError`, `fault_state`, `instruction_pointer`: vCPU state.
 
+#[cfg(target_arch = "x86_64")]
 pub mod x86_64;
+
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::{
+    ArchVmError, BootError, BootSpec, BootState, CMDLINE_MAX_LEN, VcpuSetupError, configure_vcpu,
+    create_interrupt_controllers, fault_state, instruction_pointer, layout, load_guest, setup_vm,
+};
+
+/// A device the firmware tables (ACPI on x86_64) announce to the guest, as the device
+/// manager placed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformDevice {
+    /// A 16550 UART at I/O port `port` (8 ports) on interrupt `irq`.
+    Serial { port: u16, irq: u32 },
+    /// An i8042 keyboard controller: data and command ports, interrupt.
+    Keyboard {
+        data_port: u16,
+        command_port: u16,
+        irq: u32,
+    },
+    /// The ACPI power-management registers (I/O ports) and the values they take.
+    PowerManagement {
+        sleep_control: u16,
+        sleep_status: u16,
+        reset: u16,
+        reset_value: u8,
+        s5_sleep_type: u8,
+    },
+    /// A virtio-mmio transport: its register window and its interrupt.
+    VirtioMmio { base: u64, len: u64, irq: u32 },
+}

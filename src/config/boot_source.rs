@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// Linux on x86 reads at most this many bytes of command line (COMMAND_LINE_SIZE), and the
 /// boot protocol's `cmdline_size` tells the guest the same bound. The terminating NUL is extra.
-pub const CMDLINE_MAX_LEN: usize = 2048 - 1;
+pub use crate::arch::CMDLINE_MAX_LEN;
 
 /// The command line used when a client gives none. It is Firecracker's default, so a client
 /// that relies on it gets the same guest: a reboot that goes through the keyboard controller

@@ -82,13 +82,9 @@ pub enum ActionError {
     #[error("{0} is only allowed after the microVM starts (InstanceStart)")]
     PostBootOnly(&'static str),
     #[error("{0}")]
-    BootFile(#[from] crate::arch::x86_64::kernel::KernelError),
-    #[error("drive {id:?}: cannot open {path}: {source}")]
-    DriveFile {
-        id: String,
-        path: String,
-        source: std::io::Error,
-    },
+    BootFile(#[from] crate::host_file::HostFileError),
+    #[error("{0}")]
+    Drive(#[from] crate::devices::virtio::block::BlockError),
     #[error("cannot start the microVM: no boot source; PUT /boot-source first")]
     NoBootSource,
     #[error("cannot start the microVM: {0}")]

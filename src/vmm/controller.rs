@@ -1,28 +1,27 @@
 //! The controller: owns the microVM's configuration and, once started, the VM itself.
 //! Every request (API or config file) goes through [`Controller::handle`] on the vmm thread.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::{EventManager, SubscriberId, SubscriberOps};
 
 use super::action::{ActionError, DriveUpdate, InstanceInfo, VmmAction, VmmData};
-use super::builder::{BuildError, BuildOptions, MicroVm, PreparedVm, build_microvm};
-use super::console::{ConsoleInput, RawTerminal};
+use super::builder::{BuildOptions, MicroVm, PreparedVm, build_microvm, open_boot_files};
+use super::console::{ConsoleInput, ConsoleWriter, HostOutput, RawTerminal};
 use super::resources::VmResources;
-use super::{Subscriber, VmExit, decide_exit};
-use crate::arch::x86_64::kernel::BootFile;
-use crate::config::{BootSourceConfig, ConfigError, DriveConfig, DriveError};
+use super::vcpus::VcpuSet;
+use super::{Subscriber, VmExit, WorkRunner, decide_exit};
+use crate::config::{BootSourceConfig, ConfigError, DriveConfig, DriveError, MachineConfig};
+use crate::devices::virtio::block::open_backing;
 use crate::exit_code;
 use crate::logger;
 use crate::metrics::{METRICS, MetricsSink};
 use crate::stop::StopSignal;
-use crate::vstate::vcpu::{self, PauseControl, VcpuContext, VcpuOutcome};
+use crate::vstate::vcpu::VcpuContext;
 
-/// How long a pause may take before it is reported as failed.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long ember waits, at exit, for the host to take the guest's last console output.
+const CONSOLE_FLUSH_LIMIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmState {
@@ -44,8 +43,11 @@ impl VmState {
 struct RunningVm {
     _terminal: RawTerminal,
     microvm: MicroVm,
-    handles: Vec<JoinHandle<VcpuOutcome>>,
-    pause: Arc<PauseControl>,
+    vcpus: VcpuSet,
+    /// Event-loop handlers that act for the guest (devices, console input): taken off the
+    /// loop while the VM is paused.
+    device_handlers: Vec<(SubscriberId, Subscriber)>,
+    console_writer: Arc<Mutex<ConsoleWriter>>,
 }
 
 pub struct Controller {
@@ -58,6 +60,9 @@ pub struct Controller {
     metrics_sink: Option<MetricsSink>,
     /// KVM VM and memory made ahead of InstanceStart for the current machine configuration.
     prepared: Option<PreparedVm>,
+    /// The machine configuration preparing failed for: not tried again until it changes
+    /// (InstanceStart builds it anew and reports the error).
+    prepare_failed: Option<MachineConfig>,
 }
 
 impl Controller {
@@ -71,6 +76,7 @@ impl Controller {
             boot_timer_start,
             metrics_sink: None,
             prepared: None,
+            prepare_failed: None,
         }
     }
 
@@ -80,8 +86,8 @@ impl Controller {
 
     /// Before start, makes sure a VM and its memory exist for the current machine
     /// configuration, so InstanceStart only loads the kernel and starts vCPUs. Called when
-    /// the vmm thread is idle. A failure here is not reported: InstanceStart tries again and
-    /// reports it then.
+    /// the vmm thread is idle. A failure is not reported here and not retried for the same
+    /// configuration: InstanceStart tries again and reports it.
     pub fn prepare_ahead(&mut self) {
         if !self.needs_preparing() {
             return;
@@ -89,19 +95,23 @@ impl Controller {
         if let Some(old) = self.prepared.take() {
             old.discard();
         }
-        match PreparedVm::new(&self.resources.machine_config) {
+        let machine = &self.resources.machine_config;
+        match PreparedVm::new(machine) {
             Ok(p) => self.prepared = Some(p),
-            Err(e) => log::debug!("cannot prepare the VM ahead of start: {e}"),
+            Err(e) => {
+                log::debug!("cannot prepare the VM ahead of start: {e}");
+                self.prepare_failed = Some(machine.clone());
+            }
         }
     }
 
-    /// True before start while no prepared VM matches the machine configuration.
+    /// True before start while no prepared VM matches the machine configuration and
+    /// preparing has not already failed for it.
     pub fn needs_preparing(&self) -> bool {
+        let machine = &self.resources.machine_config;
         self.state == VmState::NotStarted
-            && !self
-                .prepared
-                .as_ref()
-                .is_some_and(|p| p.fits(&self.resources.machine_config))
+            && !self.prepared.as_ref().is_some_and(|p| p.fits(machine))
+            && self.prepare_failed.as_ref() != Some(machine)
     }
 
     fn pre_boot(&self, what: &'static str) -> Result<(), ActionError> {
@@ -182,7 +192,14 @@ impl Controller {
             }
             PutNetworkInterface(n) => {
                 self.pre_boot("PUT /network-interfaces")?;
-                empty(self.resources.put_network_interface(n).map_err(Into::into))
+                // Checked first so a malformed body is named as such, then refused: answering
+                // 204 for a NIC the guest will never see would let an orchestrator believe the
+                // VM is on the network.
+                let mut checked = self.resources.clone();
+                checked.put_network_interface(n)?;
+                Err(ActionError::Unsupported(
+                    "network interfaces (virtio-net is not in this version of ember)".into(),
+                ))
             }
             PatchNetworkInterface(u) => {
                 self.post_boot("PATCH /network-interfaces")?;
@@ -221,8 +238,12 @@ impl Controller {
             }
             SendCtrlAltDel => {
                 self.post_boot("SendCtrlAltDel")?;
-                if let Some(vm) = &self.vm {
-                    vm.microvm
+                if let Some(legacy) = self
+                    .vm
+                    .as_ref()
+                    .and_then(|vm| vm.microvm.devices.legacy.as_ref())
+                {
+                    legacy
                         .i8042
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -238,12 +259,11 @@ impl Controller {
             }
             Pause => {
                 self.post_boot("PATCH /vm")?;
-                empty(self.pause())
+                empty(self.pause(events))
             }
             Resume => {
                 self.post_boot("PATCH /vm")?;
-                self.resume();
-                Ok(VmmData::Empty)
+                empty(self.resume(events))
             }
         }
     }
@@ -275,7 +295,7 @@ impl Controller {
             .ok_or_else(not_found)?;
         let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(path) = update.path_on_host {
-            block.swap_backing(&path).map_err(BuildError::from)?;
+            block.swap_backing(&path)?;
             stored.path_on_host = Some(path);
         }
         if let Some(rl) = update.rate_limiter {
@@ -299,11 +319,6 @@ impl Controller {
             .boot_source
             .clone()
             .ok_or(ActionError::NoBootSource)?;
-        if !self.resources.network_interfaces.is_empty() {
-            log::warn!(
-                "network-interfaces are validated but not yet attached in this version of ember"
-            );
-        }
         let mut microvm = build_microvm(
             &boot,
             &self.resources.machine_config,
@@ -314,37 +329,58 @@ impl Controller {
                 stop: self.stop.clone(),
             },
         )?;
-        let drained = microvm
-            .serial_input_drained
-            .try_clone()
-            .map_err(|e| ActionError::Run(format!("cannot duplicate an eventfd: {e}")))?;
-        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-            microvm.serial.clone(),
-            drained,
-        ))));
-        for handler in microvm.device_handlers.drain(..) {
-            events.add_subscriber(handler);
+        let run_err = |what: &str, e: std::io::Error| ActionError::Run(format!("{what}: {e}"));
+        // Handlers are registered only once everything they need exists, and taken off
+        // again if a later step fails, so a failed start leaves no stale handler behind.
+        let mut device_handlers: Vec<(SubscriberId, Subscriber)> = Vec::new();
+        let mut other_handlers: Vec<SubscriberId> = Vec::new();
+        // Registered for the VM's life (console output, the work queue): the event loop
+        // ends with the VM.
+        let legacy = microvm
+            .devices
+            .legacy
+            .as_ref()
+            .ok_or_else(|| ActionError::Run("the VM has no console".into()))?;
+        let writer = Arc::new(Mutex::new(
+            ConsoleWriter::new(
+                legacy.console_output.clone(),
+                HostOutput::stdout().map_err(|e| run_err("cannot open stdout", e))?,
+            )
+            .map_err(|e| run_err("cannot create the console's batch timer", e))?,
+        ));
+        let input: Subscriber = Arc::new(Mutex::new(ConsoleInput::new(
+            legacy.serial.clone(),
+            legacy
+                .serial_input_drained
+                .try_clone()
+                .map_err(|e| run_err("cannot duplicate an eventfd", e))?,
+        )));
+        let work = microvm.devices.work_queue();
+        other_handlers.push(events.add_subscriber(writer.clone()));
+        other_handlers.push(events.add_subscriber(Arc::new(Mutex::new(WorkRunner(work.clone())))));
+        for h in std::iter::once(input).chain(microvm.devices.take_handlers()) {
+            device_handlers.push((events.add_subscriber(h.clone()), h));
         }
-        vcpu::install_kick_handler().map_err(|e| ActionError::Run(e.to_string()))?;
 
-        let pause = Arc::new(PauseControl::default());
         let ctx = VcpuContext {
-            pio_bus: microvm.pio_bus.clone(),
-            mmio_bus: microvm.mmio_bus.clone(),
+            pio_bus: Arc::new(microvm.devices.pio_bus.clone()),
+            mmio_bus: Arc::new(microvm.devices.mmio_bus.clone()),
             stop: self.stop.clone(),
-            pause: pause.clone(),
         };
-        let mut handles = Vec::with_capacity(microvm.vcpus.len());
-        for v in microvm.vcpus.drain(..) {
-            match v.spawn(ctx.clone()) {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    vcpu::stop_all(&self.stop, handles);
-                    return Err(ActionError::Run(e.to_string()));
+        let vcpus = match VcpuSet::start(std::mem::take(&mut microvm.vcpus), ctx, work) {
+            Ok(v) => v,
+            Err(e) => {
+                for id in device_handlers
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .chain(other_handlers.iter().copied())
+                {
+                    let _ = events.remove_subscriber(id);
                 }
+                return Err(ActionError::Run(e.to_string()));
             }
-        }
-        log::info!("microVM running with {} vCPUs", handles.len());
+        };
+        log::info!("microVM running with {} vCPUs", vcpus.len());
         METRICS.vmm.instance_starts.inc();
         METRICS
             .latencies_us
@@ -353,20 +389,31 @@ impl Controller {
         self.vm = Some(RunningVm {
             _terminal: RawTerminal::enter(),
             microvm,
-            handles,
-            pause,
+            vcpus,
+            device_handlers,
+            console_writer: writer,
         });
         self.state = VmState::Running;
         Ok(())
     }
 
-    fn pause(&mut self) -> Result<(), ActionError> {
-        let Some(vm) = &self.vm else { return Ok(()) };
-        let started = Instant::now();
-        if !vm.pause.pause(&vm.handles, PAUSE_TIMEOUT) {
-            vm.pause.resume();
-            return Err(ActionError::PauseTimeout(PAUSE_TIMEOUT.as_millis()));
+    /// Stops the guest: vCPUs out of the guest, device handlers off the event loop, and
+    /// requests in flight finished, so nothing writes guest memory until resume.
+    fn pause(&mut self, events: &mut EventManager<Subscriber>) -> Result<(), ActionError> {
+        let Some(vm) = &mut self.vm else {
+            return Ok(());
+        };
+        if self.state == VmState::Paused {
+            return Ok(());
         }
+        let started = Instant::now();
+        vm.vcpus
+            .pause()
+            .map_err(|e| ActionError::Run(e.to_string()))?;
+        for (id, _) in &vm.device_handlers {
+            let _ = events.remove_subscriber(*id);
+        }
+        vm.microvm.devices.quiesce();
         self.state = VmState::Paused;
         METRICS.vmm.pauses.inc();
         METRICS
@@ -377,10 +424,21 @@ impl Controller {
         Ok(())
     }
 
-    fn resume(&mut self) {
-        let Some(vm) = &self.vm else { return };
+    fn resume(&mut self, events: &mut EventManager<Subscriber>) -> Result<(), ActionError> {
+        let Some(vm) = &mut self.vm else {
+            return Ok(());
+        };
+        if self.state != VmState::Paused {
+            return Ok(());
+        }
         let started = Instant::now();
-        vm.pause.resume();
+        // Devices first: what the guest queued while paused is handled as soon as it runs.
+        for (id, handler) in vm.device_handlers.iter_mut() {
+            *id = events.add_subscriber(handler.clone());
+        }
+        vm.vcpus
+            .resume()
+            .map_err(|e| ActionError::Run(e.to_string()))?;
         self.state = VmState::Running;
         METRICS.vmm.resumes.inc();
         METRICS
@@ -388,6 +446,7 @@ impl Controller {
             .resume_vm_us
             .set(started.elapsed().as_micros() as u64);
         log::info!("microVM resumed");
+        Ok(())
     }
 
     /// Writes a metrics line if a destination is set; failures are logged, not fatal.
@@ -403,8 +462,11 @@ impl Controller {
     pub fn shutdown(mut self, signal: i32) -> VmExit {
         let exit = match self.vm.take() {
             Some(vm) => {
-                vm.pause.resume();
-                let outcomes = vcpu::stop_all(&self.stop, vm.handles);
+                let outcomes = vm.vcpus.stop();
+                vm.console_writer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .finish(CONSOLE_FLUSH_LIMIT);
                 decide_exit(&outcomes, self.stop.was_guest_reset(), signal)
             }
             None if signal > 0 => VmExit {
@@ -424,26 +486,16 @@ impl Controller {
 /// Opens the kernel and initrd as InstanceStart will, so a wrong path is refused when it is
 /// given rather than at start.
 fn check_boot_files(boot: &BootSourceConfig) -> Result<(), ActionError> {
-    BootFile::open("kernel image", Path::new(&boot.kernel_image_path))?;
-    if let Some(initrd) = &boot.initrd_path {
-        BootFile::open("initrd", Path::new(initrd))?;
-    }
+    open_boot_files(boot)?;
     Ok(())
 }
 
-/// Opens a drive's backing file with the access the guest will have.
+/// Opens a drive's backing file as the block device will: with the guest's access, without
+/// blocking, a regular file or a block device.
 fn check_drive_file(drive: &DriveConfig) -> Result<(), ActionError> {
     let path = drive.path_on_host.clone().unwrap_or_default();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(!drive.is_read_only)
-        .open(&path)
-        .map(drop)
-        .map_err(|source| ActionError::DriveFile {
-            id: drive.drive_id.clone(),
-            path,
-            source,
-        })
+    open_backing(&drive.drive_id, &path, drive.is_read_only)?;
+    Ok(())
 }
 
 /// The API counters an action moves: its count, and its failure count if it has one.

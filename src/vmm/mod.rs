@@ -5,8 +5,10 @@ pub mod action;
 pub mod builder;
 pub mod console;
 pub mod controller;
+pub mod device_manager;
 pub mod resources;
 pub mod signals;
+pub mod vcpus;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -100,6 +102,20 @@ impl MutEventSubscriber for Wakeup {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
             log::error!("cannot watch an eventfd: {e}");
+        }
+    }
+}
+
+/// Runs the work vCPUs hand to the vmm thread (see `devices::work_queue`).
+pub struct WorkRunner(pub Arc<crate::devices::work_queue::WorkQueue>);
+
+impl MutEventSubscriber for WorkRunner {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.0.run_pending();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.eventfd(), EventSet::IN)) {
+            log::error!("cannot watch the device work queue: {e}");
         }
     }
 }

@@ -1,24 +1,29 @@
-//! The KVM VM: memory slots, in-kernel interrupt controllers and PIT.
+//! The KVM VM and what is registered with it: memory slots, interrupt controllers, irqfds
+//! and ioeventfds.
+//!
+//! Registrations are handles ([`Irqfd`], [`IoEventFd`]) that undo themselves when dropped,
+//! and memory slots get their numbers from an allocator, so devices come and go without
+//! anyone computing a number from an index. Every handle and the [`Vm`] share one
+//! [`VmShared`], which holds the VM fd and, after it, the guest memory registered in its
+//! slots: the fd is closed before the memory it maps is unmapped, however the VM ends.
 
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::VmFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
+use vm_allocator::IdAllocator;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::arch;
 use crate::vstate::kvm::KvmContext;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("cannot create the KVM VM: {0}")]
     Create(kvm_ioctls::Error),
-    #[error("cannot set the TSS address: {0}")]
-    TssAddress(kvm_ioctls::Error),
-    #[error("cannot set the identity map address: {0}")]
-    IdentityMap(kvm_ioctls::Error),
-    #[error("cannot create the in-kernel interrupt controllers: {0}")]
-    IrqChip(kvm_ioctls::Error),
-    #[error("cannot create the in-kernel PIT: {0}")]
-    Pit(kvm_ioctls::Error),
+    #[error("{0}")]
+    Arch(#[from] arch::ArchVmError),
     #[error("guest memory needs {needed} memory slots, KVM offers {available}")]
     TooManySlots { needed: usize, available: usize },
     #[error("cannot register guest memory slot {slot}: {source}")]
@@ -26,60 +31,92 @@ pub enum VmError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("cannot create vCPU {0}: {1}")]
+    CreateVcpu(u8, kvm_ioctls::Error),
+    #[error("cannot create an eventfd for {0}: {1}")]
+    EventFd(&'static str, std::io::Error),
+    #[error("cannot connect {what} to interrupt {gsi}: {source}")]
+    Irqfd {
+        what: String,
+        gsi: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register {what}'s notification at {addr:#x} with KVM: {source}")]
+    IoEvent {
+        what: String,
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The VM fd and the memory its slots map, in that order: fields drop in declaration
+/// order, so the fd (and with it KVM's use of the memory) goes first.
+pub struct VmShared {
+    fd: VmFd,
+    memory: Mutex<Vec<GuestMemoryMmap>>,
 }
 
 pub struct Vm {
-    pub fd: VmFd,
+    shared: Arc<VmShared>,
+    slots: IdAllocator,
+    /// How many slots KVM offers.
+    nr_slots: usize,
 }
 
 impl Vm {
-    /// Creates the VM. The TSS and identity map must be set before any vCPU exists.
+    /// Creates the VM with what the architecture needs before any vCPU exists.
     pub fn new(kvm: &KvmContext) -> Result<Self, VmError> {
         let fd = kvm.kvm.create_vm().map_err(VmError::Create)?;
-        fd.set_tss_address(KVM_TSS_START as usize)
-            .map_err(VmError::TssAddress)?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
-            .map_err(VmError::IdentityMap)?;
-        Ok(Vm { fd })
+        arch::setup_vm(&fd)?;
+        let nr_slots = kvm.kvm.get_nr_memslots();
+        let last = u32::try_from(nr_slots).unwrap_or(u32::MAX).max(1) - 1;
+        Ok(Vm {
+            shared: Arc::new(VmShared {
+                fd,
+                memory: Mutex::new(Vec::new()),
+            }),
+            slots: IdAllocator::new(0, last).map_err(|_| VmError::TooManySlots {
+                needed: 1,
+                available: nr_slots,
+            })?,
+            nr_slots,
+        })
     }
 
-    /// Creates the in-kernel IOAPIC/PIC/LAPICs and PIT. Call after the memory slots are
-    /// registered: with an in-kernel irqchip present, each slot change waits for KVM to
-    /// synchronise, which measured at several milliseconds per slot (docs/performance.md).
+    /// Creates the in-kernel interrupt controllers (and the arch's timers). Call after the
+    /// memory slots are registered: with an in-kernel irqchip present, each slot change
+    /// waits for KVM to synchronise, which measured at several milliseconds per slot
+    /// (docs/performance.md).
     pub fn create_interrupt_controllers(&self) -> Result<(), VmError> {
-        let fd = &self.fd;
-        fd.create_irq_chip().map_err(VmError::IrqChip)?;
-        // The dummy speaker port keeps port 0x61 in the kernel, which Linux pokes while it
-        // calibrates the TSC against the PIT.
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(VmError::Pit)?;
-        Ok(())
+        Ok(arch::create_interrupt_controllers(&self.shared.fd)?)
     }
 
-    /// Registers every region of `mem` as a KVM memory slot, optionally with dirty logging.
+    /// Registers every region of `mem` in a slot of its own, optionally with dirty logging.
+    /// The VM keeps `mem` mapped for as long as its fd is open.
     pub fn register_memory(
-        &self,
-        kvm: &KvmContext,
+        &mut self,
         mem: &GuestMemoryMmap,
         track_dirty_pages: bool,
     ) -> Result<(), VmError> {
-        let available = kvm.kvm.get_nr_memslots();
-        if mem.num_regions() > available {
-            return Err(VmError::TooManySlots {
-                needed: mem.num_regions(),
-                available,
-            });
-        }
         let flags = if track_dirty_pages {
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
         } else {
             0
         };
-        for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
+        // Keep the mapping alive before KVM learns about it.
+        self.shared
+            .memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(mem.clone());
+        for region in mem.iter() {
+            let slot = self
+                .slots
+                .allocate_id()
+                .map_err(|_| VmError::TooManySlots {
+                    needed: mem.num_regions(),
+                    available: self.nr_slots,
+                })?;
             let desc = kvm_userspace_memory_region {
                 slot,
                 guest_phys_addr: region.start_addr().0,
@@ -87,11 +124,175 @@ impl Vm {
                 userspace_addr: region.as_ptr() as u64,
                 flags,
             };
-            // SAFETY: the region stays mapped for as long as the VM exists: the guest memory
-            // object is kept alive by the VMM until after the VM fd is closed.
-            unsafe { self.fd.set_user_memory_region(desc) }
+            // SAFETY: the region is mapped for at least as long as the VM fd is open: a
+            // clone of `mem` sits in `VmShared::memory`, which drops after `VmShared::fd`.
+            unsafe { self.shared.fd.set_user_memory_region(desc) }
                 .map_err(|source| VmError::MemorySlot { slot, source })?;
         }
         Ok(())
+    }
+
+    pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
+        self.shared
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VmError::CreateVcpu(index, e))
+    }
+
+    /// An interrupt line: writing to its eventfd raises interrupt `gsi` in the guest.
+    pub fn irqfd(&self, gsi: u32, what: &str) -> Result<Irqfd, VmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("an irqfd", e))?;
+        self.shared
+            .fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|source| VmError::Irqfd {
+                what: what.to_owned(),
+                gsi,
+                source,
+            })?;
+        Ok(Irqfd {
+            vm: self.shared.clone(),
+            evt,
+            gsi,
+        })
+    }
+
+    /// A guest write of `datamatch` (any value when None) to MMIO address `addr` signals
+    /// the returned eventfd inside KVM, without a VM exit.
+    pub fn ioeventfd(
+        &self,
+        addr: u64,
+        datamatch: Option<u32>,
+        what: &str,
+    ) -> Result<IoEventFd, VmError> {
+        let evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("an ioeventfd", e))?;
+        let at = IoEventAddress::Mmio(addr);
+        let r = match datamatch {
+            Some(v) => self.shared.fd.register_ioevent(&evt, &at, v),
+            None => self.shared.fd.register_ioevent(&evt, &at, NoDatamatch),
+        };
+        r.map_err(|source| VmError::IoEvent {
+            what: what.to_owned(),
+            addr,
+            source,
+        })?;
+        Ok(IoEventFd {
+            vm: self.shared.clone(),
+            evt,
+            addr,
+            datamatch,
+        })
+    }
+}
+
+/// A registered irqfd; dropping it disconnects it from the VM.
+pub struct Irqfd {
+    vm: Arc<VmShared>,
+    evt: EventFd,
+    gsi: u32,
+}
+
+impl Irqfd {
+    /// Raises the interrupt.
+    pub fn trigger(&self) -> std::io::Result<()> {
+        self.evt.write(1)
+    }
+
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+impl Drop for Irqfd {
+    fn drop(&mut self) {
+        // Fails only if the VM is already gone, which undid the registration anyway.
+        let _ = self.vm.fd.unregister_irqfd(&self.evt, self.gsi);
+    }
+}
+
+/// A registered ioeventfd; dropping it removes it from the VM.
+pub struct IoEventFd {
+    vm: Arc<VmShared>,
+    evt: EventFd,
+    addr: u64,
+    datamatch: Option<u32>,
+}
+
+impl IoEventFd {
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+impl Drop for IoEventFd {
+    fn drop(&mut self) {
+        let at = IoEventAddress::Mmio(self.addr);
+        let _ = match self.datamatch {
+            Some(v) => self.vm.fd.unregister_ioevent(&self.evt, &at, v),
+            None => self.vm.fd.unregister_ioevent(&self.evt, &at, NoDatamatch),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn vm() -> Vm {
+        Vm::new(&KvmContext::open().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn slots_come_from_the_allocator_and_memory_stays_mapped() {
+        let mut vm = vm();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(1 << 30), 1 << 20),
+        ])
+        .unwrap();
+        vm.register_memory(&mem, false).unwrap();
+        assert!(vm.slots.is_allocated(0) && vm.slots.is_allocated(1));
+        assert!(!vm.slots.is_allocated(2));
+        let mem2 = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(2 << 30), 1 << 20)]).unwrap();
+        vm.register_memory(&mem2, false).unwrap();
+        assert!(
+            vm.slots.is_allocated(2),
+            "a second registration takes the next slot"
+        );
+        assert_eq!(vm.shared.memory.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn overlapping_slot_is_refused_with_its_number() {
+        let mut vm = vm();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        vm.register_memory(&mem, false).unwrap();
+        let err = vm.register_memory(&mem, false).unwrap_err();
+        assert!(matches!(err, VmError::MemorySlot { slot: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn irqfd_and_ioeventfd_register_and_release() {
+        let vm = vm();
+        vm.create_interrupt_controllers().unwrap();
+        let irq = vm.irqfd(5, "test").unwrap();
+        irq.trigger().unwrap();
+        // The same eventfd cannot be registered twice on one GSI; after the handle is
+        // dropped a new one on the same GSI registers fine.
+        let again = vm.irqfd(5, "test").unwrap();
+        drop(irq);
+        drop(again);
+        let io = vm.ioeventfd(0xd000_0050, Some(0), "test").unwrap();
+        // A second registration of the same address and value is refused by KVM...
+        assert!(vm.ioeventfd(0xd000_0050, Some(0), "test").is_err());
+        drop(io);
+        // ...and allowed once the first handle is gone.
+        vm.ioeventfd(0xd000_0050, Some(0), "test").unwrap();
     }
 }

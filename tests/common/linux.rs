@@ -89,10 +89,18 @@ impl LinuxVm {
             s
         });
         let (tx, lines) = channel();
+        // Inside a nested host the guest's console goes to the nested host's console too, so
+        // a run shows progress (its watchdog treats a long silence as a hang) and a failure
+        // shows what the guest said. The prefix keeps guest lines apart from the host's.
+        let echo = std::env::var_os("EMBER_NESTED_HOST").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line.replace('\r', "")).is_err() {
+                let line = line.replace('\r', "");
+                if echo {
+                    println!("guest| {line}");
+                }
+                if tx.send(line).is_err() {
                     break;
                 }
             }
@@ -137,11 +145,18 @@ impl LinuxVm {
                     "no console line with {needle:?} within {limit:?}:\n{}",
                     self.console.join("\n")
                 ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "ember's console closed before {needle:?} (exit {:?}):\n{}",
-                    self.child.try_wait().ok().flatten(),
-                    self.console.join("\n")
-                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().ok();
+                    let log = self
+                        .log
+                        .take()
+                        .map(|h| h.join().unwrap_or_default())
+                        .unwrap_or_default();
+                    panic!(
+                        "ember's console closed before {needle:?} (exit {status:?}):\n{}\n--- ember's log ---\n{log}",
+                        self.console.join("\n")
+                    )
+                }
             }
         }
     }

@@ -47,10 +47,6 @@ const MPS_INTI_HIGH_EDGE: u16 = 0b0101;
 /// Every processor, in a Local APIC NMI structure.
 const ALL_PROCESSORS: u8 = 0xff;
 
-/// The `SLP_TYP` value of the S5 (soft off) state in the DSDT's `\_S5_` package; the
-/// power-management device ends the VM when the guest writes it with `SLP_EN`.
-pub const S5_SLEEP_TYPE: u8 = 5;
-
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
     #[error(
@@ -78,13 +74,16 @@ pub enum DsdtDevice {
     VirtioMmio { base: u64, len: u64, irq: u32 },
 }
 
-/// The I/O ports of the hardware-reduced power-management registers.
+/// The I/O ports of the hardware-reduced power-management registers, and the values the
+/// guest writes to them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PowerRegisters {
     pub sleep_control: u16,
     pub sleep_status: u16,
     pub reset: u16,
     pub reset_value: u8,
+    /// The `SLP_TYP` of the S5 (soft off) state, for the DSDT's `\_S5_` package.
+    pub s5_sleep_type: u8,
 }
 
 /// What the tables describe.
@@ -92,7 +91,8 @@ pub struct AcpiConfig<'a> {
     /// APIC IDs are vCPU indices (see `cpuid`); the IOAPIC takes the next ID.
     pub vcpu_count: u8,
     pub devices: &'a [DsdtDevice],
-    pub power: PowerRegisters,
+    /// Without them the guest can neither power off nor reset through ACPI.
+    pub power: Option<PowerRegisters>,
 }
 
 /// The tables and where each goes.
@@ -117,11 +117,10 @@ fn io_register(port: u16) -> GAS {
     )
 }
 
-fn fadt(dsdt_addr: u64, power: PowerRegisters) -> Vec<u8> {
+fn fadt(dsdt_addr: u64, power: Option<PowerRegisters>) -> Vec<u8> {
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
-        .flag(Flags::ResetRegSup)
         // No fixed power or sleep buttons: a hardware-reduced platform would describe them
         // as devices, and ember has none.
         .flag(Flags::PwrButton)
@@ -132,10 +131,13 @@ fn fadt(dsdt_addr: u64, power: PowerRegisters) -> Vec<u8> {
         | IAPC_PCIE_ASPM_CONTROLS
         | IAPC_CMOS_RTC_NOT_PRESENT)
         .into();
-    b.reset_reg = io_register(power.reset);
-    b.reset_value = power.reset_value;
-    b.sleep_control_reg = io_register(power.sleep_control);
-    b.sleep_status_reg = io_register(power.sleep_status);
+    if let Some(power) = power {
+        b = b.flag(Flags::ResetRegSup);
+        b.reset_reg = io_register(power.reset);
+        b.reset_value = power.reset_value;
+        b.sleep_control_reg = io_register(power.sleep_control);
+        b.sleep_status_reg = io_register(power.sleep_status);
+    }
     // "KVMKVMKVM" is what hypervisor-aware guests look for here; ember is KVM underneath.
     b.hypervisor_vendor_identity = u64::from_le_bytes(*b"KVMKVMKV").into();
     let mut out = Vec::new();
@@ -256,7 +258,7 @@ fn device_aml(index: usize, dev: &DsdtDevice, out: &mut Vec<u8>) {
     }
 }
 
-fn dsdt(devices: &[DsdtDevice]) -> Vec<u8> {
+fn dsdt(devices: &[DsdtDevice], s5_sleep_type: Option<u8>) -> Vec<u8> {
     let mut body = Vec::new();
     let mut children = Vec::new();
     for (i, d) in devices.iter().enumerate() {
@@ -270,11 +272,9 @@ fn dsdt(devices: &[DsdtDevice]) -> Vec<u8> {
     let devices_aml = RawAml(children);
     aml::Scope::new("_SB_".into(), vec![&devices_aml]).to_aml_bytes(&mut body);
     // \_S5_: the soft-off sleep type, SLP_TYPa and SLP_TYPb.
-    aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8]),
-    )
-    .to_aml_bytes(&mut body);
+    if let Some(s5) = s5_sleep_type {
+        aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5, &0u8])).to_aml_bytes(&mut body);
+    }
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     t.append_slice(&body);
     t.as_slice().to_vec()
@@ -294,7 +294,8 @@ pub fn build(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
         at
     };
     let mut blobs = Vec::new();
-    let dsdt_addr = place(dsdt(config.devices), &mut blobs);
+    let s5 = config.power.map(|p| p.s5_sleep_type);
+    let dsdt_addr = place(dsdt(config.devices, s5), &mut blobs);
     let fadt_addr = place(fadt(dsdt_addr, config.power), &mut blobs);
     let madt_addr = place(madt(config.vcpu_count)?, &mut blobs);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -330,12 +331,13 @@ pub fn write<M: GuestMemoryBackend>(mem: &M, config: &AcpiConfig) -> Result<u64,
 mod tests {
     use super::*;
 
-    const POWER: PowerRegisters = PowerRegisters {
+    const POWER: Option<PowerRegisters> = Some(PowerRegisters {
         sleep_control: 0x600,
         sleep_status: 0x601,
         reset: 0x602,
         reset_value: 0x1,
-    };
+        s5_sleep_type: 5,
+    });
 
     fn sum(b: &[u8]) -> u8 {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
@@ -475,6 +477,17 @@ mod tests {
         assert!(d.windows(4).any(|w| w == b"_S5_"));
         assert!(d.windows(4).any(|w| w == b"COM0"));
         assert!(d.windows(4).any(|w| w == b"V001"));
+        // Without power registers there is no S5 and no reset register to announce.
+        let bare = build(&AcpiConfig {
+            vcpu_count: 1,
+            devices: &[],
+            power: None,
+        })
+        .unwrap();
+        let (_, d) = table(&bare, b"DSDT");
+        assert!(!d.windows(4).any(|w| w == b"_S5_"));
+        let (_, f) = table(&bare, b"FACP");
+        assert_eq!(u32_at(f, 112) & (1 << 10), 0, "no RESET_REG_SUP");
     }
 
     #[test]

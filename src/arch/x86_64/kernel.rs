@@ -1,8 +1,5 @@
 //! Loading the guest kernel, initrd and command line into guest memory.
 
-use std::fs::File;
-use std::path::Path;
-
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
@@ -11,22 +8,17 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use super::boot_params::low_ram_end;
 use super::layout::{CMDLINE_START, HIMEM_START};
 use super::regs::BootProtocol;
+use crate::host_file::HostFile;
 
 /// Command-line capacity including the terminating NUL (Linux's COMMAND_LINE_SIZE on x86).
 pub const CMDLINE_CAPACITY: usize = 2048;
+/// The longest command line, without its NUL.
+pub const CMDLINE_MAX_LEN: usize = CMDLINE_CAPACITY - 1;
 /// Offset of the 64-bit entry point in a bzImage's protected-mode part.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("cannot open {what} {path}: {source}")]
-    Open {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{what} {path} is not a regular file")]
-    NotAFile { what: &'static str, path: String },
     #[error("kernel image {0} is neither an ELF vmlinux nor a bzImage")]
     NotAKernel(String),
     #[error("cannot load kernel image {path}: {reason}")]
@@ -72,41 +64,12 @@ fn is_not_bzimage(e: &loader::Error) -> bool {
     )
 }
 
-/// A boot file (kernel or initrd) opened and checked before any VM resource is created, so
-/// a wrong path is reported as a configuration error.
-pub struct BootFile {
-    pub file: File,
-    pub path: String,
-    pub size: u64,
-}
-
-impl BootFile {
-    pub fn open(what: &'static str, path: &Path) -> Result<Self, KernelError> {
-        let shown = path.display().to_string();
-        let open_err = |source| KernelError::Open {
-            what,
-            path: shown.clone(),
-            source,
-        };
-        let file = File::open(path).map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        if !meta.is_file() {
-            return Err(KernelError::NotAFile { what, path: shown });
-        }
-        Ok(BootFile {
-            file,
-            path: shown,
-            size: meta.len(),
-        })
-    }
-}
-
 /// Loads an ELF `vmlinux` (entered through its PVH note when it has one) or a bzImage.
 pub fn load_kernel<M: GuestMemoryBackend>(
     mem: &M,
-    kernel: &mut BootFile,
+    kernel: &mut HostFile,
 ) -> Result<LoadedKernel, KernelError> {
-    let shown = kernel.path.clone();
+    let shown = kernel.shown.clone();
     let file = &mut kernel.file;
     let himem = Some(GuestAddress(HIMEM_START));
     let load_err = |e: loader::Error| KernelError::Load {
@@ -144,11 +107,11 @@ pub fn load_kernel<M: GuestMemoryBackend>(
 /// so the kernel's own early allocations below it stay free. Returns (address, size).
 pub fn load_initrd<M: GuestMemoryBackend>(
     mem: &M,
-    initrd: &mut BootFile,
+    initrd: &mut HostFile,
     mem_bytes: u64,
     kernel_end: u64,
 ) -> Result<(u64, u64), KernelError> {
-    let shown = initrd.path.clone();
+    let shown = initrd.shown.clone();
     let size = initrd.size;
     let limit = low_ram_end(mem_bytes);
     let addr = limit
@@ -176,8 +139,14 @@ pub fn load_cmdline<M: GuestMemoryBackend>(mem: &M, args: &str) -> Result<usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_file::{self, Accept, Access};
     use std::io::Write;
+    use std::path::Path;
     use vm_memory::{Bytes, GuestMemoryMmap};
+
+    fn open(p: &Path) -> HostFile {
+        host_file::open("kernel", p, Access::ReadOnly, Accept::RegularFile).unwrap()
+    }
 
     fn mem(bytes: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), bytes)]).unwrap()
@@ -202,24 +171,10 @@ mod tests {
             ("zeros", &[0u8; 4096][..]),
         ] {
             let p = temp_file(name, data);
-            let err = load_kernel(&m, &mut BootFile::open("kernel", &p).unwrap()).unwrap_err();
+            let err = load_kernel(&m, &mut open(&p)).unwrap_err();
             assert!(matches!(err, KernelError::NotAKernel(_)), "{name}: {err}");
             std::fs::remove_file(p).unwrap();
         }
-    }
-
-    #[test]
-    fn missing_or_odd_files_named() {
-        let err = BootFile::open("kernel image", Path::new("/nonexistent/vmlinux"))
-            .err()
-            .unwrap();
-        assert!(
-            err.to_string()
-                .contains("cannot open kernel image /nonexistent/vmlinux"),
-            "{err}"
-        );
-        let err = BootFile::open("initrd", Path::new("/tmp")).err().unwrap();
-        assert_eq!(err.to_string(), "initrd /tmp is not a regular file");
     }
 
     /// A minimal bzImage: one setup sector plus the boot sector, then a tiny payload.
@@ -239,7 +194,7 @@ mod tests {
     fn bzimage_loaded_at_himem_with_64bit_entry() {
         let m = mem(16 << 20);
         let p = temp_file("bz", &fake_bzimage(b"PAYLOAD!"));
-        let k = load_kernel(&m, &mut BootFile::open("kernel", &p).unwrap()).unwrap();
+        let k = load_kernel(&m, &mut open(&p)).unwrap();
         std::fs::remove_file(p).unwrap();
         assert_eq!(k.entry, HIMEM_START + 0x200);
         assert_eq!(k.protocol, BootProtocol::Linux64);
@@ -253,7 +208,7 @@ mod tests {
     fn initrd_at_top_of_low_ram_page_aligned() {
         let m = mem(16 << 20);
         let p = temp_file("initrd", &[0xab; 5000]);
-        let mut f = BootFile::open("initrd", &p).unwrap();
+        let mut f = open(&p);
         let (addr, size) = load_initrd(&m, &mut f, 16 << 20, 0x20_0000).unwrap();
         assert_eq!(size, 5000);
         assert_eq!(addr % 4096, 0);

@@ -29,13 +29,29 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// RAM beyond the gap starts here.
 pub const HIGH_RAM_START: u64 = MMIO_GAP_END;
-/// virtio-mmio device windows start here, 4 KiB each.
-pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// The range the device manager hands virtio-mmio windows out of (4 KiB each).
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_END: u64 = 0xe000_0000;
+/// Interrupt lines the device manager hands to devices: the IOAPIC pins above the PC's
+/// fixed ones (0-4), up to the last of its 24 pins.
+pub const DEVICE_IRQ_FIRST: u32 = 5;
+pub const DEVICE_IRQ_LAST: u32 = 23;
+
+/// The PC's legacy devices: the console UART (COM1), the i8042 keyboard controller.
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const I8042_DATA_PORT: u64 = 0x60;
+pub const I8042_COMMAND_PORT: u64 = 0x64;
+pub const I8042_IRQ: u32 = 1;
 /// Interrupt controllers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// The ACPI power-management registers (port I/O): sleep control, sleep status, reset.
 pub const PM_PORT_START: u64 = 0x600;
+
+// Device windows and the legacy devices stay clear of RAM and of each other.
+const _: () = assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && VIRTIO_MMIO_END <= IOAPIC_START);
+const _: () = assert!(DEVICE_IRQ_FIRST > COM1_IRQ && DEVICE_IRQ_FIRST > I8042_IRQ);
 /// KVM needs three pages for the TSS and one for the identity map of real-mode emulation,
 /// placed just below the BIOS area at the top of the 32-bit space where no RAM is.
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;

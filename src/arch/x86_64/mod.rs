@@ -1,6 +1,7 @@
-//! x86_64 guests: memory layout, boot protocol, CPU state.
+//! x86_64 guests: memory layout, boot protocol, CPU state, firmware tables.
 
 pub mod acpi;
+pub mod boot;
 pub mod boot_params;
 pub mod cpuid;
 pub mod interrupts;
@@ -9,3 +10,11 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod vm;
+
+pub use boot::{
+    BootError, BootSpec, BootState, VcpuSetupError, configure_vcpu, fault_state,
+    instruction_pointer, load_guest,
+};
+pub use kernel::CMDLINE_MAX_LEN;
+pub use vm::{ArchVmError, create_interrupt_controllers, setup_vm};

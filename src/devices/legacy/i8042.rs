@@ -4,19 +4,24 @@
 
 use std::collections::VecDeque;
 
-use vmm_sys_util::eventfd::EventFd;
+use vm_superio::Trigger;
 
+use super::IrqLine;
 use crate::devices::bus::BusDevice;
 use crate::metrics::METRICS;
 use crate::stop::StopSignal;
 
-pub const I8042_DATA_PORT: u64 = 0x60;
-/// Ports 0x60..0x64 inclusive; 0x61 (the PC speaker) stays with the in-kernel PIT.
-pub const I8042_PORT_LEN: u64 = 5;
-pub const I8042_IRQ: u32 = 1;
+/// Data port to command port inclusive (0x60-0x64 on a PC); the speaker port in between
+/// (0x61) stays with the in-kernel PIT, which claims it first.
+pub const PORT_LEN: u64 = 5;
+/// The command/status port, from the data port.
+pub const COMMAND_OFFSET: u64 = 4;
+/// The controller's output buffer: bytes the guest has not read yet. A real 8042 holds
+/// one; its keyboard a 16-byte FIFO behind it. More is dropped, as the hardware drops it.
+const OUTPUT_BUFFER_BYTES: usize = 16;
 
 const OFF_DATA: u64 = 0;
-const OFF_COMMAND: u64 = 4;
+const OFF_COMMAND: u64 = COMMAND_OFFSET;
 
 const SB_OUT_DATA_AVAIL: u8 = 0x01;
 const SB_I8042_CMD_DATA: u8 = 0x08;
@@ -70,11 +75,11 @@ pub struct I8042 {
     /// With translation on, a set 2 break prefix waits for the code it modifies.
     pending_break: bool,
     stop: StopSignal,
-    kbd_interrupt: EventFd,
+    kbd_interrupt: IrqLine,
 }
 
 impl I8042 {
-    pub fn new(stop: StopSignal, kbd_interrupt: EventFd) -> Self {
+    pub fn new(stop: StopSignal, kbd_interrupt: IrqLine) -> Self {
         I8042 {
             status: SB_SYSTEM | SB_KBD_ENABLED,
             control: CTR_KBD_INT,
@@ -88,10 +93,14 @@ impl I8042 {
     }
 
     fn push_byte(&mut self, b: u8) {
+        if self.out_buf.len() >= OUTPUT_BUFFER_BYTES {
+            METRICS.i8042.missed_bytes.inc();
+            return;
+        }
         self.out_buf.push_back(b);
         self.status |= SB_OUT_DATA_AVAIL;
         if self.control & CTR_KBD_INT != 0 {
-            let _ = self.kbd_interrupt.write(1);
+            let _ = self.kbd_interrupt.trigger();
         }
     }
 
@@ -166,7 +175,7 @@ impl BusDevice for I8042 {
                 if self.out_buf.is_empty() {
                     self.status &= !SB_OUT_DATA_AVAIL;
                 } else if self.control & CTR_KBD_INT != 0 {
-                    let _ = self.kbd_interrupt.write(1);
+                    let _ = self.kbd_interrupt.trigger();
                 }
             }
             OFF_COMMAND => *first = self.status,
@@ -188,11 +197,13 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EventFd;
 
+    /// The controller, its stop signal and its interrupt line, an eventfd to watch.
     fn device() -> (I8042, StopSignal, EventFd) {
         let stop = StopSignal::new().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = I8042::new(stop.clone(), irq.try_clone().unwrap());
+        let dev = I8042::new(stop.clone(), IrqLine::new(irq.try_clone().unwrap()));
         (dev, stop, irq)
     }
 
@@ -250,5 +261,26 @@ mod tests {
         let got: Vec<u8> = (0..8).map(|_| read(&mut dev, OFF_DATA)).collect();
         assert_eq!(got, [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]);
         assert_eq!(read(&mut dev, OFF_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+    }
+
+    #[test]
+    fn output_buffer_is_bounded_like_the_hardware() {
+        let (mut dev, _, _) = device();
+        let before = METRICS.i8042.missed_bytes.total();
+        // Far more keystrokes than the controller holds, as a guest that never reads would
+        // see them.
+        for _ in 0..1000 {
+            dev.send_ctrl_alt_del();
+        }
+        assert_eq!(dev.out_buf.len(), OUTPUT_BUFFER_BYTES);
+        assert_eq!(
+            METRICS.i8042.missed_bytes.total() - before,
+            (1000 * CTRL_ALT_DEL.len() - OUTPUT_BUFFER_BYTES) as u64
+        );
+        // A guest writing commands that answer in a loop cannot grow it either.
+        for _ in 0..1000 {
+            dev.write(OFF_COMMAND, &[CMD_SELF_TEST]);
+        }
+        assert_eq!(dev.out_buf.len(), OUTPUT_BUFFER_BYTES);
     }
 }

@@ -7,13 +7,38 @@ pub mod serial;
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// An interrupt line driven through an eventfd that KVM turns into a guest interrupt
-/// (an irqfd), so raising it never takes a lock or a syscall on the VM's behalf.
-pub struct EventFdTrigger(pub EventFd);
+use crate::vstate::vm::Irqfd;
 
-impl vm_superio::Trigger for EventFdTrigger {
+/// Something that raises an interrupt: in a VM an irqfd, which KVM turns into the guest
+/// interrupt without the VMM taking part; in tests a plain eventfd to watch.
+pub trait Line: Send {
+    fn raise(&self) -> std::io::Result<()>;
+}
+
+impl Line for Irqfd {
+    fn raise(&self) -> std::io::Result<()> {
+        self.trigger()
+    }
+}
+
+impl Line for EventFd {
+    fn raise(&self) -> std::io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// The interrupt line of a legacy device.
+pub struct IrqLine(pub Box<dyn Line>);
+
+impl IrqLine {
+    pub fn new(line: impl Line + 'static) -> Self {
+        IrqLine(Box::new(line))
+    }
+}
+
+impl vm_superio::Trigger for IrqLine {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+        self.0.raise()
     }
 }

@@ -1,17 +1,23 @@
-//! The 16550 UART at 0x3f8 (COM1, IRQ 4): the guest's console.
+//! The 16550 UART: the guest's console. Its output goes into a bounded buffer that the
+//! vmm thread drains to the host's stdout, so a vCPU writing a byte never waits for the
+//! host: a full or closed stdout costs dropped (and counted) bytes, not a stalled guest.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::{Serial, SerialEvents};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::EventFdTrigger;
+use super::IrqLine;
 use crate::devices::bus::BusDevice;
 use crate::metrics::METRICS;
 
-pub const COM1_PORT: u64 = 0x3f8;
-pub const COM1_LEN: u64 = 8;
-pub const COM1_IRQ: u32 = 4;
+/// The UART's eight byte-wide registers.
+pub const REGISTERS_LEN: u64 = 8;
+
+/// How much guest output may wait for the host; more is dropped.
+pub const OUTPUT_BUFFER_BYTES: usize = 1 << 20;
 
 /// Tells the event loop when the guest has drained the receive FIFO, so it resumes
 /// reading the host's input instead of polling a full FIFO.
@@ -26,18 +32,79 @@ impl SerialEvents for InputDrained {
     }
 }
 
-/// Where guest output goes, with a hook that runs once, at the first byte (the boot timer).
+/// Guest output waiting for the vmm thread, and the eventfd that says there is some.
+pub struct OutputBuffer {
+    bytes: Mutex<VecDeque<u8>>,
+    capacity: usize,
+    ready: EventFd,
+}
+
+impl OutputBuffer {
+    pub fn new(capacity: usize) -> io::Result<Self> {
+        Ok(OutputBuffer {
+            bytes: Mutex::new(VecDeque::with_capacity(capacity)),
+            capacity,
+            ready: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<u8>> {
+        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends what fits; the rest is dropped and counted. Signals the eventfd when the
+    /// buffer was empty, which is when the vmm thread may have stopped looking.
+    pub fn push(&self, data: &[u8]) {
+        let mut bytes = self.lock();
+        let was_empty = bytes.is_empty();
+        let room = self.capacity.saturating_sub(bytes.len());
+        let n = room.min(data.len());
+        bytes.extend(&data[..n]);
+        if n < data.len() {
+            METRICS
+                .uart
+                .output_dropped_bytes
+                .add((data.len() - n) as u64);
+        }
+        drop(bytes);
+        if was_empty && n > 0 {
+            let _ = self.ready.write(1);
+        }
+    }
+
+    /// Hands up to `max` waiting bytes to `write`, which returns how many it took; the
+    /// rest stays for later, in order.
+    pub fn drain_into(&self, max: usize, write: impl FnOnce(&[u8]) -> usize) -> usize {
+        let mut bytes = self.lock();
+        let (a, _) = bytes.as_slices();
+        let chunk = &a[..a.len().min(max)];
+        let taken = write(chunk).min(chunk.len());
+        bytes.drain(..taken);
+        taken
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.ready
+    }
+}
+
+/// The UART's output side: into the buffer, with a hook that runs once, at the first byte
+/// (the boot timer).
 pub struct ConsoleOutput {
-    out: Box<dyn Write + Send>,
+    buffer: Arc<OutputBuffer>,
     on_first_byte: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl ConsoleOutput {
-    pub fn new(
-        out: Box<dyn Write + Send>,
-        on_first_byte: Option<Box<dyn FnOnce() + Send>>,
-    ) -> Self {
-        ConsoleOutput { out, on_first_byte }
+    pub fn new(buffer: Arc<OutputBuffer>, on_first_byte: Option<Box<dyn FnOnce() + Send>>) -> Self {
+        ConsoleOutput {
+            buffer,
+            on_first_byte,
+        }
     }
 }
 
@@ -46,24 +113,22 @@ impl Write for ConsoleOutput {
         if let Some(hook) = self.on_first_byte.take() {
             hook();
         }
-        self.out.write(buf)
+        self.buffer.push(buf);
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        Ok(())
     }
 }
 
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, InputDrained, ConsoleOutput>,
-    /// Output errors are logged once: a closed stdout must not flood the log.
-    output_failed: bool,
+    uart: Serial<IrqLine, InputDrained, ConsoleOutput>,
 }
 
 impl SerialDevice {
-    pub fn new(interrupt: EventFd, input_drained: EventFd, out: ConsoleOutput) -> Self {
+    pub fn new(interrupt: IrqLine, input_drained: EventFd, out: ConsoleOutput) -> Self {
         SerialDevice {
-            uart: Serial::with_events(EventFdTrigger(interrupt), InputDrained(input_drained), out),
-            output_failed: false,
+            uart: Serial::with_events(interrupt, InputDrained(input_drained), out),
         }
     }
 
@@ -101,12 +166,10 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         METRICS.uart.write_count.inc();
-        if let Err(e) = self.uart.write(offset as u8, value) {
+        // Output cannot fail (the buffer drops what does not fit); a failed interrupt
+        // is counted.
+        if self.uart.write(offset as u8, value).is_err() {
             METRICS.uart.missed_write_count.inc();
-            if !self.output_failed {
-                log::warn!("serial: guest output lost: {e:?}");
-                self.output_failed = true;
-            }
         }
     }
 }
@@ -114,43 +177,46 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
+    fn device(
+        capacity: usize,
+        hook: Option<Box<dyn FnOnce() + Send>>,
+    ) -> (SerialDevice, Arc<OutputBuffer>, EventFd) {
+        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let out = Arc::new(OutputBuffer::new(capacity).unwrap());
+        let dev = SerialDevice::new(
+            IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            drained.try_clone().unwrap(),
+            ConsoleOutput::new(out.clone(), hook),
+        );
+        (dev, out, drained)
     }
 
-    fn device(sink: Sink, hook: Option<Box<dyn FnOnce() + Send>>) -> (SerialDevice, EventFd) {
-        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = SerialDevice::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            drained.try_clone().unwrap(),
-            ConsoleOutput::new(Box::new(sink), hook),
-        );
-        (dev, drained)
+    fn drain(out: &OutputBuffer) -> Vec<u8> {
+        let mut got = Vec::new();
+        while out.drain_into(usize::MAX, |b| {
+            got.extend_from_slice(b);
+            b.len()
+        }) > 0
+        {}
+        got
     }
 
     #[test]
-    fn output_reaches_sink_and_hook_runs_once() {
-        let sink = Sink::default();
+    fn output_reaches_the_buffer_and_hook_runs_once() {
         let fired = Arc::new(Mutex::new(0));
         let f = fired.clone();
-        let (mut dev, _) = device(
-            sink.clone(),
-            Some(Box::new(move || *f.lock().unwrap() += 1)),
-        );
+        let (mut dev, out, _) = device(64, Some(Box::new(move || *f.lock().unwrap() += 1)));
         for b in b"hi" {
             dev.write(0, &[*b]);
         }
-        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+        assert_eq!(
+            out.eventfd().read().unwrap(),
+            1,
+            "signalled once, when it filled"
+        );
+        assert_eq!(drain(&out), b"hi");
         assert_eq!(*fired.lock().unwrap(), 1);
         // Line status: transmitter empty (bit 5) and idle (bit 6).
         let mut lsr = [0u8];
@@ -159,8 +225,23 @@ mod tests {
     }
 
     #[test]
+    fn a_full_buffer_drops_and_counts_and_never_blocks() {
+        let (mut dev, out, _) = device(4, None);
+        let before = METRICS.uart.output_dropped_bytes.total();
+        for b in b"abcdefgh" {
+            dev.write(0, &[*b]);
+        }
+        assert!(METRICS.uart.output_dropped_bytes.total() - before >= 4);
+        assert_eq!(drain(&out), b"abcd");
+        // Partial takes keep the rest in order.
+        out.push(b"xyz");
+        assert_eq!(out.drain_into(10, |b| b.len().min(1)), 1);
+        assert_eq!(drain(&out), b"yz");
+    }
+
+    #[test]
     fn input_fills_fifo_then_signals_when_drained() {
-        let (mut dev, drained) = device(Sink::default(), None);
+        let (mut dev, _, drained) = device(64, None);
         let input = vec![b'x'; 100];
         let taken = dev.enqueue_input(&input);
         assert_eq!(taken, 64, "FIFO holds 64 bytes");

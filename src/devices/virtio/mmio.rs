@@ -1,33 +1,85 @@
 //! The virtio-mmio transport, version 2 ("modern"): the register window through which a
 //! driver discovers a device, negotiates features, sets up queues and reads configuration.
-//! Queue notifications normally bypass it (an ioeventfd on QueueNotify); a write that does
-//! reach it is forwarded to the queue's eventfd.
+//! Queue notifications normally bypass it (one ioeventfd per queue on QueueNotify); a write
+//! that does reach it is forwarded to the queue's eventfd.
+//!
+//! Register accesses run on vCPU threads. A reset or a stopped queue may have to wait for
+//! host I/O in flight, so those run on the vmm thread through the [`WorkQueue`]; the vCPU
+//! waits, and the driver sees the effect complete when its write returns.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status};
+use super::{VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, VirtioInterruptType, status};
 use crate::devices::bus::BusDevice;
+use crate::devices::work_queue::WorkQueue;
+use crate::metrics::METRICS;
+use crate::vstate::vm::Irqfd;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
-/// Offset of QueueNotify, where the ioeventfd sits.
-pub const NOTIFY_OFFSET: u64 = 0x050;
+/// Offset of QueueNotify, where the ioeventfds sit (one per queue, matching its index).
+pub const NOTIFY_OFFSET: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 /// "EMBR": the subsystem vendor id a driver may log.
 const VENDOR_ID: u32 = 0x524d_4245;
-const CONFIG_START: u64 = 0x100;
+const CONFIG_START: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
+
+/// The transport's interrupt: InterruptStatus bits the driver reads and acknowledges, and
+/// the legacy interrupt line (an irqfd) that tells it to look.
+pub struct MmioInterrupt {
+    status: AtomicU32,
+    line: Irqfd,
+}
+
+impl MmioInterrupt {
+    pub fn new(line: Irqfd) -> Self {
+        MmioInterrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    fn trigger(&self, kind: VirtioInterruptType) {
+        let bit = match kind {
+            VirtioInterruptType::Config => reg::VIRTIO_MMIO_INT_CONFIG,
+            VirtioInterruptType::Queue(_) => reg::VIRTIO_MMIO_INT_VRING,
+        };
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if self.line.trigger().is_err() {
+            // Only a full eventfd counter fails, and that interrupt is pending anyway.
+            METRICS.vmm.interrupt_errors.inc();
+        }
+    }
+}
 
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<MmioInterrupt>,
     queue_evts: Vec<EventFd>,
+    work: Arc<WorkQueue>,
     queues: Vec<Queue>,
     queue_select: u32,
     device_features_select: u32,
@@ -39,12 +91,14 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// `queue_evts` are the eventfds the device's event handler waits on, one per queue.
+    /// `queue_evts` are the eventfds the device's event handler waits on, one per queue;
+    /// `work` runs what must not run on a vCPU thread.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemoryMmap,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<MmioInterrupt>,
         queue_evts: Vec<EventFd>,
+        work: Arc<WorkQueue>,
     ) -> Self {
         let queues = Self::fresh_queues(&device);
         MmioTransport {
@@ -52,6 +106,7 @@ impl MmioTransport {
             mem,
             interrupt,
             queue_evts,
+            work,
             queues,
             queue_select: 0,
             device_features_select: 0,
@@ -85,10 +140,21 @@ impl MmioTransport {
         self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
     }
 
-    /// Returns the transport and device to their initial state; the backend stays.
+    /// Runs `f` on the device, on the vmm thread, and waits for it.
+    fn on_vmm_thread(&self, f: impl FnOnce(&mut dyn VirtioDevice) + Send + 'static) {
+        let device = self.device.clone();
+        self.work.run(move || {
+            let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut *dev);
+        });
+    }
+
+    /// Returns the transport and device to their initial state; the backend stays. The
+    /// device's part (waiting for its I/O) is done before the driver's write returns, so
+    /// Status reads 0 only once nothing touches guest memory any more.
     fn reset(&mut self) {
         if self.activated {
-            self.device().reset();
+            self.on_vmm_thread(|dev| dev.reset());
         }
         self.activated = false;
         self.queues = Self::fresh_queues(&self.device);
@@ -138,7 +204,8 @@ impl MmioTransport {
             .iter()
             .position(|q| q.ready() && !q.is_valid(&self.mem))
         {
-            log::warn!("virtio: queue {i} set up with invalid addresses or size");
+            METRICS.vmm.guest_errors.inc();
+            log::debug!("virtio: queue {i} set up with invalid addresses or size");
             return false;
         }
         // The device gets its own copies; the transport keeps its view for the registers.
@@ -147,35 +214,50 @@ impl MmioTransport {
             .iter()
             .filter_map(|q| Queue::try_from(q.state()).ok())
             .collect();
-        let result = self
-            .device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .activate(
-                self.mem.clone(),
-                self.driver_features,
-                queues,
-                self.interrupt.clone(),
-            );
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let result =
+            self.device()
+                .activate(self.mem.clone(), self.driver_features, queues, interrupt);
         match result {
             Ok(()) => {
                 self.activated = true;
                 true
             }
             Err(e) => {
-                log::warn!("virtio: cannot activate the device: {e}");
+                METRICS.vmm.guest_errors.inc();
+                log::debug!("virtio: cannot activate the device: {e}");
                 false
             }
         }
     }
 
-    fn read_reg(&mut self, offset: u64) -> u32 {
+    /// QueueReady: 1 during set-up makes the queue usable; 0 at any time stops it (virtio
+    /// 1.2, 4.2.2.2: "to stop using the queue the driver MUST write zero ... and MUST read
+    /// the value back"), and reads back 0 once the device no longer uses it.
+    fn set_queue_ready(&mut self, value: u32) {
+        let index = self.queue_select as usize;
+        let running = self.activated;
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        if value == 0 {
+            let was_ready = q.ready();
+            q.set_ready(false);
+            if running && was_ready {
+                self.on_vmm_thread(move |dev| dev.stop_queue(index));
+            }
+        } else if value == 1 && !running {
+            q.set_ready(true);
+        }
+    }
+
+    fn read_reg(&mut self, offset: u32) -> u32 {
         match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => self.device().device_type(),
-            0x00c => VENDOR_ID,
-            0x010 => {
+            reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            reg::VIRTIO_MMIO_VERSION => VERSION,
+            reg::VIRTIO_MMIO_DEVICE_ID => self.device().device_type(),
+            reg::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => {
                 let f = self.device().device_features();
                 match self.device_features_select {
                     0 => f as u32,
@@ -183,31 +265,32 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            0x034 => self
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => self
                 .queues
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.max_size())),
-            0x044 => self
+            reg::VIRTIO_MMIO_QUEUE_READY => self
                 .queues
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            0x060 => self.interrupt.status(),
-            0x070 => self.status,
-            0x0fc => self
+            reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            reg::VIRTIO_MMIO_STATUS => self.status,
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => self
                 .config_generation
                 .wrapping_add(self.device().config_generation()),
             _ => {
+                METRICS.vmm.guest_errors.inc();
                 log::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
             }
         }
     }
 
-    fn write_reg(&mut self, offset: u64, value: u32) {
+    fn write_reg(&mut self, offset: u32, value: u32) {
         let setup = self.queue_setup_allowed();
         match offset {
-            0x014 => self.device_features_select = value,
-            0x020 => {
+            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES => {
                 if self.status & status::FEATURES_OK == 0 {
                     let v = u64::from(value);
                     match self.driver_features_select {
@@ -219,34 +302,45 @@ impl MmioTransport {
                     }
                 }
             }
-            0x024 => self.driver_features_select = value,
-            0x030 => self.queue_select = value,
-            0x038 if setup => {
+            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
+            reg::VIRTIO_MMIO_QUEUE_NUM if setup => {
                 if let Some(q) = self.selected_queue() {
                     q.set_size(value as u16);
                 }
             }
-            0x044 if setup => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_ready(value == 1);
-                }
-            }
-            0x050 => {
-                // Only reached when the ioeventfd did not take the write (another value
-                // than queue 0, or no ioeventfd): forward it.
+            reg::VIRTIO_MMIO_QUEUE_READY => self.set_queue_ready(value),
+            reg::VIRTIO_MMIO_QUEUE_NOTIFY => {
+                // Only reached when no ioeventfd took the write (an index without a queue,
+                // or no ioeventfd): forward it.
                 if let Some(evt) = self.queue_evts.get(value as usize) {
                     let _ = evt.write(1);
                 }
             }
-            0x064 => self.interrupt.ack(value),
-            0x070 => self.set_status(value),
-            0x080 if setup => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            0x084 if setup => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
-            0x090 if setup => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
-            0x094 if setup => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
-            0x0a0 if setup => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
-            0x0a4 if setup => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
-            _ => log::debug!("virtio-mmio: ignored write of {value:#x} to {offset:#x}"),
+            reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            reg::VIRTIO_MMIO_STATUS => self.set_status(value),
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW if setup => {
+                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH if setup => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW if setup => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH if setup => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW if setup => {
+                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH if setup => {
+                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
+            _ => {
+                METRICS.vmm.guest_errors.inc();
+                log::debug!("virtio-mmio: ignored write of {value:#x} to {offset:#x}");
+            }
         }
     }
 
@@ -265,10 +359,11 @@ impl BusDevice for MmioTransport {
         }
         // Registers below the configuration space are 32 bits wide and aligned.
         if data.len() != 4 || !offset.is_multiple_of(4) {
+            METRICS.vmm.guest_errors.inc();
             data.fill(0);
             return;
         }
-        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        data.copy_from_slice(&self.read_reg(offset as u32).to_le_bytes());
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -278,12 +373,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            METRICS.vmm.guest_errors.inc();
             return;
         };
         if !offset.is_multiple_of(4) {
+            METRICS.vmm.guest_errors.inc();
             return;
         }
-        self.write_reg(offset, u32::from_le_bytes(bytes));
+        self.write_reg(offset as u32, u32::from_le_bytes(bytes));
     }
 }
 
@@ -291,6 +388,8 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::ActivateError;
+    use crate::vstate::kvm::KvmContext;
+    use crate::vstate::vm::Vm;
     use vm_memory::GuestAddress;
 
     /// A device that records what the transport told it.
@@ -298,7 +397,10 @@ mod tests {
     struct FakeDevice {
         activated_with: Option<(u64, usize)>,
         resets: usize,
+        stopped: Vec<usize>,
         config: [u8; 8],
+        /// Which thread ran the last reset or queue stop.
+        io_thread: Option<std::thread::ThreadId>,
     }
 
     impl VirtioDevice for FakeDevice {
@@ -320,7 +422,7 @@ mod tests {
             _mem: GuestMemoryMmap,
             features: u64,
             queues: Vec<Queue>,
-            _interrupt: Arc<VirtioInterrupt>,
+            _interrupt: Arc<dyn VirtioInterrupt>,
         ) -> Result<(), ActivateError> {
             self.activated_with = Some((features, queues.len()));
             Ok(())
@@ -328,71 +430,126 @@ mod tests {
         fn reset(&mut self) {
             self.resets += 1;
             self.activated_with = None;
+            self.io_thread = Some(std::thread::current().id());
+        }
+        fn process_queue(&mut self, _index: usize) {}
+        fn stop_queue(&mut self, index: usize) {
+            self.stopped.push(index);
+            self.io_thread = Some(std::thread::current().id());
         }
     }
 
-    fn transport() -> (MmioTransport, Arc<Mutex<FakeDevice>>, EventFd) {
+    /// The transport with a fake device, the queue's eventfd, and a thread standing in for
+    /// the vmm thread (it runs the work queue until the test ends).
+    struct Setup {
+        t: MmioTransport,
+        dev: Arc<Mutex<FakeDevice>>,
+        evt: EventFd,
+        vmm: std::thread::ThreadId,
+        _vm: Vm,
+    }
+
+    fn transport() -> Setup {
         let dev = Arc::new(Mutex::new(FakeDevice {
             config: 0x1234u64.to_le_bytes(),
             ..Default::default()
         }));
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let irq = Arc::new(VirtioInterrupt::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        ));
+        let vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
+        vm.create_interrupt_controllers().unwrap();
+        let irq = Arc::new(MmioInterrupt::new(vm.irqfd(5, "test").unwrap()));
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(dev.clone(), mem, irq, vec![evt.try_clone().unwrap()]);
-        (t, dev, evt)
+        let work = Arc::new(WorkQueue::new().unwrap());
+        let runner = work.clone();
+        let vmm = std::thread::spawn(move || {
+            loop {
+                let mut p = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(runner.eventfd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut p, 1, 5000) } <= 0 {
+                    return;
+                }
+                runner.run_pending();
+            }
+        });
+        let vmm_id = vmm.thread().id();
+        let t = MmioTransport::new(dev.clone(), mem, irq, vec![evt.try_clone().unwrap()], work);
+        Setup {
+            t,
+            dev,
+            evt,
+            vmm: vmm_id,
+            _vm: vm,
+        }
     }
 
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+    fn r(t: &mut MmioTransport, off: u32) -> u32 {
         let mut b = [0u8; 4];
-        t.read(off, &mut b);
+        t.read(u64::from(off), &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
+    fn w(t: &mut MmioTransport, off: u32, v: u32) {
+        t.write(u64::from(off), &v.to_le_bytes());
     }
 
     /// Drives the spec's initialisation sequence up to FEATURES_OK with `features`.
     fn negotiate(t: &mut MmioTransport, features: u64) {
-        w(t, 0x070, status::ACKNOWLEDGE);
-        w(t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
-        w(t, 0x024, 0);
-        w(t, 0x020, features as u32);
-        w(t, 0x024, 1);
-        w(t, 0x020, (features >> 32) as u32);
+        w(t, reg::VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE);
         w(
             t,
-            0x070,
+            reg::VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+        w(
+            t,
+            reg::VIRTIO_MMIO_STATUS,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
     }
 
     fn setup_queue(t: &mut MmioTransport) {
-        w(t, 0x030, 0);
-        w(t, 0x038, 16);
-        w(t, 0x080, 0x1000);
-        w(t, 0x084, 0);
-        w(t, 0x090, 0x2000);
-        w(t, 0x094, 0);
-        w(t, 0x0a0, 0x3000);
-        w(t, 0x0a4, 0);
-        w(t, 0x044, 1);
+        w(t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(t, reg::VIRTIO_MMIO_QUEUE_NUM, 16);
+        w(t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        w(t, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+        w(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        w(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
+        w(t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        w(t, reg::VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
+        w(t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    fn running() -> Setup {
+        let mut s = transport();
+        negotiate(&mut s.t, 1 << VIRTIO_F_VERSION_1);
+        setup_queue(&mut s.t);
+        w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
+        s
     }
 
     #[test]
     fn identity_registers() {
-        let (mut t, _, _) = transport();
-        assert_eq!(r(&mut t, 0x000), MAGIC);
-        assert_eq!(r(&mut t, 0x004), 2);
-        assert_eq!(r(&mut t, 0x008), 2);
-        w(&mut t, 0x014, 1);
-        assert_eq!(r(&mut t, 0x010), 1, "VERSION_1 is bit 0 of the high half");
-        w(&mut t, 0x014, 0);
-        assert_eq!(r(&mut t, 0x010), 1 << 5);
-        assert_eq!(r(&mut t, 0x034), 16);
+        let Setup { mut t, .. } = transport();
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_DEVICE_ID), 2);
+        w(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES),
+            1,
+            "VERSION_1 is bit 0 of the high half"
+        );
+        w(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES), 1 << 5);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
         // Narrow or unaligned register accesses read as zero and write nothing.
         let mut b = [0xffu8; 2];
         t.read(0x000, &mut b);
@@ -401,93 +558,137 @@ mod tests {
 
     #[test]
     fn full_handshake_activates_with_negotiated_features() {
-        let (mut t, dev, _) = transport();
-        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
-        assert_ne!(r(&mut t, 0x070) & status::FEATURES_OK, 0);
-        setup_queue(&mut t);
-        assert_eq!(r(&mut t, 0x044), 1);
-        w(&mut t, 0x070, 0xf); // ACK|DRIVER|FEATURES_OK|DRIVER_OK
-        assert_eq!(r(&mut t, 0x070), 0xf);
+        let mut s = transport();
+        negotiate(&mut s.t, 1 << VIRTIO_F_VERSION_1);
+        assert_ne!(
+            r(&mut s.t, reg::VIRTIO_MMIO_STATUS) & status::FEATURES_OK,
+            0
+        );
+        setup_queue(&mut s.t);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
+        w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_STATUS), 0xf);
         assert_eq!(
-            dev.lock().unwrap().activated_with,
+            s.dev.lock().unwrap().activated_with,
             Some((1 << VIRTIO_F_VERSION_1, 1))
         );
         // Queue registers are frozen after DRIVER_OK.
-        w(&mut t, 0x038, 8);
-        assert_eq!(t.queues[0].size(), 16);
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_NUM, 8);
+        assert_eq!(s.t.queues[0].size(), 16);
     }
 
     #[test]
     fn features_without_version_1_or_unoffered_are_refused() {
         for features in [0u64, (1 << VIRTIO_F_VERSION_1) | (1 << 7)] {
-            let (mut t, dev, _) = transport();
-            negotiate(&mut t, features);
+            let mut s = transport();
+            negotiate(&mut s.t, features);
             assert_eq!(
-                r(&mut t, 0x070) & status::FEATURES_OK,
+                r(&mut s.t, reg::VIRTIO_MMIO_STATUS) & status::FEATURES_OK,
                 0,
                 "features {features:#x}"
             );
-            w(&mut t, 0x070, 0xf);
-            assert!(dev.lock().unwrap().activated_with.is_none());
+            w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
+            assert!(s.dev.lock().unwrap().activated_with.is_none());
         }
     }
 
     #[test]
     fn invalid_queue_is_not_activated() {
-        let (mut t, dev, _) = transport();
-        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
-        w(&mut t, 0x030, 0);
-        w(&mut t, 0x038, 16);
+        let mut s = transport();
+        negotiate(&mut s.t, 1 << VIRTIO_F_VERSION_1);
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_NUM, 16);
         // Rings outside guest memory.
-        w(&mut t, 0x080, 0xffff_0000);
-        w(&mut t, 0x084, 0x10);
-        w(&mut t, 0x044, 1);
-        w(&mut t, 0x070, 0xf);
-        assert!(dev.lock().unwrap().activated_with.is_none());
-        assert_ne!(r(&mut t, 0x070) & status::DEVICE_NEEDS_RESET, 0);
-        assert_eq!(r(&mut t, 0x070) & status::DRIVER_OK, 0);
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0xffff_0000);
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x10);
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+        w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
+        assert!(s.dev.lock().unwrap().activated_with.is_none());
+        let st = r(&mut s.t, reg::VIRTIO_MMIO_STATUS);
+        assert_ne!(st & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(st & status::DRIVER_OK, 0);
     }
 
     #[test]
-    fn reset_returns_to_initial_state_and_keeps_backend() {
-        let (mut t, dev, _) = transport();
-        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
-        setup_queue(&mut t);
-        w(&mut t, 0x070, 0xf);
-        t.interrupt.trigger(1);
-        w(&mut t, 0x070, 0);
-        assert_eq!(r(&mut t, 0x070), 0);
-        assert_eq!(r(&mut t, 0x060), 0);
-        assert_eq!(r(&mut t, 0x044), 0, "queues dropped");
-        assert_eq!(dev.lock().unwrap().resets, 1);
+    fn reset_runs_on_the_vmm_thread_and_returns_to_initial_state() {
+        let mut s = running();
+        s.t.interrupt.trigger(VirtioInterruptType::Queue(0));
+        w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        assert_eq!(
+            r(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY),
+            0,
+            "queues dropped"
+        );
+        {
+            let dev = s.dev.lock().unwrap();
+            assert_eq!(dev.resets, 1);
+            assert_eq!(
+                dev.io_thread,
+                Some(s.vmm),
+                "the reset ran on the vmm thread"
+            );
+        }
         // The device can be set up again.
-        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
-        setup_queue(&mut t);
-        w(&mut t, 0x070, 0xf);
-        assert!(dev.lock().unwrap().activated_with.is_some());
+        negotiate(&mut s.t, 1 << VIRTIO_F_VERSION_1);
+        setup_queue(&mut s.t);
+        w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
+        assert!(s.dev.lock().unwrap().activated_with.is_some());
+    }
+
+    #[test]
+    fn queue_ready_zero_after_driver_ok_stops_the_queue_and_reads_back_zero() {
+        let mut s = running();
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+        let dev = s.dev.lock().unwrap();
+        assert_eq!(dev.stopped, vec![0]);
+        assert_eq!(dev.io_thread, Some(s.vmm));
+        drop(dev);
+        // Without VIRTIO_F_RING_RESET the queue cannot be revived while running.
+        w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
     }
 
     #[test]
     fn status_bits_cannot_be_taken_back_and_failed_is_kept() {
-        let (mut t, _, _) = transport();
-        w(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
-        w(&mut t, 0x070, status::ACKNOWLEDGE);
-        assert_ne!(r(&mut t, 0x070) & status::DEVICE_NEEDS_RESET, 0);
-        let (mut t, _, _) = transport();
-        w(&mut t, 0x070, status::ACKNOWLEDGE | status::FAILED);
-        assert_eq!(r(&mut t, 0x070), status::ACKNOWLEDGE | status::FAILED);
+        let Setup { mut t, .. } = transport();
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE);
+        assert_ne!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS) & status::DEVICE_NEEDS_RESET,
+            0
+        );
+        let Setup { mut t, .. } = transport();
+        w(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::FAILED,
+        );
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS),
+            status::ACKNOWLEDGE | status::FAILED
+        );
     }
 
     #[test]
     fn interrupt_ack_and_notify_forwarding_and_config() {
-        let (mut t, _, evt) = transport();
-        t.interrupt.trigger(1);
-        assert_eq!(r(&mut t, 0x060), 1);
-        w(&mut t, 0x064, 1);
-        assert_eq!(r(&mut t, 0x060), 0);
-        w(&mut t, 0x050, 0);
+        let Setup { mut t, evt, .. } = transport();
+        t.interrupt.trigger(VirtioInterruptType::Queue(0));
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        t.interrupt.trigger(VirtioInterruptType::Config);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 3);
+        w(&mut t, reg::VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 2);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         assert_eq!(evt.read().unwrap(), 1);
-        w(&mut t, 0x050, 7); // no such queue: ignored
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 7); // no such queue: ignored
         let mut cap = [0u8; 8];
         t.read(0x100, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 0x1234);

@@ -1,68 +1,43 @@
 //! virtio devices and their MMIO transport (virtio 1.2, "Virtio Over MMIO", version 2).
 
 pub mod block;
-pub mod driver;
 pub mod mmio;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
+use event_manager::EventSet;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bits shared by every device.
-pub const VIRTIO_F_VERSION_1: u32 = 32;
+pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
-    pub const ACKNOWLEDGE: u32 = 1;
-    pub const DRIVER: u32 = 2;
-    pub const DRIVER_OK: u32 = 4;
-    pub const FEATURES_OK: u32 = 8;
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    pub const FAILED: u32 = 128;
+    use virtio_bindings::virtio_config as c;
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
+    pub const DEVICE_NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
-/// Interrupt status bits (virtio 1.2, 4.2.2).
-pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG_CHANGE: u32 = 2;
-
-/// A device's interrupt line: the status register the driver reads through the transport
-/// and the irqfd KVM turns into the guest interrupt.
-pub struct VirtioInterrupt {
-    status: AtomicU32,
-    irqfd: EventFd,
+/// Why a device interrupts its driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// The device changed its configuration space.
+    Config,
+    /// The device put buffers in the used ring of this queue.
+    Queue(u16),
 }
 
-impl VirtioInterrupt {
-    pub fn new(irqfd: EventFd) -> Self {
-        VirtioInterrupt {
-            status: AtomicU32::new(0),
-            irqfd,
-        }
-    }
-
-    /// Sets `bits` in the interrupt status and raises the line.
-    pub fn trigger(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::SeqCst);
-        if let Err(e) = self.irqfd.write(1) {
-            log::warn!("virtio: cannot raise the interrupt: {e}");
-        }
-    }
-
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
-    }
-
-    /// The driver acknowledges `bits`.
-    pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
-    }
-
-    pub fn clear(&self) {
-        self.status.store(0, Ordering::SeqCst);
-    }
+/// How a device interrupts its driver, whatever the transport: virtio-mmio raises a legacy
+/// interrupt line and sets its InterruptStatus register; MSI-X (with virtio-pci) sends the
+/// vector of the queue. A device only says why.
+pub trait VirtioInterrupt: Send + Sync {
+    fn trigger(&self, kind: VirtioInterruptType);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +46,9 @@ pub enum ActivateError {
     BadQueue(usize),
 }
 
-/// What the transport needs from a device model.
+/// What a transport and the event loop need from a device model. Register accesses come
+/// from vCPU threads (`read_config`, `write_config`, `activate`); everything that does I/O
+/// runs on the vmm thread (`process_queue`, `process_event`, `reset`, `quiesce`).
 pub trait VirtioDevice: Send {
     /// The virtio device type (2 for block).
     fn device_type(&self) -> u32;
@@ -89,15 +66,30 @@ pub trait VirtioDevice: Send {
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError>;
-    /// The driver reset the device: drop the queues, keep the backend.
+    /// The driver reset the device: wait for work in flight, drop the queues, keep the
+    /// backend. Once it returns the device no longer touches guest memory.
     fn reset(&mut self);
     /// Counts changes the device made to its own configuration space, so the driver can
     /// tell a torn read (virtio 1.2, 4.2.2 ConfigGeneration).
     fn config_generation(&self) -> u32 {
         0
     }
+    /// The driver notified queue `index`.
+    fn process_queue(&mut self, index: usize);
+    /// The driver stopped using queue `index` (QueueReady written 0 after DRIVER_OK): wait
+    /// for its requests in flight and forget it. Runs on the vmm thread.
+    fn stop_queue(&mut self, index: usize);
+    /// The device's own event sources besides its queues (timers, backends), with the
+    /// events the loop waits for on each.
+    fn event_sources(&self) -> Vec<(RawFd, EventSet)> {
+        Vec::new()
+    }
+    /// One of [`Self::event_sources`] is ready.
+    fn process_event(&mut self, _fd: RawFd, _events: EventSet) {}
+    /// Waits until nothing the device started still writes guest memory (the VM pauses).
+    fn quiesce(&mut self) {}
 }
 
 /// Copies the bytes of `config` at `offset` into `data`; out-of-range bytes read as zero.
@@ -126,17 +118,5 @@ mod tests {
         assert_eq!(d, [0; 4]);
         read_config_bytes(&cfg, u64::MAX, &mut d);
         assert_eq!(d, [0; 4]);
-    }
-
-    #[test]
-    fn interrupt_status_set_and_acked() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = VirtioInterrupt::new(evt.try_clone().unwrap());
-        irq.trigger(INT_USED_RING);
-        assert_eq!(irq.status(), INT_USED_RING);
-        assert_eq!(evt.read().unwrap(), 1);
-        irq.trigger(INT_CONFIG_CHANGE);
-        irq.ack(INT_USED_RING);
-        assert_eq!(irq.status(), INT_CONFIG_CHANGE);
     }
 }

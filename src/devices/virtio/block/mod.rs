@@ -7,21 +7,23 @@
 pub mod io_engine;
 pub mod request;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::EventSet;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, INT_CONFIG_CHANGE, INT_USED_RING, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, read_config_bytes,
+    ActivateError, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    read_config_bytes,
 };
 use crate::config::rate_limiter::RateLimiterConfig;
+use crate::host_file::{self, Accept, Access, HostFileError};
 use crate::metrics::METRICS;
 use crate::rate_limiter::{RateLimiter, TokenType};
 use io_engine::{AsyncEngine, PendingRequest};
@@ -30,24 +32,18 @@ use request::{
     VIRTIO_BLK_S_UNSUPP,
 };
 
-pub const VIRTIO_ID_BLOCK: u32 = 2;
-pub const VIRTIO_BLK_F_RO: u32 = 5;
-pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
-/// Descriptors may point at a table of further descriptors (virtio 1.2, 2.7.5.3).
-pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-/// The driver publishes when it wants interrupts and notifications (virtio 1.2, 2.7.10).
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+pub use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+/// Descriptors may point at a table of further descriptors (virtio 1.2, 2.7.5.3), and the
+/// driver publishes when it wants interrupts and notifications (2.7.10).
+pub use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 /// Queue size offered to the guest.
 pub const QUEUE_SIZE: u16 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("drive {id:?}: cannot open {path}: {source}")]
-    Open {
-        id: String,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("drive {id:?}: {source}")]
+    Open { id: String, source: HostFileError },
     #[error("drive {id:?}: cannot create the rate limiter's timer: {source}")]
     RateLimiter { id: String, source: std::io::Error },
 }
@@ -69,7 +65,7 @@ pub struct BlockConfig {
 struct ActiveQueue {
     mem: GuestMemoryMmap,
     queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 pub struct Block {
@@ -85,33 +81,39 @@ pub struct Block {
     descs: Vec<Descriptor>,
 }
 
-/// Opens a backing file with the guest's access; returns it with its size in sectors.
-fn open_backing(config: &BlockConfig, path: &str) -> Result<(File, u64), BlockError> {
-    let open_err = |source| BlockError::Open {
-        id: config.id.clone(),
-        path: path.to_owned(),
-        source,
+/// Opens a backing file (or block device) with the guest's access, without blocking;
+/// returns it with its size in sectors.
+pub fn open_backing(id: &str, path: &str, read_only: bool) -> Result<(File, u64), BlockError> {
+    let access = if read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .open(path)
-        .map_err(open_err)?;
-    let len = file.metadata().map_err(open_err)?.len();
+    let f = host_file::open(
+        "backing file",
+        Path::new(path),
+        access,
+        Accept::FileOrBlockDevice,
+    )
+    .map_err(|source| BlockError::Open {
+        id: id.to_owned(),
+        source,
+    })?;
+    let len = f.size;
     if !len.is_multiple_of(SECTOR_SIZE) {
         log::warn!(
-            "drive {:?}: {path} is {len} bytes, not a multiple of 512; the last {} bytes are not visible to the guest",
-            config.id,
+            "drive {id:?}: {} is {len} bytes, not a multiple of 512; the last {} bytes are not visible to the guest",
+            f.shown,
             len % SECTOR_SIZE
         );
     }
-    Ok((file, len / SECTOR_SIZE))
+    Ok((f.file, len / SECTOR_SIZE))
 }
 
 impl Block {
     /// Opens the backing file once, for the life of the VM, with the guest's access.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
-        let (file, capacity) = open_backing(&config, &config.path)?;
+        let (file, capacity) = open_backing(&config.id, &config.path, config.read_only)?;
         let engine = if config.async_io {
             match AsyncEngine::new(QUEUE_SIZE) {
                 Ok(e) => Some(e),
@@ -151,14 +153,16 @@ impl Block {
     /// go to the new file, the capacity follows it, and the guest is told its configuration
     /// changed.
     pub fn swap_backing(&mut self, path: &str) -> Result<(), BlockError> {
-        let (file, capacity) = open_backing(&self.config, path)?;
+        let (file, capacity) = open_backing(&self.config.id, path, self.config.read_only)?;
+        // Requests in flight still use the old file: let them finish before it is closed.
+        self.finish_in_flight();
         self.file = file;
         self.config.path = path.to_owned();
         self.capacity = capacity;
         self.config_space = capacity.to_le_bytes();
         self.generation = self.generation.wrapping_add(1);
         if let Some(active) = &self.active {
-            active.interrupt.trigger(INT_CONFIG_CHANGE);
+            active.interrupt.trigger(VirtioInterruptType::Config);
         }
         log::info!(
             "drive {:?}: now backed by {path} ({capacity} sectors)",
@@ -297,6 +301,17 @@ impl Block {
         }
     }
 
+    /// Waits for every request in flight and returns them to the guest (if it still has
+    /// a queue), so nothing the device started writes guest memory afterwards.
+    fn finish_in_flight(&mut self) {
+        if let Some(engine) = self.engine.as_mut()
+            && engine.in_flight() > 0
+        {
+            let done = engine.drain();
+            self.complete_async(done);
+        }
+    }
+
     /// Returns requests the io_uring finished to the guest.
     pub fn process_completions(&mut self) {
         let Some(engine) = self.engine.as_mut() else {
@@ -348,7 +363,7 @@ impl Block {
 /// many than a driver waiting forever.
 fn notify(active: &mut ActiveQueue) {
     if active.queue.needs_notification(&active.mem).unwrap_or(true) {
-        active.interrupt.trigger(INT_USED_RING);
+        active.interrupt.trigger(VirtioInterruptType::Queue(0));
     }
 }
 
@@ -637,7 +652,7 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         features: u64,
         mut queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         let mut queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
         if !queue.ready() {
@@ -656,68 +671,67 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         // Requests in flight finish into the old rings before they are forgotten.
-        if let Some(engine) = self.engine.as_mut() {
-            let done = engine.drain();
-            self.complete_async(done);
-        }
+        self.finish_in_flight();
         self.active = None;
     }
 
     fn config_generation(&self) -> u32 {
         self.generation
     }
-}
 
-/// Runs the device's queue when the guest notifies it.
-pub struct BlockEventHandler {
-    pub block: Arc<Mutex<Block>>,
-    pub queue_evt: EventFd,
-    /// The io_uring's completion eventfd, for the Async engine.
-    pub completion_evt: Option<EventFd>,
-}
+    fn process_queue(&mut self, _index: usize) {
+        Block::process_queue(self);
+    }
 
-impl MutEventSubscriber for BlockEventHandler {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut block = self.block.lock().unwrap_or_else(|e| e.into_inner());
-        if events.fd() == self.queue_evt.as_raw_fd() {
-            let _ = self.queue_evt.read();
-            block.process_queue();
-        } else if events.fd() == block.limiter_fd() {
-            block.process_limiter_event();
-        } else {
-            block.process_completions();
+    fn stop_queue(&mut self, _index: usize) {
+        // The device has one queue: stopping it is a reset of the queue side.
+        self.finish_in_flight();
+        self.active = None;
+    }
+
+    fn event_sources(&self) -> Vec<(RawFd, EventSet)> {
+        let mut v = vec![(self.limiter.as_raw_fd(), EventSet::IN)];
+        if let Some(engine) = &self.engine {
+            v.push((engine.eventfd().as_raw_fd(), EventSet::IN));
+        }
+        v
+    }
+
+    fn process_event(&mut self, fd: RawFd, _events: EventSet) {
+        if fd == self.limiter.as_raw_fd() {
+            self.process_limiter_event();
+        } else if self
+            .engine
+            .as_ref()
+            .is_some_and(|e| fd == e.eventfd().as_raw_fd())
+        {
+            self.process_completions();
         }
     }
 
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evt, EventSet::IN)) {
-            log::error!("virtio-blk: cannot watch the queue eventfd: {e}");
-        }
-        let limiter_fd = self
-            .block
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .limiter_fd();
-        if let Err(e) = ops.add(Events::new_raw(limiter_fd, EventSet::IN)) {
-            log::error!("virtio-blk: cannot watch the rate limiter: {e}");
-        }
-        if let Some(evt) = &self.completion_evt
-            && let Err(e) = ops.add(Events::new(evt, EventSet::IN))
-        {
-            log::error!("virtio-blk: cannot watch the io_uring completions: {e}");
-        }
+    fn quiesce(&mut self) {
+        self.finish_in_flight();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::driver::{Desc, QueueDriver, VRING_DESC_F_NEXT};
+    use ember_virtq_driver::{Desc, QueueDriver, VRING_DESC_F_NEXT};
     use request::*;
     use std::io::Write;
     use vm_memory::GuestAddress;
 
     const HDR: u64 = 0x10_000;
+
+    /// An interrupt the test can watch: each trigger writes the eventfd.
+    struct EventFdInterrupt(EventFd);
+
+    impl VirtioInterrupt for EventFdInterrupt {
+        fn trigger(&self, _kind: VirtioInterruptType) {
+            self.0.write(1).unwrap();
+        }
+    }
     const DATA: u64 = 0x20_000;
     const STATUS: u64 = 0x30_000;
     const SECTORS: u64 = 16;
@@ -760,7 +774,7 @@ mod tests {
                 mem.clone(),
                 0,
                 vec![driver.device_queue()],
-                Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap())),
+                Arc::new(EventFdInterrupt(irq.try_clone().unwrap())),
             )
             .unwrap();
         Rig {
@@ -1023,7 +1037,7 @@ mod tests {
                 r.mem.clone(),
                 (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX),
                 vec![queue],
-                Arc::new(VirtioInterrupt::new(r.irq.try_clone().unwrap())),
+                Arc::new(EventFdInterrupt(r.irq.try_clone().unwrap())),
             )
             .unwrap();
         // "Interrupt me once the used index passes 100": the first completion is silent.

@@ -9,16 +9,18 @@ pub const SECTOR_SIZE: u64 = 512;
 /// The GET_ID answer is at most this long (virtio 1.2, 5.2.6).
 pub const ID_BYTES: usize = 20;
 
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 const HEADER_LEN: u32 = 16;
+/// The used ring reports the bytes written as a u32, the status byte included: a request
+/// may carry at most this much data.
+pub const MAX_DATA_LEN: u64 = u32::MAX as u64 - 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestType {
@@ -124,6 +126,7 @@ pub fn parse(
         }
         data_len = data_len
             .checked_add(u64::from(d.len()))
+            .filter(|&n| n <= MAX_DATA_LEN)
             .ok_or(RequestError::TooLarge)?;
         data.push((d.addr(), d.len()));
     }
@@ -253,6 +256,20 @@ mod tests {
         // A header outside memory.
         let chain = [Descriptor::new(u64::MAX - 4, 16, 0, 0), status()];
         assert_eq!(parse(&chain, &m, 8), Err(RequestError::OutsideMemory));
+    }
+
+    #[test]
+    fn data_that_would_overflow_the_used_length_is_refused() {
+        // Two 3 GiB buffers in a 7 GiB guest: each is valid memory, together they carry
+        // more than the used ring's 32-bit length can report.
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 7 << 30)]).unwrap();
+        let big = Descriptor::new(1 << 30, 3 << 30, WRITE, 0);
+        let big2 = Descriptor::new(4 << 30, 3 << 30, WRITE, 0);
+        let chain = [header(&m, VIRTIO_BLK_T_IN, 0), big, big2, status()];
+        assert_eq!(parse(&chain, &m, u64::MAX), Err(RequestError::TooLarge));
+        // One of them alone fits.
+        let chain = [header(&m, VIRTIO_BLK_T_IN, 0), big, status()];
+        assert_eq!(parse(&chain, &m, u64::MAX).unwrap().data_len, 3 << 30);
     }
 
     #[test]

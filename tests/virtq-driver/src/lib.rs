@@ -1,14 +1,15 @@
-//! The driver side of a split virtqueue, for exercising device models without a guest:
-//! unit tests, the block benchmark and the fuzz targets put descriptor chains into guest
-//! memory the way a guest driver would and read the used ring back.
+//! The driver side of a split virtqueue, for exercising ember's device models without a
+//! guest: unit tests, the block benchmark and the fuzz targets put descriptor chains into
+//! guest memory the way a guest driver would and read the used ring back. A crate of its
+//! own so none of it is in ember's library.
 
 use std::sync::atomic::{Ordering, fence};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-pub const VRING_DESC_F_NEXT: u16 = 1;
-pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+pub const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
 /// One descriptor as a driver describes it: address, length, device-writable or not.
 #[derive(Clone, Copy, Debug)]

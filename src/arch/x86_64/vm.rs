@@ -1,0 +1,41 @@
+//! What an x86_64 VM needs from KVM before its vCPUs exist: the TSS and identity-map pages
+//! KVM uses to emulate real mode, and the interrupt controllers and timer.
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::VmFd;
+
+use super::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchVmError {
+    #[error("cannot set the TSS address: {0}")]
+    TssAddress(kvm_ioctls::Error),
+    #[error("cannot set the identity map address: {0}")]
+    IdentityMap(kvm_ioctls::Error),
+    #[error("cannot create the in-kernel interrupt controllers: {0}")]
+    IrqChip(kvm_ioctls::Error),
+    #[error("cannot create the in-kernel PIT: {0}")]
+    Pit(kvm_ioctls::Error),
+}
+
+/// The TSS and identity map must be set before any vCPU exists.
+pub fn setup_vm(fd: &VmFd) -> Result<(), ArchVmError> {
+    fd.set_tss_address(KVM_TSS_START as usize)
+        .map_err(ArchVmError::TssAddress)?;
+    fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
+        .map_err(ArchVmError::IdentityMap)?;
+    Ok(())
+}
+
+/// Creates the in-kernel IOAPIC, PICs and LAPICs, and the PIT.
+pub fn create_interrupt_controllers(fd: &VmFd) -> Result<(), ArchVmError> {
+    fd.create_irq_chip().map_err(ArchVmError::IrqChip)?;
+    // The dummy speaker port keeps port 0x61 in the kernel, which Linux pokes while it
+    // calibrates the TSC against the PIT.
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(ArchVmError::Pit)?;
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! Every device of the VM goes through here: one call places it (an MMIO window and an
+//! interrupt line from [`resources`], or the platform's fixed ports for legacy devices),
+//! connects its notifications and interrupt through the VM, puts it on its bus, and
+//! records what announces it to the guest (a command-line word, a firmware-table entry)
+//! and the event-loop handler that runs it.
+//!
+//! Adding a device kind (net, vsock, ...) means writing the device and calling
+//! [`DeviceManager::attach_virtio`]; a transport other than virtio-mmio (virtio-pci) adds
+//! one more attach function here.
+
+pub mod resources;
+pub mod virtio_handler;
+
+#[cfg(target_arch = "x86_64")]
+mod legacy;
+
+use std::sync::{Arc, Mutex};
+
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::PlatformDevice;
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::mmio::{MMIO_WINDOW, MmioInterrupt, MmioTransport, NOTIFY_OFFSET};
+use crate::devices::work_queue::WorkQueue;
+use crate::vstate::vm::{Vm, VmError};
+use resources::{DeviceResources, DeviceSlot, ResourceError};
+use virtio_handler::VirtioHandler;
+
+#[cfg(target_arch = "x86_64")]
+pub use legacy::LegacyDevices;
+
+use super::Subscriber;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    #[error("{0}")]
+    Resources(#[from] ResourceError),
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    #[error("cannot place a device on the bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot create {0}: {1}")]
+    Io(&'static str, std::io::Error),
+    #[error("cannot duplicate an eventfd for {0}: {1}")]
+    EventFd(String, std::io::Error),
+}
+
+/// A virtio device as attached: what it is, where it sits.
+struct AttachedVirtio {
+    id: String,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    slot: DeviceSlot,
+}
+
+pub struct DeviceManager {
+    pub pio_bus: Bus,
+    pub mmio_bus: Bus,
+    resources: DeviceResources,
+    /// What the firmware tables announce, in attach order.
+    platform: Vec<PlatformDevice>,
+    /// Kernel command-line words that announce devices, in attach order.
+    cmdline: Vec<String>,
+    handlers: Vec<Subscriber>,
+    virtio: Vec<AttachedVirtio>,
+    work: Arc<WorkQueue>,
+    #[cfg(target_arch = "x86_64")]
+    pub legacy: Option<LegacyDevices>,
+}
+
+impl DeviceManager {
+    pub fn new() -> Result<Self, DeviceManagerError> {
+        Ok(DeviceManager {
+            pio_bus: Bus::new(),
+            mmio_bus: Bus::new(),
+            resources: DeviceResources::new(),
+            platform: Vec::new(),
+            cmdline: Vec::new(),
+            handlers: Vec::new(),
+            virtio: Vec::new(),
+            work: Arc::new(
+                WorkQueue::new().map_err(|e| DeviceManagerError::Io("a work queue", e))?,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            legacy: None,
+        })
+    }
+
+    /// Attaches `device` on a virtio-mmio transport of its own: a 4 KiB window and an
+    /// interrupt line, one ioeventfd per queue on QueueNotify (matching the queue index),
+    /// the interrupt through an irqfd, the `virtio_mmio.device=` word and the firmware
+    /// table entry, and an event-loop handler. `id` names it in logs.
+    pub fn attach_virtio(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let slot = self.resources.allocate(MMIO_WINDOW)?;
+        match self.connect_mmio(vm, mem, id, device.clone(), slot) {
+            Ok(()) => {}
+            Err(e) => {
+                self.resources.free(slot);
+                return Err(e);
+            }
+        }
+        self.cmdline.push(format!(
+            "virtio_mmio.device=4K@{:#x}:{}",
+            slot.base, slot.irq
+        ));
+        self.platform.push(PlatformDevice::VirtioMmio {
+            base: slot.base,
+            len: slot.len,
+            irq: slot.irq,
+        });
+        self.virtio.push(AttachedVirtio {
+            id: id.to_owned(),
+            device,
+            slot,
+        });
+        Ok(slot)
+    }
+
+    fn connect_mmio(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        slot: DeviceSlot,
+    ) -> Result<(), DeviceManagerError> {
+        let queues = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_max_sizes()
+            .len();
+        let mut notifications = Vec::with_capacity(queues);
+        let mut transport_evts = Vec::with_capacity(queues);
+        for index in 0..queues {
+            let evt = vm.ioeventfd(slot.base + NOTIFY_OFFSET, Some(index as u32), id)?;
+            transport_evts.push(
+                evt.eventfd()
+                    .try_clone()
+                    .map_err(|e| DeviceManagerError::EventFd(id.to_owned(), e))?,
+            );
+            notifications.push(evt);
+        }
+        let interrupt = Arc::new(MmioInterrupt::new(vm.irqfd(slot.irq, id)?));
+        let transport = MmioTransport::new(
+            device.clone(),
+            mem.clone(),
+            interrupt,
+            transport_evts,
+            self.work.clone(),
+        );
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+        self.handlers.push(Arc::new(Mutex::new(VirtioHandler::new(
+            id.to_owned(),
+            device,
+            notifications,
+        ))));
+        Ok(())
+    }
+
+    /// Kernel command-line words that announce the devices, in attach order.
+    pub fn cmdline_words(&self) -> &[String] {
+        &self.cmdline
+    }
+
+    /// Every device the firmware tables announce, in attach order.
+    pub fn platform_devices(&self) -> &[PlatformDevice] {
+        &self.platform
+    }
+
+    /// The devices' event-loop handlers, for the controller to register (once).
+    pub fn take_handlers(&mut self) -> Vec<Subscriber> {
+        std::mem::take(&mut self.handlers)
+    }
+
+    /// Work vCPUs hand the vmm thread (device resets); the event loop runs it.
+    pub fn work_queue(&self) -> Arc<WorkQueue> {
+        self.work.clone()
+    }
+
+    /// Waits until no device still writes guest memory (the VM pauses).
+    pub fn quiesce(&self) {
+        for v in &self.virtio {
+            v.device.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
+        }
+    }
+
+    /// Where each virtio device sits, by id, for the log.
+    pub fn describe(&self) -> Vec<String> {
+        self.virtio
+            .iter()
+            .map(|v| format!("{} at {:#x}, IRQ {}", v.id, v.slot.base, v.slot.irq))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::layout::{DEVICE_IRQ_FIRST, VIRTIO_MMIO_START};
+    use crate::devices::virtio::{ActivateError, VirtioInterrupt};
+    use crate::vstate::kvm::KvmContext;
+    use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
+
+    struct TwoQueues;
+
+    impl VirtioDevice for TwoQueues {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8, 8]
+        }
+        fn device_features(&self) -> u64 {
+            1 << 32
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            _features: u64,
+            _queues: Vec<Queue>,
+            _interrupt: Arc<dyn VirtioInterrupt>,
+        ) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn process_queue(&mut self, _index: usize) {}
+        fn stop_queue(&mut self, _index: usize) {}
+    }
+
+    #[test]
+    fn one_attach_call_places_connects_and_announces_a_device() {
+        let vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
+        vm.create_interrupt_controllers().unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut dm = DeviceManager::new().unwrap();
+        let a = dm
+            .attach_virtio(&vm, &mem, "a", Arc::new(Mutex::new(TwoQueues)))
+            .unwrap();
+        let b = dm
+            .attach_virtio(&vm, &mem, "b", Arc::new(Mutex::new(TwoQueues)))
+            .unwrap();
+        assert_eq!((a.base, a.irq), (VIRTIO_MMIO_START, DEVICE_IRQ_FIRST));
+        assert_eq!(
+            (b.base, b.irq),
+            (VIRTIO_MMIO_START + 0x1000, DEVICE_IRQ_FIRST + 1)
+        );
+        assert_eq!(
+            dm.cmdline_words(),
+            [
+                format!("virtio_mmio.device=4K@{:#x}:{}", a.base, a.irq),
+                format!("virtio_mmio.device=4K@{:#x}:{}", b.base, b.irq),
+            ]
+        );
+        assert_eq!(
+            dm.platform_devices()[1],
+            PlatformDevice::VirtioMmio {
+                base: b.base,
+                len: 0x1000,
+                irq: b.irq
+            }
+        );
+        let handlers = dm.take_handlers();
+        assert_eq!(handlers.len(), 2);
+        // The transport answers on the bus at its window: the magic value.
+        let mut magic = [0u8; 4];
+        assert!(dm.mmio_bus.read(b.base, &mut magic));
+        assert_eq!(&magic, b"virt");
+        // Each queue got its own ioeventfd: registering queue 1's again is refused.
+        assert!(
+            vm.ioeventfd(a.base + NOTIFY_OFFSET, Some(1), "again")
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! The event-loop side of any virtio device: its queue notifications (ioeventfds KVM
+//! signals on the guest's QueueNotify writes) and the device's own event sources, each
+//! handed to the device on the vmm thread.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use crate::devices::virtio::VirtioDevice;
+use crate::vstate::vm::IoEventFd;
+
+pub struct VirtioHandler {
+    /// The device's id, for log lines.
+    id: String,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    /// Queue i's notification eventfd is `queue_evts[i]`.
+    queue_evts: Vec<IoEventFd>,
+}
+
+impl VirtioHandler {
+    pub fn new(
+        id: String,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        queue_evts: Vec<IoEventFd>,
+    ) -> Self {
+        VirtioHandler {
+            id,
+            device,
+            queue_evts,
+        }
+    }
+
+    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queue_of(&self, fd: RawFd) -> Option<usize> {
+        self.queue_evts
+            .iter()
+            .position(|e| e.eventfd().as_raw_fd() == fd)
+    }
+}
+
+impl MutEventSubscriber for VirtioHandler {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        match self.queue_of(fd) {
+            Some(index) => {
+                // A read error only means the counter was already drained.
+                let _ = self.queue_evts[index].eventfd().read();
+                self.device().process_queue(index);
+            }
+            None => self.device().process_event(fd, events.event_set()),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.queue_evts {
+            if let Err(e) = ops.add(Events::new(evt.eventfd(), EventSet::IN)) {
+                log::error!("{}: cannot watch a queue notification: {e}", self.id);
+            }
+        }
+        let sources = self.device().event_sources();
+        for (fd, set) in sources {
+            if let Err(e) = ops.add(Events::new_raw(fd, set)) {
+                log::error!("{}: cannot watch one of its event sources: {e}", self.id);
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The nested host itself (tools/nested-host/run.sh): the real-Linux tests trust its exit
+//! code, so it must pass a script's exit code through, and tell a hung nested host (which
+//! says nothing about the script, and which the tests retry once) from a failed script.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn run(script: &str, env: &[(&str, &str)]) -> Output {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = repo.join("target/nested-host/runs");
+    std::fs::create_dir_all(&dir).expect("create target/nested-host/runs");
+    let path = dir.join(format!(
+        "tooling-{}-{}.sh",
+        std::process::id(),
+        script.len()
+    ));
+    std::fs::write(&path, script).expect("write the script");
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo.join("tools/nested-host/run.sh"))
+        .arg("--timeout")
+        .arg("300")
+        .arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run tools/nested-host/run.sh");
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_scripts_output_and_exit_code_come_back_and_kvm_works_inside() {
+    let out = run(
+        "echo \"inside: $EMBER_NESTED_HOST $(test -c /dev/kvm && echo kvm)\"\nexit 7\n",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("inside: 1 kvm"), "{}", text(&out));
+}
+
+#[test]
+fn a_lockup_of_the_nested_kernel_is_reported_as_a_hang() {
+    // What the nested host's kernel prints when a CPU is stuck; a guest's line would be
+    // prefixed by the test that echoes it and would not count.
+    let out = run(
+        "echo 'guest| [  1.0] watchdog: BUG: soft lockup - CPU#1 stuck'\nsleep 1\n\
+         echo '[  12.345678] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [vcpu0:845]'\n\
+         sleep 120\n",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out));
+    assert!(text(&out).contains("its kernel reported a lockup"));
+}
+
+#[test]
+fn a_silent_nested_host_is_reported_as_a_hang() {
+    let out = run("sleep 120\n", &[("NESTED_SILENCE_S", "6")]);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out));
+    assert!(text(&out).contains("its console was silent for 6 s"));
+}
