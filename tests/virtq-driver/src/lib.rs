@@ -31,6 +31,14 @@ pub struct QueueDriver {
     used_seen: u16,
 }
 
+impl QueueDriver {
+    /// Where the used ring starts and how many bytes it spans (flags, idx, elements,
+    /// avail_event).
+    pub fn used_ring(&self) -> (u64, u64) {
+        (self.used.0, 6 + 8 * u64::from(self.size))
+    }
+}
+
 fn page_align(x: u64) -> u64 {
     (x + 0xfff) & !0xfff
 }
