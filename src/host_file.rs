@@ -100,6 +100,28 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
     Ok(size)
 }
 
+/// Opens a log or metrics destination for appending, creating a regular file if needed.
+/// Never blocks: a named pipe with no reader fails at once (instead of stalling the vmm
+/// thread in `open` until one appears), and writes to a pipe stay non-blocking, so a
+/// reader that stops reading costs lines, not a stuck VMM.
+pub fn open_sink(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                std::io::Error::new(
+                    e.kind(),
+                    "it is a named pipe that no process reads yet; start the reader first",
+                )
+            } else {
+                e
+            }
+        })
+}
+
 /// Opens `path` (`what` names it in errors) without blocking and checks its type.
 pub fn open(
     what: &'static str,

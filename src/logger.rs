@@ -4,7 +4,6 @@
 //! the level and origin parts appear only when asked for (`--show-level`,
 //! `--show-log-origin`), as orchestrators written for Firecracker expect.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -65,15 +64,13 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     };
     let sink: Option<Box<dyn Write + Send>> = match &config.log_path {
         Some(path) => {
-            // A named pipe is opened for writing like a file; append keeps earlier lines of
-            // a regular file that an operator may be tailing.
-            let file = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|source| LoggerError::Open {
-                    path: path.clone(),
-                    source,
+            // Append keeps earlier lines of a regular file an operator may be tailing.
+            let file =
+                crate::host_file::open_sink(std::path::Path::new(path)).map_err(|source| {
+                    LoggerError::Open {
+                        path: path.clone(),
+                        source,
+                    }
                 })?;
             Some(Box::new(file))
         }
@@ -183,8 +180,11 @@ impl Log for EmberLogger {
             timestamp(SystemTime::now()),
             record.args()
         );
-        // A log sink that fails (full disk, reader gone) must not take the VMM down.
-        let _ = state.sink.write_all(line.as_bytes());
+        // A log sink that fails (full disk, a pipe whose reader is gone or behind) must
+        // not take the VMM down or stall it: the line is dropped and counted.
+        if state.sink.write_all(line.as_bytes()).is_err() {
+            crate::metrics::METRICS.vmm.log_lines_dropped.inc();
+        }
         let _ = state.sink.flush();
     }
 
@@ -207,5 +207,106 @@ mod tests {
         // A leap day.
         let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(timestamp(t), "2000-02-29T00:00:00.000000Z");
+    }
+}
+
+/// A call site's budget of log lines, for messages a guest can trigger at will (bad
+/// descriptors, unknown registers): the first [`GUEST_LINES_PER_WINDOW`] in each
+/// [`GUEST_LOG_WINDOW`] are written, the rest counted, and the count reported with the
+/// first line of a later window. Metrics stay exact; only the log is thinned.
+pub struct LogBudget {
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    window_start: Option<std::time::Instant>,
+    written: u32,
+    suppressed: u64,
+}
+
+pub const GUEST_LINES_PER_WINDOW: u32 = 10;
+pub const GUEST_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl LogBudget {
+    pub const fn new() -> Self {
+        LogBudget {
+            state: Mutex::new(BudgetState {
+                window_start: None,
+                written: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Whether a line may be written now, and how many were suppressed before it (to be
+    /// mentioned in it). A line that may not is counted as dropped.
+    pub fn take(&self, now: std::time::Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let expired = s
+            .window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= GUEST_LOG_WINDOW);
+        if expired {
+            s.window_start = Some(now);
+            s.written = 0;
+        }
+        if s.written >= GUEST_LINES_PER_WINDOW {
+            s.suppressed += 1;
+            crate::metrics::METRICS.vmm.log_lines_dropped.inc();
+            return None;
+        }
+        s.written += 1;
+        Some(std::mem::take(&mut s.suppressed))
+    }
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Logs like `log::log!` at `level`, within a per-call-site [`LogBudget`]: use it for every
+/// message a guest can cause, so a guest cannot flood the host's log.
+#[macro_export]
+macro_rules! guest_log {
+    ($level:expr, $($arg:tt)+) => {{
+        static BUDGET: $crate::logger::LogBudget = $crate::logger::LogBudget::new();
+        if log::log_enabled!($level) {
+            if let Some(suppressed) = BUDGET.take(std::time::Instant::now()) {
+                if suppressed > 0 {
+                    log::log!(
+                        $level,
+                        "{} ({suppressed} more like this suppressed)",
+                        format_args!($($arg)+)
+                    );
+                } else {
+                    log::log!($level, $($arg)+);
+                }
+            }
+        }
+    }};
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn budget_writes_the_first_lines_then_counts_and_reports() {
+        let budget = LogBudget::new();
+        let t0 = Instant::now();
+        let dropped_before = crate::metrics::METRICS.vmm.log_lines_dropped.total();
+        for _ in 0..GUEST_LINES_PER_WINDOW {
+            assert_eq!(budget.take(t0), Some(0));
+        }
+        for _ in 0..25 {
+            assert_eq!(budget.take(t0 + Duration::from_secs(1)), None);
+        }
+        assert!(crate::metrics::METRICS.vmm.log_lines_dropped.total() >= dropped_before + 25);
+        // The next window's first line carries the count, the second starts afresh.
+        let later = t0 + GUEST_LOG_WINDOW;
+        assert_eq!(budget.take(later), Some(25));
+        assert_eq!(budget.take(later), Some(0));
     }
 }

@@ -9,7 +9,6 @@
 //!   Prometheus counters must never go down.
 
 use std::fmt::Write as _;
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -357,10 +356,7 @@ pub struct MetricsSink {
 
 impl MetricsSink {
     pub fn open(config: &MetricsConfig, instance_id: &str) -> Result<Self, MetricsError> {
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&config.metrics_path)
+        let file = crate::host_file::open_sink(std::path::Path::new(&config.metrics_path))
             .map_err(|source| MetricsError::Open {
                 path: config.metrics_path.clone(),
                 source,

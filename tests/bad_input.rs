@@ -299,3 +299,44 @@ fn unreadable_kernel() {
         assert!(r.stderr.contains("Permission denied"), "{}", r.stderr);
     }
 }
+
+/// A log or metrics path that is a named pipe nobody reads must not hang ember in `open`
+/// (the API would stop answering and SIGTERM would go unheard): it fails at once, saying
+/// why.
+#[test]
+fn log_and_metrics_fifos_without_reader_fail_at_once() {
+    let dir = Scratch::new("fifo-sinks");
+    let fifo = dir.path("sink.fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let config = dir.write("vm.json", valid_config().to_string());
+    for flag in ["--log-path", "--metrics-path"] {
+        let started = std::time::Instant::now();
+        let r = run_ember(&[
+            "--no-api",
+            "--config-file",
+            config.to_str().expect("utf-8 path"),
+            flag,
+            fifo.to_str().expect("utf-8 path"),
+        ]);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{flag}: ember took {:?}",
+            started.elapsed()
+        );
+        assert_ne!(r.code(), Some(0), "{flag}: {r:#?}");
+        assert!(
+            r.stderr.contains("named pipe that no process reads yet"),
+            "{flag}: {}",
+            r.stderr
+        );
+        assert!(
+            r.probe_lines().is_empty(),
+            "{flag}: the guest ran: {}",
+            r.stdout
+        );
+    }
+}

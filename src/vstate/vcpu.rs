@@ -347,7 +347,11 @@ impl Vcpu {
                         rip: self.rip(),
                     });
                 }
-                other => log::warn!("vCPU {}: ignoring system event {other}", self.index),
+                other => crate::guest_log!(
+                    log::Level::Warn,
+                    "vCPU {}: ignoring system event {other}",
+                    self.index
+                ),
             },
             Ok(VcpuExit::Intr) => {}
             Ok(other) => {

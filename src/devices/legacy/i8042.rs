@@ -116,7 +116,10 @@ impl I8042 {
             SET2_EXTENDED => self.push_byte(b),
             code => {
                 let Some(set1) = set1_make_code(code) else {
-                    log::debug!("i8042: no set 1 code for set 2 code {code:#x}");
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "i8042: no set 1 code for set 2 code {code:#x}"
+                    );
                     return;
                 };
                 let brk = std::mem::take(&mut self.pending_break);
@@ -146,7 +149,7 @@ impl I8042 {
                 METRICS.i8042.reset_count.inc();
                 self.stop.guest_reset();
             }
-            _ => log::debug!("i8042: ignoring command {cmd:#x}"),
+            _ => crate::guest_log!(log::Level::Debug, "i8042: ignoring command {cmd:#x}"),
         }
     }
 

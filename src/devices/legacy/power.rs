@@ -51,7 +51,10 @@ impl BusDevice for PowerManagement {
                 } else {
                     // The DSDT offers no other sleep state, so a guest that asks for one is
                     // confused; it keeps running.
-                    log::debug!("ignoring a request for ACPI sleep type {sleep_type}");
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "ignoring a request for ACPI sleep type {sleep_type}"
+                    );
                 }
             }
             RESET if value == RESET_VALUE => {

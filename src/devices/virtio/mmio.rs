@@ -205,7 +205,10 @@ impl MmioTransport {
             .position(|q| q.ready() && !q.is_valid(&self.mem))
         {
             METRICS.vmm.guest_errors.inc();
-            log::debug!("virtio: queue {i} set up with invalid addresses or size");
+            crate::guest_log!(
+                log::Level::Debug,
+                "virtio: queue {i} set up with invalid addresses or size"
+            );
             return false;
         }
         // The device gets its own copies; the transport keeps its view for the registers.
@@ -225,7 +228,7 @@ impl MmioTransport {
             }
             Err(e) => {
                 METRICS.vmm.guest_errors.inc();
-                log::debug!("virtio: cannot activate the device: {e}");
+                crate::guest_log!(log::Level::Debug, "virtio: cannot activate the device: {e}");
                 false
             }
         }
@@ -280,7 +283,10 @@ impl MmioTransport {
                 .wrapping_add(self.device().config_generation()),
             _ => {
                 METRICS.vmm.guest_errors.inc();
-                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                crate::guest_log!(
+                    log::Level::Debug,
+                    "virtio-mmio: read of unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -339,7 +345,10 @@ impl MmioTransport {
             }
             _ => {
                 METRICS.vmm.guest_errors.inc();
-                log::debug!("virtio-mmio: ignored write of {value:#x} to {offset:#x}");
+                crate::guest_log!(
+                    log::Level::Debug,
+                    "virtio-mmio: ignored write of {value:#x} to {offset:#x}"
+                );
             }
         }
     }

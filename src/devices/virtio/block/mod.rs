@@ -258,7 +258,11 @@ impl Block {
                 };
                 if let Outcome::Done(used) = execute(backend, &active.mem, head, descs) {
                     if let Err(e) = active.queue.add_used(&active.mem, head, used) {
-                        log::warn!("drive {:?}: cannot return a request: {e}", self.config.id);
+                        crate::guest_log!(
+                            log::Level::Warn,
+                            "drive {:?}: cannot return a request: {e}",
+                            self.config.id
+                        );
                     }
                     completed = true;
                 }
@@ -273,7 +277,8 @@ impl Block {
                 // next notification tries again.
                 Ok(true) if popped == 0 => {
                     METRICS.block.invalid_reqs_count.inc();
-                    log::warn!(
+                    crate::guest_log!(
+                        log::Level::Warn,
                         "drive {:?}: the guest's available ring is inconsistent; ignoring it",
                         self.config.id
                     );
@@ -282,7 +287,11 @@ impl Block {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    log::warn!("drive {:?}: broken queue: {e}", self.config.id);
+                    crate::guest_log!(
+                        log::Level::Warn,
+                        "drive {:?}: broken queue: {e}",
+                        self.config.id
+                    );
                     break;
                 }
             }
@@ -290,7 +299,8 @@ impl Block {
         if let Some(engine) = self.engine.as_mut() {
             // One system call for everything this pass queued.
             if let Err(e) = engine.submit() {
-                log::warn!(
+                crate::guest_log!(
+                    log::Level::Warn,
                     "drive {:?}: cannot submit to the io_uring: {e}",
                     self.config.id
                 );
@@ -351,7 +361,11 @@ impl Block {
                 Err(_) => data_written,
             };
             if let Err(e) = active.queue.add_used(&active.mem, req.head, used) {
-                log::warn!("drive {:?}: cannot return a request: {e}", self.config.id);
+                crate::guest_log!(
+                    log::Level::Warn,
+                    "drive {:?}: cannot return a request: {e}",
+                    self.config.id
+                );
             }
         }
         notify(active);
@@ -415,7 +429,7 @@ fn execute(
         Ok(r) => r,
         Err(e) => {
             METRICS.block.invalid_reqs_count.inc();
-            log::debug!("drive {:?}: bad request: {e}", config.id);
+            crate::guest_log!(log::Level::Debug, "drive {:?}: bad request: {e}", config.id);
             // Answer through the status byte if the chain has one; otherwise nothing can
             // be said to the guest, and the chain is returned with nothing written.
             return Outcome::Done(match request::status_address(descs, mem) {
@@ -511,7 +525,11 @@ fn execute(
         }
         RequestType::Unsupported(t) => {
             METRICS.block.invalid_reqs_count.inc();
-            log::debug!("drive {:?}: unsupported request type {t}", config.id);
+            crate::guest_log!(
+                log::Level::Debug,
+                "drive {:?}: unsupported request type {t}",
+                config.id
+            );
             (VIRTIO_BLK_S_UNSUPP, 0)
         }
     };
@@ -529,7 +547,11 @@ fn write_status(mem: &GuestMemoryMmap, req: &Request, status: u8, data_written: 
 
 fn io_failed(config: &BlockConfig, what: &str, e: std::io::Error) -> (u8, u32) {
     METRICS.block.io_errors.inc();
-    log::warn!("drive {:?}: {what} failed: {e}", config.id);
+    crate::guest_log!(
+        log::Level::Warn,
+        "drive {:?}: {what} failed: {e}",
+        config.id
+    );
     (VIRTIO_BLK_S_IOERR, 0)
 }
 
