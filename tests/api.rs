@@ -665,7 +665,7 @@ fn curl_sequence_from_the_readme() {
         .output()
         .is_err()
     {
-        eprintln!("skipped: curl is not installed");
+        cannot_run("curl is not installed");
         return;
     }
     let mut vm = ApiVm::start(&[]);

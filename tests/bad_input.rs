@@ -218,10 +218,10 @@ fn run_wrapped(wrapper: &[&str], config: &str) -> Option<RunResult> {
     match probe {
         Ok(o) if o.status.success() => {}
         _ => {
-            eprintln!(
-                "skipped: {} is not usable here (needs root)",
+            cannot_run(&format!(
+                "{} is not usable here (needs root)",
                 wrapper.join(" ")
-            );
+            ));
             return None;
         }
     }
@@ -260,7 +260,7 @@ fn dev_kvm_not_accessible() {
     // /dev/kvm is root-only on this kind of host; an unprivileged user cannot open it.
     let meta = std::fs::metadata("/dev/kvm").unwrap();
     if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o006 != 0 {
-        eprintln!("skipped: /dev/kvm is world-accessible here");
+        cannot_run("/dev/kvm is world-accessible here");
         return;
     }
     // The probe file must be readable by that user for the error to be about KVM.

@@ -276,7 +276,7 @@ fn set_nr_hugepages(n: u64) -> bool {
 #[test]
 fn huge_pages_2m() {
     let Some(before) = nr_hugepages() else {
-        eprintln!("skipped: no /proc/sys/vm/nr_hugepages");
+        cannot_run("no /proc/sys/vm/nr_hugepages");
         return;
     };
     let args = probe_args(1, 128, "");
@@ -292,7 +292,7 @@ fn huge_pages_2m() {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
     if free < 64 && !set_nr_hugepages(before + 64 - free) {
-        eprintln!("skipped: cannot reserve 2 MiB pages here");
+        cannot_run("cannot reserve 2 MiB pages here");
         set_nr_hugepages(before);
         return;
     }

@@ -42,6 +42,16 @@ pub fn probe_bzimage() -> PathBuf {
     probe_dir().join("probe.bzimage")
 }
 
+/// Reports a test that cannot run on this host. In CI (`CI` set, as `.ci/run` does) that is
+/// a failure with the reason, so a missing prerequisite never counts as a pass there;
+/// elsewhere the reason is printed and the caller returns.
+pub fn cannot_run(reason: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("this test cannot run here: {reason}");
+    }
+    eprintln!("NOT RUN (this counts as a failure in CI): {reason}");
+}
+
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);
 
