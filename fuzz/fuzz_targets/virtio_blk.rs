@@ -1,6 +1,6 @@
 //! The virtio-blk device path with a hostile guest: the input becomes the guest's descriptor
-//! table, available ring and request headers, and the device runs its queue. Any panic is a
-//! bug.
+//! table, available ring and request headers, and the device runs its queue, with or
+//! without EVENT_IDX and with the synchronous or the io_uring engine. Any panic is a bug.
 //!
 //! Checked beyond "no panic": unless the guest pointed a buffer at its own used ring, the
 //! device never returns more chains than the guest made available and every used element
@@ -12,7 +12,7 @@
 use std::sync::{Arc, OnceLock};
 
 use ember::devices::virtio::VirtioDevice;
-use ember::devices::virtio::block::{Block, BlockConfig};
+use ember::devices::virtio::block::{Block, BlockConfig, VIRTIO_RING_F_EVENT_IDX};
 use ember::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use ember_virtq_driver::QueueDriver;
 use libfuzzer_sys::fuzz_target;
@@ -51,6 +51,10 @@ fuzz_target!(|data: &[u8]| {
     let (ctl, rest) = data.split_at(2);
     let avail = u16::from(ctl[0] % (QUEUE as u8 * 2));
     let fold = ctl[1] & 1 == 1;
+    // The other control bits pick what a driver may negotiate and the host may offer:
+    // EVENT_IDX interrupt suppression, and the io_uring engine instead of synchronous I/O.
+    let event_idx = ctl[1] & 2 == 2;
+    let async_io = ctl[1] & 4 == 4;
     let table_len = 16 * usize::from(QUEUE);
     // A hostile guest may point a buffer at its own used ring; the device then writes disk
     // data over used elements it returned earlier, and their ids are the guest's doing.
@@ -91,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
         path: disk().into(),
         read_only: false,
         flush: true,
-        async_io: false,
+        async_io,
         rate_limiter: None,
     })
     .expect("open the disk");
@@ -99,12 +103,18 @@ fuzz_target!(|data: &[u8]| {
     block
         .activate(
             mem.clone(),
-            0,
+            if event_idx {
+                1 << VIRTIO_RING_F_EVENT_IDX
+            } else {
+                0
+            },
             vec![d.device_queue()],
             Arc::new(EventFdInterrupt(irq)),
         )
         .expect("activate");
     block.process_queue();
+    // io_uring requests complete later: wait for all of them, as a pause would.
+    block.quiesce();
 
     let used = d.take_used(&mem);
     if !buffers_hit_used_ring {

@@ -1,0 +1,125 @@
+//! Register access from a hostile guest: the input is a sequence of reads and writes of
+//! any width at any offset, aimed at a virtio-mmio transport carrying a real virtio-blk
+//! device and at the legacy port devices (UART, i8042, ACPI power management), as vCPU
+//! exits deliver them. Any panic or hang is a bug.
+//!
+//! Checked beyond "no panic": whatever the guest wrote (resets, feature and queue set-up,
+//! activation with garbage rings), the transport still answers with its magic value.
+
+#![no_main]
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ember::devices::bus::BusDevice;
+use ember::devices::legacy::IrqLine;
+use ember::devices::legacy::i8042::I8042;
+use ember::devices::legacy::power::PowerManagement;
+use ember::devices::legacy::serial::{ConsoleOutput, OutputBuffer, SerialDevice};
+use ember::devices::virtio::VirtioDevice;
+use ember::devices::virtio::block::{Block, BlockConfig};
+use ember::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
+use ember::devices::work_queue::WorkQueue;
+use ember::stop::StopSignal;
+use ember::vstate::kvm::KvmContext;
+use ember::vstate::vm::Vm;
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: usize = 1 << 20;
+const MMIO_WINDOW: u64 = 0x1000;
+
+fn disk() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = if std::path::Path::new("/dev/shm").is_dir() {
+            "/dev/shm".into()
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!("ember-fuzz-regs-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 64 * 512]).expect("create the disk file");
+        path.display().to_string()
+    })
+}
+
+thread_local! {
+    /// One VM for the whole run: only its irqfds are used, and KVM_CREATE_VM per input
+    /// would cost more than the input itself.
+    static VM: Vm = {
+        let vm = Vm::new(&KvmContext::open().expect("/dev/kvm")).expect("a VM");
+        vm.create_interrupt_controllers().expect("irqchip");
+        vm
+    };
+}
+
+fn line() -> IrqLine {
+    IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+}
+
+fuzz_target!(|data: &[u8]| {
+    VM.with(|vm| run(vm, data));
+});
+
+fn run(vm: &Vm, data: &[u8]) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
+    let block = Block::new(BlockConfig {
+        id: "fuzz".into(),
+        path: disk().into(),
+        read_only: false,
+        flush: true,
+        async_io: false,
+        rate_limiter: None,
+    })
+    .expect("open the disk");
+    let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
+    let queue_evts = (0..device.lock().expect("lock").queue_max_sizes().len())
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+        .collect();
+    let irq = Arc::new(MmioInterrupt::new(vm.irqfd(5, "fuzz").expect("irqfd")));
+    let work = Arc::new(WorkQueue::new().expect("work queue"));
+    let mut mmio = MmioTransport::new(device, mem, irq, queue_evts, work.clone());
+
+    let stop = StopSignal::new().expect("stop signal");
+    let out = Arc::new(OutputBuffer::new(4096).expect("output buffer"));
+    let mut serial = SerialDevice::new(
+        line(),
+        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        ConsoleOutput::new(out, None),
+    );
+    let mut i8042 = I8042::new(stop.clone(), line());
+    let mut power = PowerManagement::new(5, stop);
+
+    // Each access: 1 byte selecting device, direction and width, 2 bytes of offset,
+    // 8 bytes of value (fewer at the end of the input are zero).
+    for op in data.chunks(11) {
+        let sel = op[0];
+        let offset = u64::from(u16::from_le_bytes([
+            op.get(1).copied().unwrap_or(0),
+            op.get(2).copied().unwrap_or(0),
+        ]));
+        let mut value = [0u8; 8];
+        let rest = op.get(3..).unwrap_or(&[]);
+        value[..rest.len()].copy_from_slice(rest);
+        let width = [1usize, 2, 4, 8][usize::from((sel >> 1) & 3)];
+        let write = sel & 1 == 1;
+        let (dev, offset): (&mut dyn BusDevice, u64) = match (sel >> 3) % 4 {
+            0 => (&mut mmio, offset % (MMIO_WINDOW + 8)),
+            1 => (&mut serial, offset % 8),
+            2 => (&mut i8042, offset % 8),
+            _ => (&mut power, offset % 8),
+        };
+        if write {
+            dev.write(offset, &value[..width]);
+        } else {
+            let mut buf = [0u8; 8];
+            dev.read(offset, &mut buf[..width]);
+        }
+        // The jobs a vCPU hands to the vmm thread (reset, stopping a queue) run between
+        // exits, as the vmm thread would run them.
+        work.run_pending();
+    }
+    let mut magic = [0u8; 4];
+    mmio.read(0, &mut magic);
+    assert_eq!(&magic, b"virt", "the virtio-mmio magic value changed");
+}
