@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -267,6 +267,64 @@ fn flushed_writes_survive_sigkill() {
     assert_written(&path, 0);
 }
 
+/// SIGKILL keeps the host's page cache, so `flushed_writes_survive_sigkill` cannot tell a
+/// flush that reached the disk from one that did not. This counts what ember asks of the
+/// host kernel instead: the guest's flush on a Writeback drive becomes an fsync of the
+/// backing file; on an Unsafe drive (no flush offered to the guest) none is issued.
+#[test]
+fn guest_flush_becomes_fsync_of_the_backing_file() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        cannot_run("strace is not installed");
+        return;
+    }
+    for (cache_type, expect_fsync) in [("Writeback", true), ("Unsafe", false)] {
+        let dir = Scratch::new(&format!("blkfsync-{cache_type}"));
+        let path = disk_image(&dir, "root.img", 0, 512);
+        let drives = [Drive {
+            id: "rootfs",
+            path: path.clone(),
+            root: true,
+            read_only: false,
+            extra: serde_json::json!({"cache_type": cache_type}),
+        }];
+        let cfg = dir.write("vm.json", config(&drives, ""));
+        let trace = dir.path("trace");
+        let child = Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=fsync,fdatasync,sync_file_range",
+                "-o",
+            ])
+            .arg(&trace)
+            .args([EMBER, "--no-api", "--config-file"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run strace");
+        let r = wait_with_deadline(child, RUN_DEADLINE);
+        r.assert_probe_passed(expected_checks(1));
+        let flushed = r
+            .probe_lines()
+            .iter()
+            .any(|l| l.starts_with("PROBE blk0.write ok sectors=1-8 flushed=1"));
+        assert_eq!(flushed, expect_fsync, "{cache_type}: {}", r.stdout);
+        let calls = std::fs::read_to_string(&trace).expect("strace output");
+        let fsyncs = calls
+            .lines()
+            .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+            .count();
+        if expect_fsync {
+            assert!(fsyncs >= 1, "{cache_type}: no fsync issued:\n{calls}");
+        } else {
+            assert_eq!(fsyncs, 0, "{cache_type}: unexpected fsync:\n{calls}");
+        }
+    }
+}
+
 #[test]
 fn missing_drive_file_is_a_configuration_error() {
     let drives = [Drive {
@@ -290,7 +348,7 @@ struct TmpfsMount(PathBuf);
 
 impl TmpfsMount {
     fn new(dir: &Path, size: &str) -> Option<Self> {
-        let ok = std::process::Command::new("mount")
+        let ok = Command::new("mount")
             .args([
                 "-t",
                 "tmpfs",
@@ -308,7 +366,7 @@ impl TmpfsMount {
 
 impl Drop for TmpfsMount {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("umount").arg(&self.0).status();
     }
 }
 
