@@ -1,15 +1,20 @@
 //! Register access from a hostile guest: the input is a sequence of reads and writes of
 //! any width at any offset, aimed at a virtio-mmio transport carrying a real virtio-blk
 //! device and at the legacy port devices (UART, i8042, ACPI power management), as vCPU
-//! exits deliver them. Any panic or hang is a bug.
+//! exits deliver them, with a stand-in vmm thread running the jobs the transport hands it.
+//! Any panic or hang is a bug.
 //!
 //! Checked beyond "no panic": whatever the guest wrote (resets, feature and queue set-up,
 //! activation with garbage rings), the transport still answers with its magic value.
 
 #![no_main]
 
+#[path = "shared/disk.rs"]
+mod disk;
+
 use std::sync::{Arc, Mutex, OnceLock};
 
+use disk::disk;
 use ember::devices::bus::BusDevice;
 use ember::devices::legacy::IrqLine;
 use ember::devices::legacy::i8042::I8042;
@@ -29,20 +34,6 @@ use vmm_sys_util::eventfd::EventFd;
 const MEM: usize = 1 << 20;
 const MMIO_WINDOW: u64 = 0x1000;
 
-fn disk() -> &'static str {
-    static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            "/dev/shm".into()
-        } else {
-            std::env::temp_dir()
-        };
-        let path = dir.join(format!("ember-fuzz-regs-{}", std::process::id()));
-        std::fs::write(&path, vec![0u8; 64 * 512]).expect("create the disk file");
-        path.display().to_string()
-    })
-}
-
 thread_local! {
     /// One VM for the whole run: only its irqfds are used, and KVM_CREATE_VM per input
     /// would cost more than the input itself.
@@ -51,6 +42,32 @@ thread_local! {
         vm.create_interrupt_controllers().expect("irqchip");
         vm
     };
+}
+
+/// The work queue and a thread standing in for the vmm thread that runs its jobs (reset,
+/// stopping a queue): the transport waits for them, as a vCPU does, so they must run on
+/// another thread than the accesses.
+fn vmm_thread() -> Arc<WorkQueue> {
+    static WORK: OnceLock<Arc<WorkQueue>> = OnceLock::new();
+    WORK.get_or_init(|| {
+        let work = Arc::new(WorkQueue::new().expect("work queue"));
+        let runner = work.clone();
+        std::thread::spawn(move || {
+            loop {
+                let mut p = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(runner.eventfd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut p, 1, -1) } > 0 {
+                    runner.run_pending();
+                }
+            }
+        });
+        work
+    })
+    .clone()
 }
 
 fn line() -> IrqLine {
@@ -77,8 +94,7 @@ fn run(vm: &Vm, data: &[u8]) {
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
         .collect();
     let irq = Arc::new(MmioInterrupt::new(vm.irqfd(5, "fuzz").expect("irqfd")));
-    let work = Arc::new(WorkQueue::new().expect("work queue"));
-    let mut mmio = MmioTransport::new(device, mem, irq, queue_evts, work.clone());
+    let mut mmio = MmioTransport::new(device, mem, irq, queue_evts, vmm_thread());
 
     let stop = StopSignal::new().expect("stop signal");
     let out = Arc::new(OutputBuffer::new(4096).expect("output buffer"));
@@ -115,9 +131,6 @@ fn run(vm: &Vm, data: &[u8]) {
             let mut buf = [0u8; 8];
             dev.read(offset, &mut buf[..width]);
         }
-        // The jobs a vCPU hands to the vmm thread (reset, stopping a queue) run between
-        // exits, as the vmm thread would run them.
-        work.run_pending();
     }
     let mut magic = [0u8; 4];
     mmio.read(0, &mut magic);

@@ -9,8 +9,12 @@
 
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+#[path = "shared/disk.rs"]
+mod disk;
 
+use std::sync::Arc;
+
+use disk::{DISK_SECTORS, disk};
 use ember::devices::virtio::VirtioDevice;
 use ember::devices::virtio::block::{Block, BlockConfig, VIRTIO_RING_F_EVENT_IDX};
 use ember::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
@@ -23,22 +27,6 @@ const MEM: usize = 1 << 20;
 const QUEUE: u16 = 16;
 /// Guest memory from here on is filled from the input: headers, data, status bytes.
 const PAYLOAD: u64 = 0x8000;
-const DISK_SECTORS: u64 = 64;
-
-fn disk() -> &'static str {
-    static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            "/dev/shm".into()
-        } else {
-            std::env::temp_dir()
-        };
-        let path = dir.join(format!("ember-fuzz-blk-{}", std::process::id()));
-        std::fs::write(&path, vec![0u8; (DISK_SECTORS * 512) as usize])
-            .expect("create the disk file");
-        path.display().to_string()
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
