@@ -247,10 +247,10 @@ impl AsRawFd for HostOutput {
 /// host does not take it (a full pipe), the writer waits for it to become writable while
 /// the buffer holds the rest (and drops what does not fit, see `OutputBuffer`).
 ///
-/// Output is written in batches: the first byte after a quiet spell arms a short timer and
-/// everything the guest prints until it fires goes out in one write. A guest printing a
-/// line byte by byte would otherwise wake the vmm thread, and whoever reads ember's
-/// stdout, once per byte.
+/// Output is written in batches: the first byte after a quiet spell goes out at once and
+/// opens a short window; everything the guest prints in the window goes out in one write
+/// when it closes. A guest printing a line byte by byte would otherwise wake the vmm
+/// thread, and whoever reads ember's stdout, once per byte.
 pub struct ConsoleWriter {
     buffer: Arc<crate::devices::legacy::serial::OutputBuffer>,
     out: HostOutput,
@@ -283,17 +283,26 @@ impl ConsoleWriter {
         })
     }
 
-    /// Output arrived: write it when the batch timer fires (at once if it cannot be armed).
-    fn start_batch(&mut self, ops: &mut EventOps) {
+    /// Output arrived. After a quiet spell it goes out at once (a prompt or a first boot
+    /// line is not delayed) and a batch window opens; while the window is open, output
+    /// waits for the timer. If the timer cannot be armed, everything is written at once.
+    fn output_arrived(&mut self, ops: &mut EventOps) {
         if self.batch_pending {
             return;
         }
+        self.flush(ops);
         match self.batch_timer.reset(BATCH_DELAY, None) {
             Ok(()) => self.batch_pending = true,
-            Err(e) => {
-                log::debug!("console: cannot arm the batch timer ({e}); writing at once");
-                self.flush(ops);
-            }
+            Err(e) => log::debug!("console: cannot arm the batch timer ({e}); writing at once"),
+        }
+    }
+
+    /// The batch window closed: write what it gathered, and keep batching while the guest
+    /// keeps printing.
+    fn batch_due(&mut self, ops: &mut EventOps) {
+        self.batch_pending = false;
+        if !self.buffer.is_empty() {
+            self.output_arrived(ops);
         }
     }
 
@@ -381,11 +390,10 @@ impl MutEventSubscriber for ConsoleWriter {
         let fd = events.fd();
         if fd == self.buffer.eventfd().as_raw_fd() {
             let _ = self.buffer.eventfd().read();
-            self.start_batch(ops);
+            self.output_arrived(ops);
         } else if fd == self.batch_timer.as_raw_fd() {
             let _ = self.batch_timer.wait();
-            self.batch_pending = false;
-            self.flush(ops);
+            self.batch_due(ops);
         } else {
             self.flush(ops);
         }
@@ -405,7 +413,7 @@ impl MutEventSubscriber for ConsoleWriter {
             }
         }
         if !self.buffer.is_empty() {
-            self.start_batch(ops);
+            self.output_arrived(ops);
         }
     }
 }
