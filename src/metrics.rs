@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -80,13 +81,75 @@ impl Default for Gauge {
 }
 
 /// One metric as the serializers see it.
-enum Metric<'a> {
+pub enum Metric<'a> {
     Count(&'a Counter),
     Value(&'a Gauge),
 }
 
-trait Group {
+/// A named set of metrics, flushed together.
+pub trait Group: Send + Sync {
     fn metrics(&self) -> Vec<(&'static str, Metric<'_>)>;
+}
+
+/// One device's own counters. Each count also goes to the group that sums every device of
+/// the kind (`block`), so the sum is exact without adding devices up at flush time.
+pub struct DeviceCounters<G: 'static> {
+    own: Arc<G>,
+    sum: &'static G,
+}
+
+impl<G: Group + Default + 'static> DeviceCounters<G> {
+    pub fn new(sum: &'static G) -> Self {
+        DeviceCounters {
+            own: Arc::new(G::default()),
+            sum,
+        }
+    }
+
+    pub fn add(&self, pick: impl Fn(&G) -> &Counter, n: u64) {
+        pick(&self.own).add(n);
+        pick(self.sum).add(n);
+    }
+
+    pub fn inc(&self, pick: impl Fn(&G) -> &Counter) {
+        self.add(pick, 1);
+    }
+
+    /// This device's counters alone.
+    pub fn own(&self) -> &G {
+        &self.own
+    }
+
+    /// This device's counters as a group to register with [`Metrics::register_device`].
+    pub fn group(&self) -> Arc<dyn Group> {
+        self.own.clone()
+    }
+}
+
+/// A device's metrics as the device manager registers them.
+pub struct DeviceGroup {
+    /// The device kind: the aggregate group's name (`block`, `net`).
+    pub kind: &'static str,
+    pub id: String,
+    pub group: Arc<dyn Group>,
+}
+
+/// Keeps a device's metrics in every flush until dropped.
+pub struct DeviceRegistration {
+    metrics: &'static Metrics,
+    group: Arc<dyn Group>,
+}
+
+impl Drop for DeviceRegistration {
+    fn drop(&mut self) {
+        let mut devices = self
+            .metrics
+            .devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Only this registration's group: one that replaced it under the same name stays.
+        devices.retain(|d| !Arc::ptr_eq(&d.group, &self.group));
+    }
 }
 
 /// Declares a group of counters and gauges with a const constructor, so the whole metrics
@@ -248,6 +311,8 @@ pub struct Metrics {
     pub signals: SignalMetrics,
     pub seccomp: SeccompMetrics,
     pub metrics: MetricsSystemMetrics,
+    /// Per-device groups (`block_<drive_id>`), in the order the devices were attached.
+    devices: Mutex<Vec<DeviceGroup>>,
 }
 
 pub static METRICS: Metrics = Metrics::new();
@@ -269,6 +334,21 @@ impl Metrics {
             signals: SignalMetrics::new(),
             seccomp: SeccompMetrics::new(),
             metrics: MetricsSystemMetrics::new(),
+            devices: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds a device's own group to every flush, as `<kind>_<id>` in JSON and with an `id`
+    /// label in Prometheus, until the returned registration is dropped. A device attached
+    /// again under the same id (the VM was rebuilt) replaces the earlier one.
+    pub fn register_device(&'static self, device: DeviceGroup) -> DeviceRegistration {
+        let group = device.group.clone();
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        devices.retain(|d| (d.kind, d.id.as_str()) != (device.kind, device.id.as_str()));
+        devices.push(device);
+        DeviceRegistration {
+            metrics: self,
+            group,
         }
     }
 
@@ -300,34 +380,89 @@ impl Metrics {
             .as_millis() as u64;
         root.insert("utc_timestamp_ms".into(), ms.into());
         for (group_name, group) in self.groups() {
-            let mut obj = Map::new();
-            for (name, metric) in group.metrics() {
-                let v = match metric {
-                    Metric::Count(c) => c.take_delta(),
-                    Metric::Value(g) => g.get(),
-                };
-                obj.insert(name.into(), v.into());
-            }
-            root.insert(group_name.into(), Value::Object(obj));
+            root.insert(group_name.into(), group_json(group));
+        }
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        for device in devices.iter() {
+            root.insert(
+                format!("{}_{}", device.kind, device.id),
+                group_json(device.group.as_ref()),
+            );
         }
         root
     }
 
-    /// Prometheus text exposition format, version 0.0.4.
+    /// Prometheus text exposition format, version 0.0.4. A device's own counters are
+    /// `ember_device_<kind>_<name>{id="..."}`, apart from the sums, so that summing a
+    /// metric over its series never counts a device twice.
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         for (group_name, group) in self.groups() {
             for (name, metric) in group.metrics() {
                 let full = format!("ember_{group_name}_{name}");
-                let (kind, value) = match metric {
-                    Metric::Count(c) => ("counter", c.total()),
-                    Metric::Value(g) => ("gauge", g.get()),
-                };
+                let (kind, value) = prometheus_value(&metric);
                 let _ = writeln!(out, "# TYPE {full} {kind}\n{full} {value}");
+            }
+        }
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kinds: Vec<&'static str> = devices.iter().map(|d| d.kind).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        for kind in kinds {
+            let of_kind: Vec<&DeviceGroup> = devices.iter().filter(|d| d.kind == kind).collect();
+            let Some(first) = of_kind.first() else {
+                continue;
+            };
+            // One TYPE line per metric name, then one sample per device.
+            for (index, (name, metric)) in first.group.metrics().iter().enumerate() {
+                let full = format!("ember_device_{kind}_{name}");
+                let _ = writeln!(out, "# TYPE {full} {}", prometheus_value(metric).0);
+                for device in &of_kind {
+                    if let Some((_, m)) = device.group.metrics().get(index) {
+                        let _ = writeln!(
+                            out,
+                            "{full}{{id=\"{}\"}} {}",
+                            escape_label(&device.id),
+                            prometheus_value(m).1
+                        );
+                    }
+                }
             }
         }
         out
     }
+}
+
+/// A group's metrics as one JSON object: counts since the previous flush, gauges as they are.
+fn group_json(group: &dyn Group) -> Value {
+    let obj = group
+        .metrics()
+        .into_iter()
+        .map(|(name, metric)| {
+            let v = match metric {
+                Metric::Count(c) => c.take_delta(),
+                Metric::Value(g) => g.get(),
+            };
+            (name.to_owned(), Value::from(v))
+        })
+        .collect();
+    Value::Object(obj)
+}
+
+/// The Prometheus type and the running value of a metric.
+fn prometheus_value(metric: &Metric<'_>) -> (&'static str, u64) {
+    match metric {
+        Metric::Count(c) => ("counter", c.total()),
+        Metric::Value(g) => ("gauge", g.get()),
+    }
+}
+
+/// A label value as the exposition format quotes it.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Default for Metrics {
@@ -421,6 +556,69 @@ mod tests {
         assert!(
             text.contains("ember_latencies_us_pause_vm_us 42\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn each_device_counts_alone_and_in_the_sum() {
+        let m: &'static Metrics = Box::leak(Box::new(Metrics::new()));
+        let root = DeviceCounters::new(&m.block);
+        let data = DeviceCounters::new(&m.block);
+        let root_reg = m.register_device(DeviceGroup {
+            kind: "block",
+            id: "rootfs".into(),
+            group: root.group(),
+        });
+        let data_reg = m.register_device(DeviceGroup {
+            kind: "block",
+            id: "data\"1".into(),
+            group: data.group(),
+        });
+        root.add(|b| &b.read_bytes, 512);
+        data.add(|b| &b.read_bytes, 4096);
+        data.inc(|b| &b.io_errors);
+        let json = m.flush_json();
+        assert_eq!(json["block"]["read_bytes"], 4608, "the sum over drives");
+        assert_eq!(json["block_rootfs"]["read_bytes"], 512);
+        assert_eq!(json["block_data\"1"]["read_bytes"], 4096);
+        assert_eq!(json["block_data\"1"]["io_errors"], 1);
+        assert_eq!(json["block_rootfs"]["io_errors"], 0);
+        let text = m.prometheus();
+        assert!(text.contains("ember_block_read_bytes 4608\n"), "{text}");
+        assert_eq!(
+            text.matches("# TYPE ember_device_block_read_bytes counter\n")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_device_block_read_bytes{id=\"rootfs\"} 512\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ember_device_block_read_bytes{id=\"data\\\"1\"} 4096\n"),
+            "{text}"
+        );
+        // A detached device leaves the flushes; the sum keeps what it counted.
+        drop(data_reg);
+        let json = m.flush_json();
+        assert!(json.get("block_data\"1").is_none());
+        assert!(json.get("block_rootfs").is_some());
+        assert!(!m.prometheus().contains("data"));
+        // Attached again under the same id (a rebuilt VM), it replaces the earlier group.
+        let again = DeviceCounters::new(&m.block);
+        let _reg = m.register_device(DeviceGroup {
+            kind: "block",
+            id: "rootfs".into(),
+            group: again.group(),
+        });
+        again.add(|b| &b.read_bytes, 1);
+        assert_eq!(m.prometheus().matches("{id=\"rootfs\"}").count(), 8);
+        // The earlier registration going away keeps the group that replaced it.
+        drop(root_reg);
+        assert!(
+            m.prometheus()
+                .contains("ember_device_block_read_bytes{id=\"rootfs\"} 1\n")
         );
     }
 

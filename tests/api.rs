@@ -814,8 +814,8 @@ fn logger_and_metrics_path_flag() {
 #[test]
 fn vm_prepared_ahead_of_instance_start() {
     let mut vm = ApiVm::start(&["--level", "Debug"]);
-    // Idle for a moment: ember prepares a VM for the default memory size meanwhile.
-    std::thread::sleep(Duration::from_millis(200));
+    // Left idle, ember prepares a VM for the default memory size.
+    vm.wait_for_log("prepared a VM with 128 MiB of memory ahead of start");
     let mut c = vm.client();
     // vCPUs are made at start, so changing them keeps the prepared VM.
     assert_eq!(

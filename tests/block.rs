@@ -146,7 +146,10 @@ fn three_drives_read_only_writeback_and_async() {
             extra: serde_json::json!({"cache_type": "Writeback", "partuuid": "0eaa91a0-01"}),
         },
     ];
-    let r = boot_config(&config(&drives, ""));
+    let metrics = dir.path("metrics.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&config(&drives, "")).unwrap();
+    cfg["metrics"] = serde_json::json!({"metrics_path": metrics});
+    let r = boot_config(&cfg.to_string());
     r.assert_probe_passed(expected_checks(3));
     assert!(
         r.stdout
@@ -191,6 +194,52 @@ fn three_drives_read_only_writeback_and_async() {
         ro_before,
         "read-only drive changed"
     );
+    // Each drive is counted on its own, and in the sum over drives. The probe writes
+    // sectors 1-8 of every writable drive and tries one write on the read-only one.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let flushed: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let total = |key: &str, field: &str| -> u64 {
+        flushed
+            .iter()
+            .map(|l| {
+                l[key][field]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{key}.{field}: {l}"))
+            })
+            .sum()
+    };
+    for id in ["rootfs", "scratch"] {
+        assert!(
+            total(&format!("block_{id}"), "write_bytes") >= 8 * 512,
+            "{text}"
+        );
+    }
+    assert_eq!(total("block_data", "write_bytes"), 0, "{text}");
+    // Every drive gets the probe's request past its end; the read-only one also its write.
+    assert_eq!(
+        total("block_data", "invalid_reqs_count"),
+        total("block_rootfs", "invalid_reqs_count") + 1,
+        "{text}"
+    );
+    assert!(total("block_rootfs", "flush_count") >= 1, "{text}");
+    for field in [
+        "read_bytes",
+        "write_bytes",
+        "invalid_reqs_count",
+        "flush_count",
+    ] {
+        assert_eq!(
+            total("block", field),
+            ["rootfs", "scratch", "data"]
+                .iter()
+                .map(|id| total(&format!("block_{id}"), field))
+                .sum::<u64>(),
+            "block.{field} is not the sum over drives: {text}"
+        );
+    }
     // The Async drive must really use io_uring: a silent fallback to synchronous I/O
     // would pass every check above.
     if r.stderr.contains("falling back") {

@@ -217,12 +217,7 @@ fn attach_drives(
             }
         );
         let block = Arc::new(Mutex::new(block));
-        let slot = devices.attach_virtio(
-            vm,
-            mem,
-            &format!("drive {:?}", drive.drive_id),
-            block.clone(),
-        )?;
+        let slot = devices.attach_virtio(vm, mem, &drive.drive_id, block.clone())?;
         log::info!(
             "drive {:?}: {} ({summary}) at {:#x}, IRQ {}",
             drive.drive_id,

@@ -97,7 +97,13 @@ impl Controller {
         }
         let machine = &self.resources.machine_config;
         match PreparedVm::new(machine) {
-            Ok(p) => self.prepared = Some(p),
+            Ok(p) => {
+                log::debug!(
+                    "prepared a VM with {} MiB of memory ahead of start",
+                    machine.mem_size_mib
+                );
+                self.prepared = Some(p);
+            }
             Err(e) => {
                 log::debug!("cannot prepare the VM ahead of start: {e}");
                 self.prepare_failed = Some(machine.clone());
@@ -460,9 +466,12 @@ impl Controller {
 
     /// Stops the VM (if it runs) and decides the exit code.
     pub fn shutdown(mut self, signal: i32) -> VmExit {
+        // The VM (and with it its devices' metrics) stays until the last flush.
+        let mut microvm = None;
         let exit = match self.vm.take() {
             Some(vm) => {
                 let outcomes = vm.vcpus.stop();
+                microvm = Some(vm.microvm);
                 vm.console_writer
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -479,6 +488,7 @@ impl Controller {
             },
         };
         self.flush_metrics();
+        drop(microvm);
         exit
     }
 }

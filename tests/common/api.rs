@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Stdio};
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use super::{RUN_DEADLINE, Scratch, ember_command};
@@ -147,6 +148,10 @@ pub struct ApiVm {
     pub sock: PathBuf,
     pub child: Child,
     stdout: Option<BufReader<ChildStdout>>,
+    /// ember's log line by line, once a test waits for a log line.
+    log: Option<Receiver<String>>,
+    /// Log lines already read from `log`.
+    log_seen: Vec<String>,
 }
 
 impl ApiVm {
@@ -183,6 +188,8 @@ impl ApiVm {
             sock,
             child,
             stdout,
+            log: None,
+            log_seen: Vec::new(),
         }
     }
 
@@ -212,6 +219,40 @@ impl ApiVm {
         }
     }
 
+    /// Waits (up to 20 s) for a line of ember's log containing `needle`; returns it.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let stderr = self.child.stderr.take();
+        let log = self.log.get_or_insert_with(|| {
+            let (tx, rx) = channel();
+            let stderr = stderr.expect("stderr still attached");
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.log_seen.push(line.clone());
+                    if found {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no log line with {needle:?} ({e}):\n{}",
+                    self.log_seen.join("\n")
+                ),
+            }
+        }
+    }
+
     pub fn send_console(&mut self, bytes: &[u8]) {
         self.child
             .stdin
@@ -223,11 +264,20 @@ impl ApiVm {
 
     /// Waits for ember to exit; returns (exit code, rest of stdout, stderr).
     pub fn finish(mut self) -> (Option<i32>, String, String) {
-        let mut stderr = self.child.stderr.take().expect("stderr");
-        let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
+        let stderr = self.child.stderr.take();
+        let log = self.log.take();
+        let mut seen = std::mem::take(&mut self.log_seen);
+        let err = std::thread::spawn(move || match (stderr, log) {
+            (Some(mut stderr), _) => {
+                let mut s = String::new();
+                let _ = stderr.read_to_string(&mut s);
+                s
+            }
+            (None, Some(log)) => {
+                seen.extend(log.iter());
+                seen.iter().map(|l| format!("{l}\n")).collect()
+            }
+            (None, None) => String::new(),
         });
         let mut stdout = self.stdout.take();
         let out = std::thread::spawn(move || {

@@ -90,6 +90,11 @@ pub trait VirtioDevice: Send {
     fn process_event(&mut self, _fd: RawFd, _events: EventSet) {}
     /// Waits until nothing the device started still writes guest memory (the VM pauses).
     fn quiesce(&mut self) {}
+    /// The device's own counters and the kind they are reported under (`block`): the
+    /// device manager puts them in every metrics flush while the device is attached.
+    fn metrics(&self) -> Option<(&'static str, Arc<dyn crate::metrics::Group>)> {
+        None
+    }
 }
 
 /// Copies the bytes of `config` at `offset` into `data`; out-of-range bytes read as zero.

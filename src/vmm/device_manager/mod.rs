@@ -23,6 +23,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::mmio::{MMIO_WINDOW, MmioInterrupt, MmioTransport, NOTIFY_OFFSET};
 use crate::devices::work_queue::WorkQueue;
+use crate::metrics::{DeviceGroup, DeviceRegistration, METRICS};
 use crate::vstate::vm::{Vm, VmError};
 use resources::{DeviceResources, DeviceSlot, ResourceError};
 use virtio_handler::VirtioHandler;
@@ -48,9 +49,12 @@ pub enum DeviceManagerError {
 
 /// A virtio device as attached: what it is, where it sits.
 struct AttachedVirtio {
-    id: String,
+    /// How logs name it: `drive "rootfs"`.
+    label: String,
     device: Arc<Mutex<dyn VirtioDevice>>,
     slot: DeviceSlot,
+    /// Keeps the device's own metrics in the flushes while it is attached.
+    _metrics: Option<DeviceRegistration>,
 }
 
 pub struct DeviceManager {
@@ -89,7 +93,8 @@ impl DeviceManager {
     /// Attaches `device` on a virtio-mmio transport of its own: a 4 KiB window and an
     /// interrupt line, one ioeventfd per queue on QueueNotify (matching the queue index),
     /// the interrupt through an irqfd, the `virtio_mmio.device=` word and the firmware
-    /// table entry, and an event-loop handler. `id` names it in logs.
+    /// table entry, an event-loop handler, and its metrics (`<kind>_<id>`). `id` is the
+    /// client's name for it (`drive_id`), which logs and metrics use.
     pub fn attach_virtio(
         &mut self,
         vm: &Vm,
@@ -98,7 +103,11 @@ impl DeviceManager {
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<DeviceSlot, DeviceManagerError> {
         let slot = self.resources.allocate(MMIO_WINDOW)?;
-        match self.connect_mmio(vm, mem, id, device.clone(), slot) {
+        let label = {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            format!("{} {id:?}", kind_label(dev.device_type()))
+        };
+        match self.connect_mmio(vm, mem, &label, device.clone(), slot) {
             Ok(()) => {}
             Err(e) => {
                 self.resources.free(slot);
@@ -114,10 +123,22 @@ impl DeviceManager {
             len: slot.len,
             irq: slot.irq,
         });
+        let metrics = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics()
+            .map(|(kind, group)| {
+                METRICS.register_device(DeviceGroup {
+                    kind,
+                    id: id.to_owned(),
+                    group,
+                })
+            });
         self.virtio.push(AttachedVirtio {
-            id: id.to_owned(),
+            label,
             device,
             slot,
+            _metrics: metrics,
         });
         Ok(slot)
     }
@@ -195,8 +216,19 @@ impl DeviceManager {
     pub fn describe(&self) -> Vec<String> {
         self.virtio
             .iter()
-            .map(|v| format!("{} at {:#x}, IRQ {}", v.id, v.slot.base, v.slot.irq))
+            .map(|v| format!("{} at {:#x}, IRQ {}", v.label, v.slot.base, v.slot.irq))
             .collect()
+    }
+}
+
+/// What logs call a device of virtio type `device_type`, in the words of the API.
+fn kind_label(device_type: u32) -> &'static str {
+    use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_VSOCK};
+    match device_type {
+        VIRTIO_ID_BLOCK => "drive",
+        VIRTIO_ID_NET => "network interface",
+        VIRTIO_ID_VSOCK => "vsock",
+        _ => "virtio device",
     }
 }
 
@@ -205,11 +237,12 @@ mod tests {
     use super::*;
     use crate::arch::layout::{DEVICE_IRQ_FIRST, VIRTIO_MMIO_START};
     use crate::devices::virtio::{ActivateError, VirtioInterrupt};
+    use crate::metrics::{BlockMetrics, DeviceCounters};
     use crate::vstate::kvm::KvmContext;
     use virtio_queue::Queue;
     use vm_memory::GuestAddress;
 
-    struct TwoQueues;
+    struct TwoQueues(DeviceCounters<BlockMetrics>);
 
     impl VirtioDevice for TwoQueues {
         fn device_type(&self) -> u32 {
@@ -237,6 +270,15 @@ mod tests {
         fn reset(&mut self) {}
         fn process_queue(&mut self, _index: usize) {}
         fn stop_queue(&mut self, _index: usize) {}
+        fn metrics(&self) -> Option<(&'static str, Arc<dyn crate::metrics::Group>)> {
+            Some(("twoqueues", self.0.group()))
+        }
+    }
+
+    impl TwoQueues {
+        fn new() -> Arc<Mutex<Self>> {
+            Arc::new(Mutex::new(TwoQueues(DeviceCounters::new(&METRICS.block))))
+        }
     }
 
     #[test]
@@ -245,12 +287,8 @@ mod tests {
         vm.create_interrupt_controllers().unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut dm = DeviceManager::new().unwrap();
-        let a = dm
-            .attach_virtio(&vm, &mem, "a", Arc::new(Mutex::new(TwoQueues)))
-            .unwrap();
-        let b = dm
-            .attach_virtio(&vm, &mem, "b", Arc::new(Mutex::new(TwoQueues)))
-            .unwrap();
+        let a = dm.attach_virtio(&vm, &mem, "a", TwoQueues::new()).unwrap();
+        let b = dm.attach_virtio(&vm, &mem, "b", TwoQueues::new()).unwrap();
         assert_eq!((a.base, a.irq), (VIRTIO_MMIO_START, DEVICE_IRQ_FIRST));
         assert_eq!(
             (b.base, b.irq),
@@ -282,5 +320,12 @@ mod tests {
             vm.ioeventfd(a.base + NOTIFY_OFFSET, Some(1), "again")
                 .is_err()
         );
+        // Each device's metrics are flushed under its own name while it is attached.
+        let flushed = METRICS.flush_json();
+        assert!(flushed["twoqueues_a"]["read_count"].is_u64(), "{flushed:?}");
+        assert!(flushed["twoqueues_b"].is_object());
+        drop(dm);
+        let flushed = METRICS.flush_json();
+        assert!(flushed.get("twoqueues_a").is_none(), "{flushed:?}");
     }
 }

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::config::rate_limiter::RateLimiterConfig;
 use crate::host_file::{self, Accept, Access, HostFileError};
-use crate::metrics::METRICS;
+use crate::metrics::{BlockMetrics, DeviceCounters, Group, METRICS};
 use crate::rate_limiter::{RateLimiter, TokenType};
 use io_engine::{AsyncEngine, PendingRequest};
 use request::{
@@ -79,7 +79,11 @@ pub struct Block {
     limiter: RateLimiter,
     /// Reused for every chain, so a request costs no allocation.
     descs: Vec<Descriptor>,
+    metrics: DriveMetrics,
 }
+
+/// This drive's counters, summed into `block` as they are counted.
+type DriveMetrics = DeviceCounters<BlockMetrics>;
 
 /// Opens a backing file (or block device) with the guest's access, without blocking;
 /// returns it with its size in sectors.
@@ -143,6 +147,7 @@ impl Block {
             config_space: capacity.to_le_bytes(),
             generation: 0,
             active: None,
+            metrics: DeviceCounters::new(&METRICS.block),
             engine,
             limiter,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
@@ -247,7 +252,7 @@ impl Block {
                 if !Self::admit(&mut self.limiter, descs) {
                     // Leave the request in the ring for when the limiter allows it.
                     active.queue.go_to_previous_position();
-                    METRICS.block.rate_limiter_throttled.inc();
+                    self.metrics.inc(|m| &m.rate_limiter_throttled);
                     break;
                 }
                 let backend = Backend {
@@ -255,6 +260,7 @@ impl Block {
                     config: &self.config,
                     capacity: self.capacity,
                     engine: self.engine.as_mut(),
+                    metrics: &self.metrics,
                 };
                 if let Outcome::Done(used) = execute(backend, &active.mem, head, descs) {
                     if let Err(e) = active.queue.add_used(&active.mem, head, used) {
@@ -276,7 +282,7 @@ impl Block {
                 // is broken (an index beyond the queue size). Stop rather than spin; the
                 // next notification tries again.
                 Ok(true) if popped == 0 => {
-                    METRICS.block.invalid_reqs_count.inc();
+                    self.metrics.inc(|m| &m.invalid_reqs_count);
                     crate::guest_log!(
                         log::Level::Warn,
                         "drive {:?}: the guest's available ring is inconsistent; ignoring it",
@@ -341,7 +347,7 @@ impl Block {
         for (req, result) in done {
             let (status, data_written) = match result {
                 Ok(n) if n == req.expected => {
-                    count_success(req.kind, n);
+                    count_success(&self.metrics, req.kind, n);
                     let written = if req.kind == RequestType::In {
                         n as u32
                     } else {
@@ -351,10 +357,11 @@ impl Block {
                 }
                 Ok(n) => io_failed(
                     &self.config,
+                    &self.metrics,
                     "transfer",
                     std::io::Error::other(format!("{n} of {} bytes", req.expected)),
                 ),
-                Err(e) => io_failed(&self.config, "request", e),
+                Err(e) => io_failed(&self.config, &self.metrics, "request", e),
             };
             let used = match active.mem.write_obj(status, req.status) {
                 Ok(()) => data_written + 1,
@@ -387,6 +394,7 @@ struct Backend<'a> {
     config: &'a BlockConfig,
     capacity: u64,
     engine: Option<&'a mut AsyncEngine>,
+    metrics: &'a DriveMetrics,
 }
 
 /// Whether a request finished now or went to the io_uring.
@@ -397,17 +405,17 @@ enum Outcome {
     Submitted,
 }
 
-fn count_success(kind: RequestType, bytes: u64) {
+fn count_success(metrics: &DriveMetrics, kind: RequestType, bytes: u64) {
     match kind {
         RequestType::In => {
-            METRICS.block.read_count.inc();
-            METRICS.block.read_bytes.add(bytes);
+            metrics.inc(|m| &m.read_count);
+            metrics.add(|m| &m.read_bytes, bytes);
         }
         RequestType::Out => {
-            METRICS.block.write_count.inc();
-            METRICS.block.write_bytes.add(bytes);
+            metrics.inc(|m| &m.write_count);
+            metrics.add(|m| &m.write_bytes, bytes);
         }
-        RequestType::Flush => METRICS.block.flush_count.inc(),
+        RequestType::Flush => metrics.inc(|m| &m.flush_count),
         _ => {}
     }
 }
@@ -424,11 +432,12 @@ fn execute(
         config,
         capacity,
         engine,
+        metrics,
     } = backend;
     let req = match request::parse(descs, mem, capacity) {
         Ok(r) => r,
         Err(e) => {
-            METRICS.block.invalid_reqs_count.inc();
+            metrics.inc(|m| &m.invalid_reqs_count);
             crate::guest_log!(log::Level::Debug, "drive {:?}: bad request: {e}", config.id);
             // Answer through the status byte if the chain has one; otherwise nothing can
             // be said to the guest, and the chain is returned with nothing written.
@@ -467,7 +476,7 @@ fn execute(
                     pending,
                 ),
                 Err(e) => {
-                    let (status, _) = io_failed(config, "request", e);
+                    let (status, _) = io_failed(config, metrics, "request", e);
                     return Outcome::Done(write_status(mem, &req, status, 0));
                 }
             },
@@ -475,8 +484,12 @@ fn execute(
         return match submitted {
             Ok(()) => Outcome::Submitted,
             Err(e) => {
-                let (status, _) =
-                    io_failed(config, "submission", std::io::Error::other(e.to_string()));
+                let (status, _) = io_failed(
+                    config,
+                    metrics,
+                    "submission",
+                    std::io::Error::other(e.to_string()),
+                );
                 Outcome::Done(write_status(mem, &req, status, 0))
             }
         };
@@ -484,28 +497,28 @@ fn execute(
     let (status, data_written) = match req.kind {
         RequestType::In => match transfer(file, mem, &req, Direction::Read) {
             Ok(()) => {
-                count_success(req.kind, req.data_len);
+                count_success(metrics, req.kind, req.data_len);
                 (VIRTIO_BLK_S_OK, req.data_len as u32)
             }
-            Err(e) => io_failed(config, "read", e),
+            Err(e) => io_failed(config, metrics, "read", e),
         },
         RequestType::Out if config.read_only => {
-            METRICS.block.invalid_reqs_count.inc();
+            metrics.inc(|m| &m.invalid_reqs_count);
             (VIRTIO_BLK_S_IOERR, 0)
         }
         RequestType::Out => match transfer(file, mem, &req, Direction::Write) {
             Ok(()) => {
-                count_success(req.kind, req.data_len);
+                count_success(metrics, req.kind, req.data_len);
                 (VIRTIO_BLK_S_OK, 0)
             }
-            Err(e) => io_failed(config, "write", e),
+            Err(e) => io_failed(config, metrics, "write", e),
         },
         RequestType::Flush => match file.sync_all() {
             Ok(()) => {
-                count_success(req.kind, 0);
+                count_success(metrics, req.kind, 0);
                 (VIRTIO_BLK_S_OK, 0)
             }
-            Err(e) => io_failed(config, "flush", e),
+            Err(e) => io_failed(config, metrics, "flush", e),
         },
         RequestType::GetId => {
             let mut id = [0u8; ID_BYTES];
@@ -524,7 +537,7 @@ fn execute(
             (VIRTIO_BLK_S_OK, written)
         }
         RequestType::Unsupported(t) => {
-            METRICS.block.invalid_reqs_count.inc();
+            metrics.inc(|m| &m.invalid_reqs_count);
             crate::guest_log!(
                 log::Level::Debug,
                 "drive {:?}: unsupported request type {t}",
@@ -545,8 +558,13 @@ fn write_status(mem: &GuestMemoryMmap, req: &Request, status: u8, data_written: 
     }
 }
 
-fn io_failed(config: &BlockConfig, what: &str, e: std::io::Error) -> (u8, u32) {
-    METRICS.block.io_errors.inc();
+fn io_failed(
+    config: &BlockConfig,
+    metrics: &DriveMetrics,
+    what: &str,
+    e: std::io::Error,
+) -> (u8, u32) {
+    metrics.inc(|m| &m.io_errors);
     crate::guest_log!(
         log::Level::Warn,
         "drive {:?}: {what} failed: {e}",
@@ -663,6 +681,10 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn metrics(&self) -> Option<(&'static str, Arc<dyn Group>)> {
+        Some(("block", self.metrics.group()))
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
