@@ -170,6 +170,30 @@ pub fn run_self_with_env(args: &[&str], env: &[(String, String)]) -> Result<Stri
     }
 }
 
+/// The panic message of the test that failed inside, repeated where a CI log that keeps
+/// only the head and tail of a long output still shows it.
+fn inner_panic(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    let Some(at) = lines.iter().position(|l| l.contains("panicked at")) else {
+        return String::new();
+    };
+    let message: Vec<&str> = lines[at..]
+        .iter()
+        .take_while(|l| !l.starts_with("stack backtrace:") && !l.starts_with("note: "))
+        .copied()
+        .collect();
+    // A long message (a console dump) keeps its head and its last lines, where it ends.
+    let shown = if message.len() > 40 {
+        let mut shown = message[..5].to_vec();
+        shown.push("[...]");
+        shown.extend_from_slice(&message[message.len() - 30..]);
+        shown
+    } else {
+        message
+    };
+    format!("the failure inside:\n{}\n", shown.join("\n"))
+}
+
 fn run_self_once(args: &[&str], env: &[(String, String)]) -> Result<String, (i32, String)> {
     let fail = |why: String| (-1, why);
     let _one_at_a_time = NESTED_HOST.lock().unwrap_or_else(|e| e.into_inner());
@@ -227,9 +251,10 @@ fn run_self_once(args: &[&str], env: &[(String, String)]) -> Result<String, (i32
                 out.status.code().unwrap_or(-1)
             },
             format!(
-                "{} failed inside the nested host ({}); its output is above.\n{errors}",
+                "{} failed inside the nested host ({}); its output is above.\n{}{errors}",
                 exe.display(),
-                out.status
+                out.status,
+                inner_panic(&console)
             ),
         ));
     }
