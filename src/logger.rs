@@ -5,8 +5,10 @@
 //! `--show-log-origin`), as orchestrators written for Firecracker expect.
 
 use std::io::Write;
-use std::sync::{Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -21,11 +23,12 @@ pub enum LoggerError {
     },
     #[error("the logger was already installed by another component")]
     AlreadyInstalled,
+    #[error("cannot start the log writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 struct LoggerState {
     instance_id: String,
-    sink: Box<dyn Write + Send>,
     /// False once the log goes to a file or pipe.
     to_stderr: bool,
     show_level: bool,
@@ -33,23 +36,105 @@ struct LoggerState {
     module: Option<String>,
 }
 
+/// What the writer thread writes.
+enum Entry {
+    /// A log line, to the log's destination.
+    Line(String),
+    /// A line for stderr whatever the log's destination (a fatal error's summary).
+    Stderr(String),
+}
+
+/// Lines waiting for the writer thread at most; beyond this, lines are dropped and counted.
+pub const LOG_QUEUE_LINES: usize = 4096;
+
+/// Formatting happens on the thread that logs; writing happens on a thread of its own, so a
+/// destination that blocks (a full pipe, a stalled reader, a slow disk) stalls only that
+/// thread: whoever logs never waits, and a full queue drops the line and counts it.
 struct EmberLogger {
     state: Mutex<LoggerState>,
+    queue: SyncSender<Entry>,
+    /// A destination to switch to, picked up by the writer thread before its next line.
+    next_sink: Arc<Mutex<Option<Box<dyn Write + Send>>>>,
+    /// Entries queued and not yet written.
+    queued: Arc<AtomicUsize>,
+}
+
+impl EmberLogger {
+    fn enqueue(&self, entry: Entry) -> bool {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.queue.try_send(entry).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            crate::metrics::METRICS.vmm.log_lines_dropped.inc();
+            return false;
+        }
+        true
+    }
 }
 
 static LOGGER: OnceLock<EmberLogger> = OnceLock::new();
 
+/// The writer thread: takes queued entries in order and writes each whole.
+fn write_entries(
+    entries: Receiver<Entry>,
+    next_sink: Arc<Mutex<Option<Box<dyn Write + Send>>>>,
+    queued: Arc<AtomicUsize>,
+) {
+    let mut sink: Box<dyn Write + Send> = Box::new(std::io::stderr());
+    for entry in entries {
+        if let Some(new) = next_sink.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            sink = new;
+        }
+        let written = match &entry {
+            Entry::Line(line) => sink.write_all(line.as_bytes()).and_then(|()| sink.flush()),
+            Entry::Stderr(line) => std::io::stderr().write_all(line.as_bytes()),
+        };
+        // A destination that fails (full disk, a pipe whose reader is gone) must not take
+        // the VMM down: the line is dropped and counted.
+        if written.is_err() {
+            crate::metrics::METRICS.vmm.log_lines_dropped.inc();
+        }
+        queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Installs the process logger writing to stderr. Call once, early in `main`.
 pub fn init(instance_id: &str) -> Result<(), LoggerError> {
+    if LOGGER.get().is_some() {
+        return Err(LoggerError::AlreadyInstalled);
+    }
+    let (queue, entries) = sync_channel(LOG_QUEUE_LINES);
+    let next_sink = Arc::new(Mutex::new(None));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (sink, count) = (next_sink.clone(), queued.clone());
+    // The writer must never take a signal (ember reads termination signals through a
+    // signalfd on the vmm thread): it starts with every signal blocked, whatever the mask
+    // of the thread calling this.
+    // SAFETY: sigfillset fills a set we own; pthread_sigmask swaps this thread's mask and
+    // the old one is restored right after the spawn.
+    let old_mask = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    };
+    let spawned = std::thread::Builder::new()
+        .name("log".into())
+        .spawn(move || write_entries(entries, sink, count));
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+    spawned.map_err(LoggerError::Thread)?;
     let logger = LOGGER.get_or_init(|| EmberLogger {
         state: Mutex::new(LoggerState {
             instance_id: instance_id.to_owned(),
-            sink: Box::new(std::io::stderr()),
             to_stderr: true,
             show_level: false,
             show_origin: false,
             module: None,
         }),
+        queue,
+        next_sink,
+        queued,
     });
     log::set_logger(logger).map_err(|_| LoggerError::AlreadyInstalled)?;
     log::set_max_level(LevelFilter::Info);
@@ -78,7 +163,7 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     };
     let mut state = logger.state.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(sink) = sink {
-        state.sink = sink;
+        *logger.next_sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
         state.to_stderr = false;
     }
     if let Some(v) = config.show_level {
@@ -94,6 +179,34 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
         log::set_max_level(level.to_filter());
     }
     Ok(())
+}
+
+/// Writes `line` on stderr after the log lines queued before it, without waiting; false
+/// when no logger runs (the caller writes it itself).
+pub fn to_stderr(line: &str) -> bool {
+    match LOGGER.get() {
+        Some(logger) => {
+            logger.enqueue(Entry::Stderr(format!("{line}\n")));
+            true
+        }
+        None => false,
+    }
+}
+
+/// Waits up to `limit` for queued lines to be written; true if all were. For the end of
+/// the process: lines still queued after it are lost with the process.
+pub fn flush(limit: Duration) -> bool {
+    let Some(logger) = LOGGER.get() else {
+        return true;
+    };
+    let deadline = Instant::now() + limit;
+    while logger.queued.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
 }
 
 /// True when error records reach stderr, where a user who ran ember by hand looks.
@@ -153,44 +266,40 @@ impl Log for EmberLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(module) = &state.module
-            && !record
-                .module_path()
-                .unwrap_or("")
-                .starts_with(module.as_str())
-        {
-            return;
-        }
-        let thread = std::thread::current();
-        let mut prefix = format!("{}:{}", state.instance_id, thread.name().unwrap_or("?"));
-        if state.show_level {
-            prefix.push(':');
-            prefix.push_str(level_name(record.level()));
-        }
-        if state.show_origin {
-            prefix.push_str(&format!(
-                ":{}:{}",
-                record.file().unwrap_or("?"),
-                record.line().unwrap_or(0)
-            ));
-        }
-        let line = format!(
-            "{} [{prefix}] {}\n",
-            timestamp(SystemTime::now()),
-            record.args()
-        );
-        // A log sink that fails (full disk, a pipe whose reader is gone or behind) must
-        // not take the VMM down or stall it: the line is dropped and counted.
-        if state.sink.write_all(line.as_bytes()).is_err() {
-            crate::metrics::METRICS.vmm.log_lines_dropped.inc();
-        }
-        let _ = state.sink.flush();
+        let line = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(module) = &state.module
+                && !record
+                    .module_path()
+                    .unwrap_or("")
+                    .starts_with(module.as_str())
+            {
+                return;
+            }
+            let thread = std::thread::current();
+            let mut prefix = format!("{}:{}", state.instance_id, thread.name().unwrap_or("?"));
+            if state.show_level {
+                prefix.push(':');
+                prefix.push_str(level_name(record.level()));
+            }
+            if state.show_origin {
+                prefix.push_str(&format!(
+                    ":{}:{}",
+                    record.file().unwrap_or("?"),
+                    record.line().unwrap_or(0)
+                ));
+            }
+            format!(
+                "{} [{prefix}] {}\n",
+                timestamp(SystemTime::now()),
+                record.args()
+            )
+        };
+        self.enqueue(Entry::Line(line));
     }
 
     fn flush(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = state.sink.flush();
+        // Lines are flushed as they are written; waiting here could block the caller.
     }
 }
 
@@ -266,9 +375,10 @@ impl Default for LogBudget {
 }
 
 /// Logs like `log::log!` at `level`, within a per-call-site [`LogBudget`]: use it for every
-/// message a guest can cause, so a guest cannot flood the host's log.
+/// message a guest or an API client can cause by repeating something, so neither can flood
+/// the host's log.
 #[macro_export]
-macro_rules! guest_log {
+macro_rules! rate_limited_log {
     ($level:expr, $($arg:tt)+) => {{
         static BUDGET: $crate::logger::LogBudget = $crate::logger::LogBudget::new();
         if log::log_enabled!($level) {

@@ -347,7 +347,7 @@ impl Vcpu {
                         rip: self.rip(),
                     });
                 }
-                other => crate::guest_log!(
+                other => crate::rate_limited_log!(
                     log::Level::Warn,
                     "vCPU {}: ignoring system event {other}",
                     self.index

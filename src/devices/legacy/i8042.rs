@@ -116,7 +116,7 @@ impl I8042 {
             SET2_EXTENDED => self.push_byte(b),
             code => {
                 let Some(set1) = set1_make_code(code) else {
-                    crate::guest_log!(
+                    crate::rate_limited_log!(
                         log::Level::Debug,
                         "i8042: no set 1 code for set 2 code {code:#x}"
                     );
@@ -149,7 +149,7 @@ impl I8042 {
                 METRICS.i8042.reset_count.inc();
                 self.stop.guest_reset();
             }
-            _ => crate::guest_log!(log::Level::Debug, "i8042: ignoring command {cmd:#x}"),
+            _ => crate::rate_limited_log!(log::Level::Debug, "i8042: ignoring command {cmd:#x}"),
         }
     }
 

@@ -51,7 +51,7 @@ impl BusDevice for PowerManagement {
                 } else {
                     // The DSDT offers no other sleep state, so a guest that asks for one is
                     // confused; it keeps running.
-                    crate::guest_log!(
+                    crate::rate_limited_log!(
                         log::Level::Debug,
                         "ignoring a request for ACPI sleep type {sleep_type}"
                     );

@@ -205,7 +205,7 @@ impl MmioTransport {
             .position(|q| q.ready() && !q.is_valid(&self.mem))
         {
             METRICS.vmm.guest_errors.inc();
-            crate::guest_log!(
+            crate::rate_limited_log!(
                 log::Level::Debug,
                 "virtio: queue {i} set up with invalid addresses or size"
             );
@@ -228,7 +228,10 @@ impl MmioTransport {
             }
             Err(e) => {
                 METRICS.vmm.guest_errors.inc();
-                crate::guest_log!(log::Level::Debug, "virtio: cannot activate the device: {e}");
+                crate::rate_limited_log!(
+                    log::Level::Debug,
+                    "virtio: cannot activate the device: {e}"
+                );
                 false
             }
         }
@@ -283,7 +286,7 @@ impl MmioTransport {
                 .wrapping_add(self.device().config_generation()),
             _ => {
                 METRICS.vmm.guest_errors.inc();
-                crate::guest_log!(
+                crate::rate_limited_log!(
                     log::Level::Debug,
                     "virtio-mmio: read of unknown register {offset:#x}"
                 );
@@ -345,7 +348,7 @@ impl MmioTransport {
             }
             _ => {
                 METRICS.vmm.guest_errors.inc();
-                crate::guest_log!(
+                crate::rate_limited_log!(
                     log::Level::Debug,
                     "virtio-mmio: ignored write of {value:#x} to {offset:#x}"
                 );

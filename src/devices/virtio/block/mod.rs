@@ -264,7 +264,7 @@ impl Block {
                 };
                 if let Outcome::Done(used) = execute(backend, &active.mem, head, descs) {
                     if let Err(e) = active.queue.add_used(&active.mem, head, used) {
-                        crate::guest_log!(
+                        crate::rate_limited_log!(
                             log::Level::Warn,
                             "drive {:?}: cannot return a request: {e}",
                             self.config.id
@@ -283,7 +283,7 @@ impl Block {
                 // next notification tries again.
                 Ok(true) if popped == 0 => {
                     self.metrics.inc(|m| &m.invalid_reqs_count);
-                    crate::guest_log!(
+                    crate::rate_limited_log!(
                         log::Level::Warn,
                         "drive {:?}: the guest's available ring is inconsistent; ignoring it",
                         self.config.id
@@ -293,7 +293,7 @@ impl Block {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    crate::guest_log!(
+                    crate::rate_limited_log!(
                         log::Level::Warn,
                         "drive {:?}: broken queue: {e}",
                         self.config.id
@@ -305,7 +305,7 @@ impl Block {
         if let Some(engine) = self.engine.as_mut() {
             // One system call for everything this pass queued.
             if let Err(e) = engine.submit() {
-                crate::guest_log!(
+                crate::rate_limited_log!(
                     log::Level::Warn,
                     "drive {:?}: cannot submit to the io_uring: {e}",
                     self.config.id
@@ -368,7 +368,7 @@ impl Block {
                 Err(_) => data_written,
             };
             if let Err(e) = active.queue.add_used(&active.mem, req.head, used) {
-                crate::guest_log!(
+                crate::rate_limited_log!(
                     log::Level::Warn,
                     "drive {:?}: cannot return a request: {e}",
                     self.config.id
@@ -438,7 +438,7 @@ fn execute(
         Ok(r) => r,
         Err(e) => {
             metrics.inc(|m| &m.invalid_reqs_count);
-            crate::guest_log!(log::Level::Debug, "drive {:?}: bad request: {e}", config.id);
+            crate::rate_limited_log!(log::Level::Debug, "drive {:?}: bad request: {e}", config.id);
             // Answer through the status byte if the chain has one; otherwise nothing can
             // be said to the guest, and the chain is returned with nothing written.
             return Outcome::Done(match request::status_address(descs, mem) {
@@ -538,7 +538,7 @@ fn execute(
         }
         RequestType::Unsupported(t) => {
             metrics.inc(|m| &m.invalid_reqs_count);
-            crate::guest_log!(
+            crate::rate_limited_log!(
                 log::Level::Debug,
                 "drive {:?}: unsupported request type {t}",
                 config.id
@@ -565,7 +565,7 @@ fn io_failed(
     e: std::io::Error,
 ) -> (u8, u32) {
     metrics.inc(|m| &m.io_errors);
-    crate::guest_log!(
+    crate::rate_limited_log!(
         log::Level::Warn,
         "drive {:?}: {what} failed: {e}",
         config.id
