@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use ember::api::{self, server::ApiServer};
+use ember::api::{self, server::ApiServer, socket::SocketFile};
 use ember::{cli, config, exit_code, logger, vmm};
 use vmm::{ApiEndpoint, VmmOptions};
 use vmm_sys_util::eventfd::EventFd;
@@ -31,14 +31,24 @@ fn main() -> ExitCode {
         println!("ember v{}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    ExitCode::from(run(cli, started))
+    let code = run(cli, started);
+    // The log's last lines (why ember stops) are worth a short wait; a destination that
+    // does not take them must not keep the process alive.
+    logger::flush(LOG_FLUSH_LIMIT);
+    ExitCode::from(code)
 }
+
+/// How long ember waits at exit for its log to be written.
+const LOG_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reports a fatal error as one log line, and on stderr too when the log goes elsewhere.
 fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
     log::error!("{msg}");
     if !logger::errors_reach_stderr() {
-        eprintln!("ember: {msg}");
+        let line = format!("ember: {msg}");
+        if !logger::to_stderr(&line) {
+            eprintln!("{line}");
+        }
     }
     code
 }
@@ -86,11 +96,11 @@ fn run(cli: Cli, started: Instant) -> u8 {
     if let Err(e) = vmm::signals::block_termination_signals() {
         return fail(exit_code::VMM_ERROR, e);
     }
-    let api = if cli.no_api {
-        None
+    let (api, socket_file) = if cli.no_api {
+        (None, None)
     } else {
         match start_api(&cli, started) {
-            Ok(api) => Some(api),
+            Ok((api, file)) => (Some(api), Some(file)),
             Err(e) => return fail(exit_code::HOST_UNSUITABLE, e),
         }
     };
@@ -106,17 +116,20 @@ fn run(cli: Cli, started: Instant) -> u8 {
         api,
     };
     let result = vmm::run_vmm(opts);
-    if !cli.no_api {
-        let _ = std::fs::remove_file(&cli.api_sock);
+    if let Some(file) = socket_file {
+        file.remove();
     }
     match result {
         Ok(exit) => {
             if exit.code == exit_code::GUEST_SHUTDOWN {
                 log::info!("microVM stopped: {}", exit.reason);
+                exit.code
             } else {
-                log::error!("microVM stopped: {} (exit code {})", exit.reason, exit.code);
+                fail(
+                    exit.code,
+                    format!("microVM stopped: {} (exit code {})", exit.reason, exit.code),
+                )
             }
-            exit.code
         }
         Err(e) => fail(e.exit_code(), e),
     }
@@ -131,8 +144,8 @@ enum ApiStartError {
 }
 
 /// Binds the API socket and starts the API thread; returns the vmm thread's end.
-fn start_api(cli: &Cli, started: Instant) -> Result<ApiEndpoint, ApiStartError> {
-    let listener = api::socket::bind(&cli.api_sock)?;
+fn start_api(cli: &Cli, started: Instant) -> Result<(ApiEndpoint, SocketFile), ApiStartError> {
+    let (listener, socket_file) = api::socket::bind(&cli.api_sock)?;
     let wakeup = EventFd::new(libc::EFD_NONBLOCK)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let server = ApiServer::new(
@@ -147,8 +160,11 @@ fn start_api(cli: &Cli, started: Instant) -> Result<ApiEndpoint, ApiStartError> 
         .process_startup_time_us
         .set(started.elapsed().as_micros() as u64);
     log::info!("API server listening on {}", cli.api_sock.display());
-    Ok(ApiEndpoint {
-        requests: rx,
-        wakeup,
-    })
+    Ok((
+        ApiEndpoint {
+            requests: rx,
+            wakeup,
+        },
+        socket_file,
+    ))
 }

@@ -195,7 +195,11 @@ metric_group!(
     /// The API server itself.
     ApiServerMetrics {
         counters: [connections_accepted, connections_refused, malformed_requests,
-            requests_too_large, read_timeouts, sync_response_fails],
+            requests_too_large, read_timeouts, sync_response_fails,
+            /// Clients disconnected for not reading their responses.
+            write_timeouts,
+            /// Idle connections closed to make room for a new one.
+            idle_connections_closed],
         gauges: [process_startup_time_us],
     }
 );

@@ -64,6 +64,9 @@ fn contains_token(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The longest `fault_message`, in characters.
+pub const MAX_FAULT_CHARS: usize = 1024;
+
 /// Parses the first request in `buf`.
 pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -94,12 +97,28 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Parsed, HttpError> {
     if header_value(headers, "transfer-encoding").is_some() {
         return Err(HttpError::Chunked);
     }
-    let body_len = match header_value(headers, "content-length") {
-        None => 0,
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .ok_or_else(|| HttpError::Malformed("invalid Content-Length".into()))?,
+    // RFC 9112, 6.3: one Content-Length of decimal digits; anything else (a sign, a list,
+    // a second header) leaves the message length unknown and the request is refused.
+    let mut lengths = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+    let body_len = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some(_), Some(_)) => {
+            return Err(HttpError::Malformed(
+                "more than one Content-Length header".into(),
+            ));
+        }
+        (Some(h), None) => {
+            let digits = h.value.trim_ascii();
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(HttpError::Malformed("invalid Content-Length".into()));
+            }
+            std::str::from_utf8(digits)
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .ok_or_else(|| HttpError::Malformed("invalid Content-Length".into()))?
+        }
     };
     if body_len > max_body {
         return Err(HttpError::BodyTooLarge {
@@ -156,7 +175,13 @@ impl Response {
     }
 
     /// An error in Firecracker's shape: `{"fault_message": "..."}`.
+    /// An error answer. Messages can quote what the client sent (a path, a value); a long
+    /// one is cut, so a megabyte request is not echoed back.
     pub fn fault(status: u16, message: &str) -> Self {
+        let message = match message.char_indices().nth(MAX_FAULT_CHARS) {
+            Some((cut, _)) => format!("{}... (cut)", &message[..cut]),
+            None => message.to_owned(),
+        };
         Self::json(status, &serde_json::json!({ "fault_message": message }))
     }
 
@@ -275,6 +300,24 @@ mod tests {
         assert!(matches!(
             parse(b"PUT /x HTTP/1.1\r\nContent-Length: x\r\n\r\n", 10),
             Err(HttpError::Malformed(_))
+        ));
+        for bad in [
+            &b"PUT /x HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}"[..],
+            b"PUT /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n{}",
+            b"PUT /x HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n{}",
+            b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+            b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 0\r\n\r\n{}",
+            b"PUT /x HTTP/1.1\r\nContent-Length: \r\n\r\n{}",
+        ] {
+            assert!(
+                matches!(parse(bad, 10), Err(HttpError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(
+            parse(b"PUT /x HTTP/1.1\r\nContent-Length:  2 \r\n\r\n{}", 10),
+            Ok(Parsed::Complete(_, _))
         ));
         assert!(matches!(
             parse(b"\x01\x02 / HTTP/1.1\r\n\r\n", 10),

@@ -80,6 +80,14 @@ fn body<T: DeserializeOwned>(endpoint: &str, bytes: &[u8]) -> Result<T, RouteErr
             reason: "the request has no body".into(),
         });
     }
+    // Derived deserializers also take a struct as a JSON array of its fields in order
+    // (`[1, 2]` as a machine-config): the API documents objects, so only objects pass.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(RouteError::Body {
+            endpoint: endpoint.into(),
+            reason: "the body must be a JSON object".into(),
+        });
+    }
     serde_json::from_slice(bytes).map_err(|e| RouteError::Body {
         endpoint: endpoint.into(),
         reason: e.to_string(),
@@ -208,6 +216,23 @@ mod tests {
         route(method, path, body.as_bytes())
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn only_json_objects_are_bodies() {
+        for body in ["[1, 2]", " [2,64]", "2", "\"x\"", "null", "true"] {
+            let e = err("PUT", "/machine-config", body);
+            assert!(e.contains("must be a JSON object"), "{body}: {e}");
+        }
+        assert!(err("PATCH", "/vm", r#"["Paused"]"#).contains("JSON object"));
+        assert!(matches!(
+            ok(
+                "PUT",
+                "/machine-config",
+                " \n{\"vcpu_count\":2,\"mem_size_mib\":64}"
+            ),
+            VmmAction::PutMachineConfig(_)
+        ));
     }
 
     #[test]

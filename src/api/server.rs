@@ -18,17 +18,24 @@ use crate::metrics::METRICS;
 use crate::vmm::ApiRequest;
 use crate::vmm::action::VmmData;
 
-/// Connections beyond this are accepted and closed at once.
+/// Open connections at most. When all are taken, the one idle the longest makes room for a
+/// new one; only when every connection is busy is the new one closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
-/// A request must arrive completely within this time of its first byte.
+/// A request must arrive completely within this time of its first byte, and a new
+/// connection must start its first request within it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection with nothing in flight is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A client that takes none of its pending responses for this long is disconnected.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the API waits for the vmm thread to answer one request.
 const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Reading from a connection pauses while this much output waits for a client that does
-/// not read its responses.
-const MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Reading and answering on a connection pause while this much output waits for a client
+/// that does not read its responses.
+pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Unparsed input a connection may hold (pipelined requests wait in it while output is
+/// pending).
+const MAX_PENDING_INPUT: usize = http::MAX_HEAD_BYTES + MAX_PENDING_OUTPUT;
 
 struct Connection {
     stream: UnixStream,
@@ -37,6 +44,11 @@ struct Connection {
     /// When the first byte of the request being received arrived.
     request_started: Option<Instant>,
     last_activity: Instant,
+    opened: Instant,
+    /// Whether any byte ever arrived: a connection that stays silent is closed early.
+    heard_from: bool,
+    /// When the client last took some of `output` (or output started waiting).
+    last_write_progress: Instant,
     continue_sent: bool,
     /// No more requests are read; the connection closes once `output` is written.
     closing: bool,
@@ -52,6 +64,9 @@ impl Connection {
             output: Vec::new(),
             request_started: None,
             last_activity: Instant::now(),
+            opened: Instant::now(),
+            heard_from: false,
+            last_write_progress: Instant::now(),
             continue_sent: false,
             closing: false,
             dead: false,
@@ -63,7 +78,23 @@ impl Connection {
     }
 
     fn wants_input(&self) -> bool {
-        !self.closing && !self.dead && self.output.len() < MAX_PENDING_OUTPUT
+        !self.closing
+            && !self.dead
+            && self.output.len() < MAX_PENDING_OUTPUT
+            && self.input.len() < MAX_PENDING_INPUT
+    }
+
+    /// Nothing received and nothing to send: closing it loses no request.
+    fn is_idle(&self) -> bool {
+        self.input.is_empty() && self.output.is_empty() && !self.closing && !self.dead
+    }
+
+    /// Adds a response to what the connection sends.
+    fn queue_output(&mut self, bytes: &[u8]) {
+        if self.output.is_empty() {
+            self.last_write_progress = Instant::now();
+        }
+        self.output.extend_from_slice(bytes);
     }
 
     fn read_available(&mut self) {
@@ -81,7 +112,8 @@ impl Connection {
                     }
                     self.input.extend_from_slice(&buf[..n]);
                     self.last_activity = Instant::now();
-                    if self.input.len() > http::MAX_HEAD_BYTES + MAX_PENDING_OUTPUT {
+                    self.heard_from = true;
+                    if self.input.len() >= MAX_PENDING_INPUT {
                         return;
                     }
                 }
@@ -105,6 +137,7 @@ impl Connection {
                 Ok(n) => {
                     self.output.drain(..n);
                     self.last_activity = Instant::now();
+                    self.last_write_progress = Instant::now();
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -118,8 +151,7 @@ impl Connection {
     }
 
     fn refuse(&mut self, status: u16, message: &str) {
-        self.output
-            .extend_from_slice(&Response::fault(status, message).encode(true));
+        self.queue_output(&Response::fault(status, message).encode(true));
         self.input.clear();
         self.closing = true;
     }
@@ -153,7 +185,12 @@ impl VmmClient {
         match reply_rx.recv_timeout(VMM_REPLY_TIMEOUT) {
             Ok(Ok(data)) => data_response(data),
             Ok(Err(message)) => Response::fault(400, &message),
-            Err(_) => {
+            // The vmm thread stopped taking requests: ember is on its way out.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                METRICS.api_server.sync_response_fails.inc();
+                Response::fault(503, "the VMM is shutting down")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 METRICS.api_server.sync_response_fails.inc();
                 Response::fault(500, "the VMM did not answer in time")
             }
@@ -254,7 +291,14 @@ impl ApiServer {
                 {
                     conn.read_available();
                 }
-                Self::serve(conn, self.max_payload, &self.vmm);
+                // Requests held back by the output limit are answered as soon as the client
+                // has taken the earlier responses.
+                while Self::serve(conn, self.max_payload, &self.vmm) {
+                    conn.write_pending();
+                    if !conn.output.is_empty() {
+                        break;
+                    }
+                }
                 conn.write_pending();
             }
             self.expire();
@@ -266,9 +310,12 @@ impl ApiServer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() >= MAX_CONNECTIONS {
+                    if self.conns.len() >= MAX_CONNECTIONS && !self.evict_idle() {
                         METRICS.api_server.connections_refused.inc();
-                        log::warn!("API server: too many connections; closing a new one");
+                        crate::rate_limited_log!(
+                            log::Level::Warn,
+                            "API server: {MAX_CONNECTIONS} connections are busy; closing a new one"
+                        );
                         continue;
                     }
                     if stream.set_nonblocking(true).is_err() {
@@ -287,13 +334,38 @@ impl ApiServer {
         }
     }
 
-    /// Answers every complete request in the connection's input, in order.
-    fn serve(conn: &mut Connection, max_payload: usize, vmm: &VmmClient) {
+    /// Closes the connection idle the longest to make room for a new one; false when every
+    /// connection has a request or a response in flight.
+    fn evict_idle(&mut self) -> bool {
+        let oldest = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_idle())
+            .min_by_key(|(_, c)| c.last_activity)
+            .map(|(i, _)| i);
+        match oldest {
+            Some(i) => {
+                METRICS.api_server.idle_connections_closed.inc();
+                self.conns.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Answers the complete requests in the connection's input, in order, until its
+    /// pending output reaches the limit; the rest waits until the client reads. True when
+    /// it stopped at that limit with input left.
+    fn serve(conn: &mut Connection, max_payload: usize, vmm: &VmmClient) -> bool {
         while !conn.input.is_empty() && !conn.dead {
+            if conn.output.len() >= MAX_PENDING_OUTPUT {
+                return true;
+            }
             match http::parse(&conn.input, max_payload) {
                 Ok(Parsed::Incomplete { expects_continue }) => {
                     if expects_continue && !conn.continue_sent {
-                        conn.output.extend_from_slice(CONTINUE);
+                        conn.queue_output(CONTINUE);
                         conn.continue_sent = true;
                     }
                     if conn.closing {
@@ -301,7 +373,7 @@ impl ApiServer {
                         METRICS.api_server.malformed_requests.inc();
                         conn.refuse(400, "the connection closed in the middle of a request");
                     }
-                    return;
+                    return false;
                 }
                 Ok(Parsed::Complete(req, used)) => {
                     conn.input.drain(..used);
@@ -309,11 +381,11 @@ impl ApiServer {
                     conn.request_started = (!conn.input.is_empty()).then(Instant::now);
                     let response = vmm.call(&req);
                     let close = req.close || conn.closing && conn.input.is_empty();
-                    conn.output.extend_from_slice(&response.encode(close));
+                    conn.queue_output(&response.encode(close));
                     if req.close {
                         conn.closing = true;
                         conn.input.clear();
-                        return;
+                        return false;
                     }
                 }
                 Err(e) => {
@@ -323,18 +395,32 @@ impl ApiServer {
                         METRICS.api_server.malformed_requests.inc();
                     }
                     conn.refuse(e.status(), &e.to_string());
-                    return;
+                    return false;
                 }
             }
         }
+        false
     }
 
     fn expire(&mut self) {
         for c in &mut self.conns {
-            if c.closing || c.dead {
+            if c.dead {
                 continue;
             }
-            if let Some(started) = c.request_started {
+            // A client that does not take its responses holds memory: let it go.
+            if !c.output.is_empty() && c.last_write_progress.elapsed() > WRITE_TIMEOUT {
+                METRICS.api_server.write_timeouts.inc();
+                c.dead = true;
+                continue;
+            }
+            if c.closing {
+                continue;
+            }
+            if !c.heard_from && c.opened.elapsed() > REQUEST_TIMEOUT {
+                // Connected and never said anything: it holds a slot others may need.
+                METRICS.api_server.read_timeouts.inc();
+                c.dead = true;
+            } else if let Some(started) = c.request_started {
                 if started.elapsed() > REQUEST_TIMEOUT {
                     METRICS.api_server.read_timeouts.inc();
                     c.refuse(

@@ -2,9 +2,9 @@
 //! replaced while a live one is left alone.
 
 use std::io::ErrorKind;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -24,8 +24,47 @@ pub enum SocketError {
     },
 }
 
+/// The socket file ember created, removed at exit only if the path still names it: another
+/// ember started on the same path after this one (replacing what it took for a stale
+/// socket) keeps its own.
+pub struct SocketFile {
+    path: PathBuf,
+    /// Device, inode and change time of the file as created: an inode number alone can be
+    /// reused by the next socket made at the same path.
+    identity: Option<(u64, u64, i64, i64)>,
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> Self {
+        let identity = identity(path);
+        SocketFile {
+            path: path.to_owned(),
+            identity,
+        }
+    }
+
+    /// Removes the socket file if it is still the one [`bind`] created.
+    pub fn remove(self) {
+        let now = identity(&self.path);
+        if now.is_some() && now == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        } else if now.is_some() {
+            log::info!(
+                "API socket {} was replaced by another; leaving it",
+                self.path.display()
+            );
+        }
+    }
+}
+
+fn identity(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
 /// Binds the API socket at `path` with mode 0600.
-pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     let shown = path.display().to_string();
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -56,10 +95,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     let result = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
-    result.map_err(|source| SocketError::Bind {
+    let listener = result.map_err(|source| SocketError::Bind {
         path: shown,
         source,
-    })
+    })?;
+    Ok((listener, SocketFile::new(path)))
 }
 
 #[cfg(test)]
@@ -76,7 +116,7 @@ mod tests {
     #[test]
     fn mode_0600_and_stale_replaced() {
         let p = temp("stale");
-        let first = bind(&p).unwrap();
+        let (first, _) = bind(&p).unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // While the listener lives, the path is in use.
@@ -85,6 +125,22 @@ mod tests {
         // The file remains but nobody listens: stale, replaced.
         assert!(p.exists());
         let _second = bind(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn removed_at_exit_only_while_still_ours() {
+        let p = temp("ours");
+        let (listener, file) = bind(&p).unwrap();
+        drop(listener);
+        file.remove();
+        assert!(!p.exists(), "our own socket is removed");
+        // Another process took the path over (it found ours stale and replaced it).
+        let (first, first_file) = bind(&p).unwrap();
+        drop(first);
+        let (_second, _) = bind(&p).unwrap();
+        first_file.remove();
+        assert!(p.exists(), "the newer socket must stay");
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -272,6 +272,8 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
             controller.prepare_ahead();
         }
     }
+    // Requests that arrive from now on, or wait unanswered, get 503 from the API thread.
+    drop(requests);
     Ok(controller.shutdown(received_signal.load(Ordering::SeqCst)))
 }
 
