@@ -10,47 +10,6 @@ use std::time::{Duration, Instant};
 use common::api::*;
 use common::*;
 
-fn boot_source(extra: &str, vcpus: u8, mem: usize) -> String {
-    serde_json::json!({
-        "kernel_image_path": probe_elf(),
-        "boot_args": probe_args(vcpus, mem, extra),
-    })
-    .to_string()
-}
-
-/// Configures and starts the probe through the API; returns once the guest printed DONE.
-fn boot_waiting_probe(vm: &mut ApiVm) {
-    boot_waiting_probe_with(vm, "", PROBE_CHECKS);
-}
-
-/// As [`boot_waiting_probe`], with more probe arguments and the checks they add.
-fn boot_waiting_probe_with(vm: &mut ApiVm, args: &str, checks: usize) {
-    let mut c = vm.client();
-    let r = c.call(
-        "PUT",
-        "/machine-config",
-        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
-    let r = c.call(
-        "PUT",
-        "/boot-source",
-        Some(&boot_source(&format!("probe.wait=serial {args}"), 2, 256)),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
-    let r = c.call(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
-    let lines = vm.wait_for_line("PROBE DONE");
-    assert!(
-        lines.contains(&format!("PROBE DONE pass={checks} fail=0")),
-        "{lines:#?}"
-    );
-}
-
 #[test]
 fn firecracker_client_flow_boots_the_probe() {
     let mut vm = ApiVm::start(&[]);

@@ -438,3 +438,33 @@ impl ApiServer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get_root() -> Request {
+        Request {
+            method: "GET".into(),
+            path: "/".into(),
+            body: Vec::new(),
+            close: false,
+        }
+    }
+
+    #[test]
+    fn requests_during_shutdown_get_503() {
+        // The vmm thread took the request and went away without answering.
+        let (requests, taken) = mpsc::channel::<ApiRequest>();
+        let vmm = VmmClient {
+            requests,
+            wakeup: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let stopping = std::thread::spawn(move || drop(taken.recv()));
+        let answer = vmm.call(&get_root());
+        stopping.join().unwrap();
+        assert_eq!(answer.status, 503);
+        // And once it stopped taking requests at all.
+        assert_eq!(vmm.call(&get_root()).status, 503);
+    }
+}

@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdout, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use super::{RUN_DEADLINE, Scratch, ember_command};
+use super::{PROBE_CHECKS, RUN_DEADLINE, Scratch, ember_command, probe_args, probe_elf};
 
 /// A response: status, headers (lower-case names) and body.
 #[derive(Debug)]
@@ -320,4 +320,46 @@ impl Drop for ApiVm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A `PUT /boot-source` body for the probe with `extra` arguments.
+pub fn boot_source(extra: &str, vcpus: u8, mem: usize) -> String {
+    serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": probe_args(vcpus, mem, extra),
+    })
+    .to_string()
+}
+
+/// Configures and starts the probe through the API; returns once the guest printed DONE.
+pub fn boot_waiting_probe(vm: &mut ApiVm) {
+    boot_waiting_probe_with(vm, "", PROBE_CHECKS);
+}
+
+/// As [`boot_waiting_probe`], with more probe arguments and the checks they add.
+pub fn boot_waiting_probe_with(vm: &mut ApiVm, args: &str, checks: usize) {
+    let mut c = vm.client();
+    let r = c.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/boot-source",
+        Some(&boot_source(&format!("probe.wait=serial {args}"), 2, 256)),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let lines = vm.wait_for_line("PROBE DONE");
+    assert!(
+        lines.contains(&format!("PROBE DONE pass={checks} fail=0")),
+        "{lines:#?}"
+    );
 }
