@@ -3,7 +3,9 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -63,9 +65,20 @@ fn kernel_neither_elf_nor_bzimage() {
 fn truncated_elf_kernel() {
     let dir = Scratch::new("trunc");
     let elf = std::fs::read(probe_elf()).unwrap();
-    let kernel = dir.write("vmlinux", &elf[..200]);
-    let r = boot_config(&config_json(&kernel, 1, 128, "x=1"));
-    assert_fails(&r, BAD_CONFIGURATION, "cannot load kernel image");
+    // Where the first program header's segment ends in the file.
+    let ph = usize::try_from(le_u64(&elf, 0x20)).unwrap();
+    let end = le_u64(&elf, ph + 0x08) + le_u64(&elf, ph + 0x20);
+    // Cut before the segment's bytes start, and one byte short of its end.
+    for cut in [200, usize::try_from(end).unwrap() - 1] {
+        let kernel = dir.write("vmlinux", &elf[..cut]);
+        assert_kernel_refused(
+            &kernel,
+            &format!(
+                "kernel image {} is truncated: its segment 0 ends at byte {end}, the file has {cut}",
+                kernel.display()
+            ),
+        );
+    }
 }
 
 #[test]
@@ -339,4 +352,111 @@ fn log_and_metrics_fifos_without_reader_fail_at_once() {
             r.stdout
         );
     }
+}
+
+/// Boots `kernel` as the probe with `--no-api --config-file` and checks that ember refuses it
+/// as invalid configuration, naming the problem, and at once: a kernel that cannot boot must
+/// not get a guest that spins until someone kills it.
+fn assert_kernel_refused(kernel: &Path, message: &str) {
+    let started = Instant::now();
+    let r = boot_config(&config_json(kernel, 1, 128, &probe_args(1, 128, "")));
+    assert_fails(&r, BAD_CONFIGURATION, message);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ember took {:?} to refuse {}",
+        started.elapsed(),
+        kernel.display()
+    );
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// A copy of the probe kernel at `from` in `dir`, changed by `patch`.
+fn patched_kernel(dir: &Scratch, from: &Path, patch: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut image = std::fs::read(from).unwrap();
+    patch(&mut image);
+    dir.write("kernel", image)
+}
+
+#[test]
+fn elf_kernel_for_another_machine() {
+    let dir = Scratch::new("aarch64");
+    // e_machine, at byte 18: EM_AARCH64. Everything else is the probe, which would boot.
+    let kernel = patched_kernel(&dir, &probe_elf(), |elf| {
+        elf[18..20].copy_from_slice(&183u16.to_le_bytes())
+    });
+    assert_kernel_refused(
+        &kernel,
+        &format!(
+            "kernel image {} is an ELF for machine 183 (aarch64), not x86-64",
+            kernel.display()
+        ),
+    );
+}
+
+#[test]
+fn elf_kernel_segment_outside_guest_ram() {
+    let dir = Scratch::new("segram");
+    let mut memsz = 0;
+    // The probe's second segment (data and bss) moved to 256 MiB, past 128 MiB of RAM.
+    let kernel = patched_kernel(&dir, &probe_elf(), |elf| {
+        let ph = usize::try_from(le_u64(elf, 0x20)).unwrap() + 56;
+        memsz = le_u64(elf, ph + 0x28);
+        elf[ph + 0x18..ph + 0x20].copy_from_slice(&0x1000_0000u64.to_le_bytes());
+    });
+    assert_kernel_refused(
+        &kernel,
+        &format!(
+            "kernel image {}: segment 1 at 0x10000000..{:#x} is not inside guest RAM (0x0..0x8000000)",
+            kernel.display(),
+            0x1000_0000 + memsz
+        ),
+    );
+}
+
+#[test]
+fn elf_kernel_entry_outside_its_segments() {
+    let dir = Scratch::new("entry");
+    // e_entry at 80 MiB: RAM, but zeros, not the probe's code.
+    let kernel = patched_kernel(&dir, &probe_elf(), |elf| {
+        elf[0x18..0x20].copy_from_slice(&0x500_0000u64.to_le_bytes())
+    });
+    assert_kernel_refused(
+        &kernel,
+        "its entry point 0x5000000 is not inside any segment loaded from the file",
+    );
+}
+
+#[test]
+fn truncated_bzimage_kernel() {
+    let dir = Scratch::new("truncbz");
+    let bz = std::fs::read(probe_bzimage()).unwrap();
+    let setup_sects = u64::from(bz[0x1f1]);
+    let syssize = u64::from(u32::from_le_bytes(bz[0x1f4..0x1f8].try_into().unwrap()));
+    let announced = (setup_sects + 1) * 512 + syssize * 16;
+    let cut = bz.len() / 2;
+    let kernel = dir.write("bzImage", &bz[..cut]);
+    assert_kernel_refused(
+        &kernel,
+        &format!(
+            "kernel image {} is truncated: its header announces {announced} bytes, the file has {cut}",
+            kernel.display()
+        ),
+    );
+}
+
+#[test]
+fn bzimage_kernel_without_64_bit_entry() {
+    let dir = Scratch::new("bz32");
+    // xloadflags bit 0, XLF_KERNEL_64: without it there is no entry point ember can use.
+    let kernel = patched_kernel(&dir, &probe_bzimage(), |bz| bz[0x236] &= !1);
+    assert_kernel_refused(
+        &kernel,
+        &format!(
+            "kernel image {} has no 64-bit entry point (XLF_KERNEL_64 is clear",
+            kernel.display()
+        ),
+    );
 }

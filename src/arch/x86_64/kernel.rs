@@ -6,6 +6,7 @@ use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::boot_params::low_ram_end;
+use super::kernel_check::{self, KernelCheckError};
 use super::layout::{CMDLINE_START, HIMEM_START};
 use super::regs::BootProtocol;
 use crate::host_file::HostFile;
@@ -21,6 +22,8 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub enum KernelError {
     #[error("kernel image {0} is neither an ELF vmlinux nor a bzImage")]
     NotAKernel(String),
+    #[error(transparent)]
+    Unbootable(#[from] KernelCheckError),
     #[error("cannot load kernel image {path}: {reason}")]
     Load { path: String, reason: String },
     #[error(
@@ -69,6 +72,9 @@ pub fn load_kernel<M: GuestMemoryBackend>(
     mem: &M,
     kernel: &mut HostFile,
 ) -> Result<LoadedKernel, KernelError> {
+    // linux-loader loads much that cannot boot; refusing it here, with the reason, beats a
+    // guest that spins or faults with nothing to say why.
+    kernel_check::check_kernel(mem, kernel)?;
     let shown = kernel.shown.clone();
     let file = &mut kernel.file;
     let himem = Some(GuestAddress(HIMEM_START));
@@ -181,13 +187,36 @@ mod tests {
     fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
         let mut img = vec![0u8; 1024];
         img[0x1f1] = 1; // setup_sects
+        let syssize = payload.len().div_ceil(16) as u32;
+        img[0x1f4..0x1f8].copy_from_slice(&syssize.to_le_bytes());
         img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
         img[0x202..0x206].copy_from_slice(b"HdrS");
         img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
         img[0x211] = 1; // LOADED_HIGH
         img[0x214..0x218].copy_from_slice(&(HIMEM_START as u32).to_le_bytes());
+        img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+        img[0x258..0x260].copy_from_slice(&HIMEM_START.to_le_bytes()); // pref_address
+        img[0x260..0x264].copy_from_slice(&0x1000u32.to_le_bytes()); // init_size
         img.extend_from_slice(payload);
         img
+    }
+
+    #[test]
+    fn unbootable_kernel_refused_before_anything_is_loaded() {
+        let m = mem(16 << 20);
+        let mut img = fake_bzimage(b"PAYLOAD!");
+        img[0x236] = 0; // no 64-bit entry point
+        let p = temp_file("bz-no64", &img);
+        let err = load_kernel(&m, &mut open(&p)).unwrap_err();
+        std::fs::remove_file(p).unwrap();
+        assert!(matches!(err, KernelError::Unbootable(_)), "{err}");
+        assert!(
+            err.to_string().contains("has no 64-bit entry point"),
+            "{err}"
+        );
+        let mut got = [0u8; 8];
+        m.read_slice(&mut got, GuestAddress(HIMEM_START)).unwrap();
+        assert_eq!(got, [0u8; 8]);
     }
 
     #[test]

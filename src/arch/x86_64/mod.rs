@@ -6,6 +6,7 @@ pub mod boot_params;
 pub mod cpuid;
 pub mod interrupts;
 pub mod kernel;
+pub mod kernel_check;
 pub mod layout;
 pub mod mptable;
 pub mod msr;
