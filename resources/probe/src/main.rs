@@ -1,7 +1,8 @@
 //! ember's probe guest: booted like a Linux `vmlinux`, it checks from inside the VM what
 //! ember promises a guest (boot state, zero page, command line, memory map, CPUID, MP table,
 //! ACPI tables, virtio-blk devices) and prints one `PROBE ...` line per check on the serial port; on
-//! request it then waits for input the host sends (a serial byte, Ctrl+Alt+Del). With
+//! request it then behaves as a hostile guest would (src/hostile.rs) or waits for input the
+//! host sends (a serial byte, Ctrl+Alt+Del). With
 //! the `pvh` feature it also has a PVH entry (src/pvh.rs), and a VMM that honours the note
 //! enters it there.
 //!
@@ -20,6 +21,7 @@ mod cmdline;
 mod cpu;
 mod cpuid;
 mod e820;
+mod hostile;
 mod initrd;
 mod kbd;
 mod line;
@@ -154,15 +156,27 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
     report.check(b"acpi", |d| acpi::check(&boot, d));
     // Only when the test expects block devices or the VMM announces virtio devices, so other
     // boots keep their checks. Needs the memory check's map, which covers the MMIO gap.
+    let mut blk0 = None;
     if boot.cmdline.get(b"probe.blk").is_some() || virtio::announced(&boot.cmdline) {
         let mut found = virtio::Found::new();
         report.check(b"virtio", |d| virtio::check(&boot, &mut found, d));
         for (n, &base) in found.blk().iter().enumerate() {
             blkcheck::run(&mut report, &boot.cmdline, n, base);
         }
+        blk0 = found.blk().first().copied();
     }
 
     report.done();
+
+    if boot.cmdline.get(b"probe.hostile") == Some(b"virtq") {
+        match blk0 {
+            Some(base) => hostile::virtq(base),
+            None => serial::write(b"PROBE hostile FAIL no block device\n"),
+        }
+    }
+    if boot.cmdline.get(b"probe.flood") == Some(b"serial") {
+        hostile::flood_serial();
+    }
 
     if boot.cmdline.get(b"probe.fault") == Some(b"triple") {
         serial::write(b"PROBE FAULT triple\n");

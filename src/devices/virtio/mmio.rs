@@ -257,6 +257,16 @@ impl MmioTransport {
         }
     }
 
+    /// Status as the driver reads it: what it set, plus DEVICE_NEEDS_RESET when the
+    /// transport refused a step or the running device gave up on a queue.
+    fn device_status(&self) -> u32 {
+        if self.activated && self.device().needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
     fn read_reg(&mut self, offset: u32) -> u32 {
         match offset {
             reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
@@ -280,7 +290,7 @@ impl MmioTransport {
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            reg::VIRTIO_MMIO_STATUS => self.status,
+            reg::VIRTIO_MMIO_STATUS => self.device_status(),
             reg::VIRTIO_MMIO_CONFIG_GENERATION => self
                 .config_generation
                 .wrapping_add(self.device().config_generation()),
@@ -413,6 +423,8 @@ mod tests {
         config: [u8; 8],
         /// Which thread ran the last reset or queue stop.
         io_thread: Option<std::thread::ThreadId>,
+        /// The device gave up on its queues until reset.
+        broken: bool,
     }
 
     impl VirtioDevice for FakeDevice {
@@ -442,7 +454,11 @@ mod tests {
         fn reset(&mut self) {
             self.resets += 1;
             self.activated_with = None;
+            self.broken = false;
             self.io_thread = Some(std::thread::current().id());
+        }
+        fn needs_reset(&self) -> bool {
+            self.broken
         }
         fn process_queue(&mut self, _index: usize) {}
         fn stop_queue(&mut self, index: usize) {
@@ -647,6 +663,26 @@ mod tests {
         setup_queue(&mut s.t);
         w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
         assert!(s.dev.lock().unwrap().activated_with.is_some());
+    }
+
+    /// A running device that gave up on its queues shows DEVICE_NEEDS_RESET on top of what
+    /// the driver set, until the driver resets it.
+    #[test]
+    fn device_needing_reset_shows_in_status_until_reset() {
+        let mut s = running();
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_STATUS), 0xf);
+        s.dev.lock().unwrap().broken = true;
+        assert_eq!(
+            r(&mut s.t, reg::VIRTIO_MMIO_STATUS),
+            0xf | status::DEVICE_NEEDS_RESET
+        );
+        w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_STATUS), 0);
+        assert!(!s.dev.lock().unwrap().broken, "the device was reset");
+        negotiate(&mut s.t, 1 << VIRTIO_F_VERSION_1);
+        setup_queue(&mut s.t);
+        w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
+        assert_eq!(r(&mut s.t, reg::VIRTIO_MMIO_STATUS), 0xf);
     }
 
     #[test]

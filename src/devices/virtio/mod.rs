@@ -71,6 +71,13 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: wait for work in flight, drop the queues, keep the
     /// backend. Once it returns the device no longer touches guest memory.
     fn reset(&mut self);
+    /// True when the device has stopped using its queues until the driver resets it (the
+    /// driver broke one): the transport shows DEVICE_NEEDS_RESET in the device status
+    /// (virtio 1.2, 2.1.2). A device that enters this state also raises a configuration
+    /// change interrupt; `reset` leaves it.
+    fn needs_reset(&self) -> bool {
+        false
+    }
     /// Counts changes the device made to its own configuration space, so the driver can
     /// tell a torn read (virtio 1.2, 4.2.2 ConfigGeneration).
     fn config_generation(&self) -> u32 {

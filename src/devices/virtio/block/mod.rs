@@ -3,6 +3,11 @@
 //! The device runs on the vmm thread: the guest's queue notification arrives as an
 //! ioeventfd, requests are carried out with positional vectored I/O straight between the
 //! file and guest memory, and completion raises the device's interrupt through an irqfd.
+//!
+//! A queue the driver has broken (an available index the ring cannot hold) is not looked at
+//! again until the driver resets the device: the device reports DEVICE_NEEDS_RESET and
+//! raises one configuration change interrupt (virtio 1.2, 2.1.2), so a guest that keeps
+//! notifying a broken queue costs one check per notification, not a log line each.
 
 pub mod io_engine;
 pub mod request;
@@ -14,7 +19,7 @@ use std::sync::Arc;
 
 use event_manager::EventSet;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -80,6 +85,9 @@ pub struct Block {
     /// Reused for every chain, so a request costs no allocation.
     descs: Vec<Descriptor>,
     metrics: DriveMetrics,
+    /// The driver broke the queue: it is not used again until the driver resets the device,
+    /// and the device status shows DEVICE_NEEDS_RESET meanwhile.
+    needs_reset: bool,
 }
 
 /// This drive's counters, summed into `block` as they are counted.
@@ -151,6 +159,7 @@ impl Block {
             engine,
             limiter,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            needs_reset: false,
         })
     }
 
@@ -232,18 +241,33 @@ impl Block {
     }
 
     /// Handles everything the guest queued; raises the interrupt once if anything completed.
+    /// A queue found broken is left alone from then on, until the driver resets the device.
     pub fn process_queue(&mut self) {
+        if self.needs_reset {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mut completed = false;
+        let mut broken = None;
+        // Passes in a row in which the ring said more was available and none could be taken.
+        let mut empty_passes = 0u32;
         loop {
             if self.limiter.is_blocked() {
                 // The limiter's timer runs the queue again when tokens are back.
                 break;
             }
             let mut popped = 0usize;
-            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+            loop {
+                let chain = match pop_chain(&mut active.queue, &active.mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                };
                 popped += 1;
                 let head = chain.head_index();
                 self.descs.clear();
@@ -273,31 +297,25 @@ impl Block {
                     completed = true;
                 }
             }
-            if self.limiter.is_blocked() {
+            if broken.is_some() || self.limiter.is_blocked() {
                 break;
             }
             // Closes the race with a guest that queued more just as we finished.
             match active.queue.enable_notification(&active.mem) {
-                // More is available but nothing could be taken: the guest's available ring
-                // is broken (an index beyond the queue size). Stop rather than spin; the
-                // next notification tries again.
+                // More is available but nothing could be taken. Once, that is a guest that
+                // published just after the ring was read: look again. Twice in a row, the
+                // ring cannot be read: stop rather than spin.
                 Ok(true) if popped == 0 => {
-                    self.metrics.inc(|m| &m.invalid_reqs_count);
-                    crate::rate_limited_log!(
-                        log::Level::Warn,
-                        "drive {:?}: the guest's available ring is inconsistent; ignoring it",
-                        self.config.id
-                    );
-                    break;
+                    empty_passes += 1;
+                    if empty_passes > 1 {
+                        broken = Some("the available ring cannot be read".to_owned());
+                        break;
+                    }
                 }
-                Ok(true) => continue,
+                Ok(true) => empty_passes = 0,
                 Ok(false) => break,
                 Err(e) => {
-                    crate::rate_limited_log!(
-                        log::Level::Warn,
-                        "drive {:?}: broken queue: {e}",
-                        self.config.id
-                    );
+                    broken = Some(e.to_string());
                     break;
                 }
             }
@@ -314,6 +332,26 @@ impl Block {
         }
         if completed {
             notify(active);
+        }
+        if let Some(why) = broken {
+            self.queue_broken(&why);
+        }
+    }
+
+    /// The driver broke the queue (virtio 1.2, 2.1.2): stop using it until the driver resets
+    /// the device, report DEVICE_NEEDS_RESET (see [`VirtioDevice::needs_reset`]) and tell the
+    /// driver with one configuration change interrupt. Requests already taken still
+    /// complete. Counted and logged once per breakage, however often the guest notifies.
+    fn queue_broken(&mut self, why: &str) {
+        self.needs_reset = true;
+        self.metrics.inc(|m| &m.queue_broken);
+        crate::rate_limited_log!(
+            log::Level::Warn,
+            "drive {:?}: the guest broke its queue ({why}); ignoring it until the driver resets the device",
+            self.config.id
+        );
+        if let Some(active) = &self.active {
+            active.interrupt.trigger(VirtioInterruptType::Config);
         }
     }
 
@@ -377,6 +415,16 @@ impl Block {
         }
         notify(active);
     }
+}
+
+/// The next chain the driver made available, if any. Unlike `pop_descriptor_chain`, says
+/// when the ring is broken (an available index more than the queue size ahead) instead of
+/// logging it, so the caller decides what a guest's repeated mistake costs.
+fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(queue.iter(mem)?.next())
 }
 
 /// Raises the used-buffer interrupt unless the driver, through EVENT_IDX, asked not to be
@@ -717,6 +765,11 @@ impl VirtioDevice for Block {
         // Requests in flight finish into the old rings before they are forgotten.
         self.finish_in_flight();
         self.active = None;
+        self.needs_reset = false;
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset
     }
 
     fn config_generation(&self) -> u32 {
@@ -1165,6 +1218,99 @@ mod tests {
         r.block.process_queue();
         assert!(start.elapsed() < std::time::Duration::from_secs(1));
         assert!(r.driver.take_used(&r.mem).is_empty());
+    }
+
+    /// An interrupt that remembers why it was raised.
+    #[derive(Default)]
+    struct RecordingInterrupt(std::sync::Mutex<Vec<VirtioInterruptType>>);
+
+    impl VirtioInterrupt for RecordingInterrupt {
+        fn trigger(&self, kind: VirtioInterruptType) {
+            self.0.lock().unwrap().push(kind);
+        }
+    }
+
+    impl RecordingInterrupt {
+        fn take(&self) -> Vec<VirtioInterruptType> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    /// Activates the rig's device again on fresh rings, with an interrupt the test reads.
+    fn activate_recording(r: &mut Rig) -> Arc<RecordingInterrupt> {
+        r.driver = QueueDriver::new(&r.mem, 0, 16);
+        let irq = Arc::new(RecordingInterrupt::default());
+        r.block
+            .activate(
+                r.mem.clone(),
+                1 << VIRTIO_F_VERSION_1,
+                vec![r.driver.device_queue()],
+                irq.clone(),
+            )
+            .unwrap();
+        irq
+    }
+
+    /// A guest that breaks its queue and keeps notifying costs one count, one log line and
+    /// one configuration interrupt, not one per notification: the device leaves the queue
+    /// alone and asks for a reset (DEVICE_NEEDS_RESET), and works again after one.
+    #[test]
+    fn broken_queue_is_left_alone_until_reset() {
+        let mut r = rig("needs-reset", false);
+        r.block.reset();
+        let irq = activate_recording(&mut r);
+        // A good request first: the device works.
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, 0, &[data(512, true)]).1,
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(0)]);
+        assert!(!r.block.needs_reset());
+
+        // 16 + 7 entries ahead of what the device has taken: more than the ring holds.
+        r.mem
+            .write_obj(1u16 + 16 + 7, GuestAddress(0x1000 + 2))
+            .unwrap();
+        r.block.process_queue();
+        assert!(r.block.needs_reset(), "the device must ask for a reset");
+        assert_eq!(r.block.metrics.own().queue_broken.total(), 1);
+        assert_eq!(
+            irq.take(),
+            vec![VirtioInterruptType::Config],
+            "one configuration change interrupt"
+        );
+
+        // The guest makes the ring sane again with one real request (available index 2):
+        // the device must not look at the queue any more, however often it is notified.
+        r.queue_request(VIRTIO_BLK_T_IN, 0, &[data(512, true)]);
+        for _ in 0..1000 {
+            r.block.process_queue();
+        }
+        assert!(
+            r.driver.take_used(&r.mem).is_empty(),
+            "a queue awaiting reset was processed"
+        );
+        assert_eq!(
+            r.block.metrics.own().queue_broken.total(),
+            1,
+            "counted (and logged) again"
+        );
+        assert!(irq.take().is_empty(), "interrupt raised again");
+        assert!(r.block.needs_reset());
+
+        // Reset and set up again: the device works.
+        r.block.reset();
+        assert!(!r.block.needs_reset());
+        let irq = activate_recording(&mut r);
+        assert_eq!(
+            r.submit(VIRTIO_BLK_T_IN, 1, &[data(512, true)]).1,
+            VIRTIO_BLK_S_OK
+        );
+        let mut got = [0u8; 512];
+        r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got[0], disk_byte(512));
+        assert_eq!(irq.take(), vec![VirtioInterruptType::Queue(0)]);
+        assert_eq!(r.block.metrics.own().queue_broken.total(), 1);
     }
 
     #[test]
