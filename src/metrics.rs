@@ -280,7 +280,20 @@ metric_group!(
     /// Network devices, summed over all interfaces.
     NetMetrics {
         counters: [rx_packets_count, tx_packets_count, rx_bytes_count, tx_bytes_count,
-            rx_fails, tx_fails],
+            /// Frames from the TAP that could not be delivered (too large for the guest's
+            /// buffer, shorter than a header, dropped by a reset).
+            rx_fails,
+            /// Frames the guest sent that did not reach the TAP.
+            tx_fails,
+            tap_read_fails, tap_write_fails,
+            /// Transmit chains dropped for their shape (writable, outside guest memory,
+            /// too short or too long, a header asking for what was not negotiated).
+            tx_malformed_frames,
+            /// Receive chains returned unused for their shape.
+            rx_malformed_chains,
+            /// Times a frame waited because the guest had no receive buffer.
+            no_rx_avail_buffer,
+            rx_rate_limiter_throttled, tx_rate_limiter_throttled, rx_tap_event_count],
     }
 );
 metric_group!(

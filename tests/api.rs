@@ -41,17 +41,6 @@ fn firecracker_client_flow_boots_the_probe() {
     assert_eq!(config["machine-config"]["mem_size_mib"], 256);
     assert_eq!(config["drives"][0]["drive_id"], "rootfs");
     assert_eq!(config["drives"][0]["cache_type"], "Unsafe");
-    // Refused until virtio-net exists: a 204 would claim a NIC the guest never gets.
-    let r = c.call(
-        "PUT",
-        "/network-interfaces/eth0",
-        Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}"#),
-    );
-    assert_eq!(r.status, 400, "{r:?}");
-    assert!(
-        r.body.contains("virtio-net is not in this version"),
-        "{r:?}"
-    );
     let config = c.call("GET", "/vm/config", None).json();
     assert_eq!(config["network-interfaces"], serde_json::json!([]));
     assert_eq!(

@@ -38,6 +38,8 @@ pub enum NetError {
     Duplicate(String),
     #[error("host_dev_name {0:?} is used by two interfaces")]
     DuplicateTap(String),
+    #[error("guest_mac {0} is used by two interfaces")]
+    DuplicateMac(String),
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case).
@@ -100,6 +102,16 @@ pub fn validate_interfaces(ifaces: &[NetConfig]) -> Result<(), NetError> {
         {
             return Err(NetError::DuplicateTap(n.host_dev_name.clone()));
         }
+        // Two NICs with one address would confuse every switch and ARP cache they meet.
+        if let Some(mac) = n.guest_mac.as_deref().and_then(parse_mac)
+            && ifaces[..i]
+                .iter()
+                .any(|o| o.guest_mac.as_deref().and_then(parse_mac) == Some(mac))
+        {
+            return Err(NetError::DuplicateMac(
+                n.guest_mac.clone().unwrap_or_default(),
+            ));
+        }
     }
     Ok(())
 }
@@ -156,6 +168,13 @@ mod tests {
         assert_eq!(
             validate_interfaces(&[iface("a", "tap0", None), iface("b", "tap0", None)]),
             Err(NetError::DuplicateTap("tap0".into()))
+        );
+        assert_eq!(
+            validate_interfaces(&[
+                iface("a", "tap0", Some("06:00:00:00:00:01")),
+                iface("b", "tap1", Some("06:00:00:00:00:01")),
+            ]),
+            Err(NetError::DuplicateMac("06:00:00:00:00:01".into()))
         );
     }
 }

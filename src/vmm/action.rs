@@ -101,8 +101,6 @@ pub enum ActionError {
     NoMetrics,
     #[error("{kind} {id:?} does not exist")]
     NotFound { kind: &'static str, id: String },
-    #[error("{0} is not supported by ember yet")]
-    Unsupported(String),
     #[error("the vCPUs did not pause within {0} ms")]
     PauseTimeout(u128),
 }

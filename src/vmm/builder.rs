@@ -11,8 +11,9 @@ use vm_memory::GuestMemoryMmap;
 use crate::arch::{self, BootSpec};
 use crate::config::boot_source::CMDLINE_MAX_LEN;
 use crate::config::drive::{CacheType, IoEngine};
-use crate::config::{BootSourceConfig, DriveConfig, MachineConfig};
+use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, NetConfig};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
+use crate::devices::virtio::net::{self, Net, NetError};
 use crate::exit_code;
 use crate::host_file::{self, Accept, Access, HostFile, HostFileError};
 use crate::memory::{self, MemoryError};
@@ -41,6 +42,8 @@ pub enum BuildError {
     Devices(#[from] DeviceManagerError),
     #[error("{0}")]
     Block(#[from] BlockError),
+    #[error("{0}")]
+    Net(#[from] NetError),
     #[error(
         "the kernel command line with ember's device parameters is {len} bytes; the boot protocol allows at most {max}"
     )]
@@ -57,6 +60,7 @@ impl BuildError {
             BuildError::BootFile(_)
             | BuildError::Boot(_)
             | BuildError::Block(_)
+            | BuildError::Net(_)
             | BuildError::Devices(DeviceManagerError::Resources(
                 ResourceError::NoIrq { .. } | ResourceError::NoMmioWindow { .. },
             ))
@@ -75,6 +79,8 @@ pub struct BuildOptions {
     pub boot_timer_start: Option<Instant>,
     /// Raised by whatever ends the VM (guest reset, vCPU fault, the controller).
     pub stop: StopSignal,
+    /// The VM's id, from which interfaces without a `guest_mac` get a stable one.
+    pub instance_id: String,
 }
 
 /// A VM with everything in place, vCPUs not yet running.
@@ -83,6 +89,8 @@ pub struct MicroVm {
     pub devices: DeviceManager,
     /// The block devices by drive id, for updates after start.
     pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
+    /// The network devices by interface id, for updates after start.
+    pub nets: AttachedNets,
     pub stop: StopSignal,
     pub guest_memory: GuestMemoryMmap,
     /// The VM keeps the memory its slots map until its fd is closed (see `vstate::vm`).
@@ -237,6 +245,50 @@ fn attach_drives(
     Ok((blocks, root_args))
 }
 
+/// The network devices by interface id, as `PATCH /network-interfaces` finds them.
+pub type AttachedNets = Vec<(String, Arc<Mutex<Net>>)>;
+
+/// Creates a virtio-net device per interface, on its TAP, and attaches it.
+fn attach_nets(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    devices: &mut DeviceManager,
+    interfaces: &[NetConfig],
+    instance_id: &str,
+) -> Result<AttachedNets, BuildError> {
+    let mut nets = Vec::with_capacity(interfaces.len());
+    for iface in interfaces {
+        let mac = match iface
+            .guest_mac
+            .as_deref()
+            .and_then(crate::config::net::parse_mac)
+        {
+            Some(mac) => mac,
+            None => net::generated_mac(instance_id, &iface.iface_id),
+        };
+        let device = Net::new(net::NetConfig {
+            id: iface.iface_id.clone(),
+            tap_name: iface.host_dev_name.clone(),
+            mac,
+            mtu: iface.mtu,
+            rx_rate_limiter: iface.rx_rate_limiter.clone(),
+            tx_rate_limiter: iface.tx_rate_limiter.clone(),
+        })?;
+        let device = Arc::new(Mutex::new(device));
+        let slot = devices.attach_virtio(vm, mem, &iface.iface_id, device.clone())?;
+        log::info!(
+            "network interface {:?}: TAP {}, MAC {} at {:#x}, IRQ {}",
+            iface.iface_id,
+            iface.host_dev_name,
+            mac.map(|b| format!("{b:02x}")).join(":"),
+            slot.base,
+            slot.irq
+        );
+        nets.push((iface.iface_id.clone(), device));
+    }
+    Ok(nets)
+}
+
 /// The guest's command line: the user's arguments, then ember's device words.
 fn compose_cmdline(boot: &BootSourceConfig, words: &[String]) -> Result<String, BuildError> {
     let mut cmdline = boot.boot_args().to_owned();
@@ -258,6 +310,7 @@ pub fn build_microvm(
     boot: &BootSourceConfig,
     machine: &MachineConfig,
     drives: &[DriveConfig],
+    interfaces: &[NetConfig],
     prepared: Option<PreparedVm>,
     opts: BuildOptions,
 ) -> Result<MicroVm, BuildError> {
@@ -290,6 +343,13 @@ pub fn build_microvm(
     let mut devices = DeviceManager::new()?;
     devices.attach_legacy(&vm, &stop, boot_timer_hook(opts.boot_timer_start))?;
     let (blocks, root_args) = attach_drives(&vm, &guest_memory, &mut devices, drives)?;
+    let nets = attach_nets(
+        &vm,
+        &guest_memory,
+        &mut devices,
+        interfaces,
+        &opts.instance_id,
+    )?;
     let mut words = devices.cmdline_words().to_vec();
     words.extend(root_args);
     let cmdline = compose_cmdline(boot, &words)?;
@@ -326,6 +386,7 @@ pub fn build_microvm(
         vcpus,
         devices,
         blocks,
+        nets,
         stop,
         guest_memory,
         vm,

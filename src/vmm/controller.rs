@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberId, SubscriberOps};
 
-use super::action::{ActionError, DriveUpdate, InstanceInfo, VmmAction, VmmData};
+use super::action::{ActionError, DriveUpdate, InstanceInfo, NetUpdate, VmmAction, VmmData};
 use super::builder::{BuildOptions, MicroVm, PreparedVm, build_microvm, open_boot_files};
 use super::console::{ConsoleInput, ConsoleWriter, HostOutput, RawTerminal};
 use super::resources::VmResources;
@@ -198,32 +198,11 @@ impl Controller {
             }
             PutNetworkInterface(n) => {
                 self.pre_boot("PUT /network-interfaces")?;
-                // Checked first so a malformed body is named as such, then refused: answering
-                // 204 for a NIC the guest will never see would let an orchestrator believe the
-                // VM is on the network.
-                let mut checked = self.resources.clone();
-                checked.put_network_interface(n)?;
-                Err(ActionError::Unsupported(
-                    "network interfaces (virtio-net is not in this version of ember)".into(),
-                ))
+                empty(self.resources.put_network_interface(n).map_err(Into::into))
             }
             PatchNetworkInterface(u) => {
                 self.post_boot("PATCH /network-interfaces")?;
-                if !self
-                    .resources
-                    .network_interfaces
-                    .iter()
-                    .any(|n| n.iface_id == u.iface_id)
-                {
-                    return Err(ActionError::NotFound {
-                        kind: "network interface",
-                        id: u.iface_id,
-                    });
-                }
-                Err(ActionError::Unsupported(
-                    "updating a network interface after boot (net devices are not attached yet)"
-                        .into(),
-                ))
+                empty(self.patch_network_interface(u))
             }
             PutLogger(l) => {
                 logger::configure(&l)?;
@@ -275,6 +254,64 @@ impl Controller {
     }
 
     /// `PATCH /drives/{id}` on a running VM: a new backing file and/or new rate limits.
+    /// New rate limits for a running interface: buckets given replace, absent ones stay.
+    fn patch_network_interface(&mut self, update: NetUpdate) -> Result<(), ActionError> {
+        let not_found = || ActionError::NotFound {
+            kind: "network interface",
+            id: update.iface_id.clone(),
+        };
+        let vm = self.vm.as_ref().ok_or_else(not_found)?;
+        let device = vm
+            .microvm
+            .nets
+            .iter()
+            .find(|(id, _)| *id == update.iface_id)
+            .map(|(_, n)| n.clone())
+            .ok_or_else(not_found)?;
+        for (name, rl) in [
+            ("rx_rate_limiter", &update.rx_rate_limiter),
+            ("tx_rate_limiter", &update.tx_rate_limiter),
+        ] {
+            if let Some(rl) = rl {
+                rl.validate().map_err(|e| {
+                    ConfigError::from(crate::config::net::NetError::RateLimiter(
+                        update.iface_id.clone(),
+                        name,
+                        e,
+                    ))
+                })?;
+            }
+        }
+        let stored = self
+            .resources
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+            .ok_or_else(not_found)?;
+        device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update_rate_limiters(
+                update.rx_rate_limiter.as_ref(),
+                update.tx_rate_limiter.as_ref(),
+            );
+        for (kept, given) in [
+            (&mut stored.rx_rate_limiter, update.rx_rate_limiter),
+            (&mut stored.tx_rate_limiter, update.tx_rate_limiter),
+        ] {
+            if let Some(rl) = given {
+                let limits = kept.get_or_insert_with(Default::default);
+                if rl.bandwidth.is_some() {
+                    limits.bandwidth = rl.bandwidth;
+                }
+                if rl.ops.is_some() {
+                    limits.ops = rl.ops;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn patch_drive(&mut self, update: DriveUpdate) -> Result<(), ActionError> {
         let not_found = || ActionError::NotFound {
             kind: "drive",
@@ -329,10 +366,12 @@ impl Controller {
             &boot,
             &self.resources.machine_config,
             &self.resources.drives,
+            &self.resources.network_interfaces,
             self.prepared.take(),
             BuildOptions {
                 boot_timer_start: self.boot_timer_start,
                 stop: self.stop.clone(),
+                instance_id: self.instance_id.clone(),
             },
         )?;
         let run_err = |what: &str, e: std::io::Error| ActionError::Run(format!("{what}: {e}"));

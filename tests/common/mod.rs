@@ -6,6 +6,7 @@
 pub mod api;
 pub mod linux;
 pub mod nested;
+pub mod netns;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -95,6 +96,11 @@ pub trait VirtioDevice: Send {
     }
     /// One of [`Self::event_sources`] is ready.
     fn process_event(&mut self, _fd: RawFd, _events: EventSet) {}
+    /// True (once) after [`Self::event_sources`] changed (a backend was reopened): the event
+    /// loop then watches the new set.
+    fn take_sources_changed(&mut self) -> bool {
+        false
+    }
     /// Waits until nothing the device started still writes guest memory (the VM pauses).
     fn quiesce(&mut self) {}
     /// The device's own counters and the kind they are reported under (`block`): the

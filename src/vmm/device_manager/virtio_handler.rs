@@ -16,6 +16,8 @@ pub struct VirtioHandler {
     device: Arc<Mutex<dyn VirtioDevice>>,
     /// Queue i's notification eventfd is `queue_evts[i]`.
     queue_evts: Vec<IoEventFd>,
+    /// The device's own sources as registered with the loop.
+    sources: Vec<(RawFd, EventSet)>,
 }
 
 impl VirtioHandler {
@@ -28,6 +30,7 @@ impl VirtioHandler {
             id,
             device,
             queue_evts,
+            sources: Vec::new(),
         }
     }
 
@@ -43,15 +46,22 @@ impl VirtioHandler {
 }
 
 impl MutEventSubscriber for VirtioHandler {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        match self.queue_of(fd) {
-            Some(index) => {
-                // A read error only means the counter was already drained.
-                let _ = self.queue_evts[index].eventfd().read();
-                self.device().process_queue(index);
+        let changed = {
+            let mut device = self.device();
+            match self.queue_of(fd) {
+                Some(index) => {
+                    // A read error only means the counter was already drained.
+                    let _ = self.queue_evts[index].eventfd().read();
+                    device.process_queue(index);
+                }
+                None => device.process_event(fd, events.event_set()),
             }
-            None => self.device().process_event(fd, events.event_set()),
+            device.take_sources_changed()
+        };
+        if changed {
+            self.watch_sources(ops);
         }
     }
 
@@ -61,11 +71,23 @@ impl MutEventSubscriber for VirtioHandler {
                 log::error!("{}: cannot watch a queue notification: {e}", self.id);
             }
         }
+        self.watch_sources(ops);
+    }
+}
+
+impl VirtioHandler {
+    /// Watches the device's current event sources instead of the ones watched so far.
+    fn watch_sources(&mut self, ops: &mut EventOps) {
+        for (fd, set) in std::mem::take(&mut self.sources) {
+            // A closed descriptor already left the loop: nothing to remove then.
+            let _ = ops.remove(Events::new_raw(fd, set));
+        }
         let sources = self.device().event_sources();
-        for (fd, set) in sources {
+        for &(fd, set) in &sources {
             if let Err(e) = ops.add(Events::new_raw(fd, set)) {
                 log::error!("{}: cannot watch one of its event sources: {e}", self.id);
             }
         }
+        self.sources = sources;
     }
 }

@@ -1,0 +1,173 @@
+//! Receive: frames from the TAP go into the receive chains the guest made available.
+//!
+//! Chains are taken from the queue into a reserve as frames need them, each checked once
+//! (device-writable buffers inside guest memory); a frame is written only when the reserve
+//! can hold all of it, so a frame is never half delivered and a chain never taken back.
+//! With `VIRTIO_NET_F_MRG_RXBUF` a frame may span several chains (their count goes in the
+//! first header's `num_buffers`); without it, each frame takes exactly one chain.
+
+use std::collections::VecDeque;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::tap::VNET_HDR_LEN;
+
+/// A receive chain held by the device until a frame fills it.
+struct ReservedChain {
+    head: u16,
+    /// How many of the reserve's ranges belong to this chain (the next ones in order).
+    ranges: usize,
+    capacity: usize,
+}
+
+/// What happened to one frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written into this many chains.
+    Delivered { chains: u16 },
+    /// The guest has not made room for it yet; the frame waits.
+    NoRoom,
+    /// Without mergeable buffers, the next chain is smaller than the frame: the frame
+    /// cannot be delivered and is dropped (the chain stays for smaller ones).
+    TooLarge,
+}
+
+#[derive(Default)]
+pub struct RxReserve {
+    chains: VecDeque<ReservedChain>,
+    /// (guest address, length) of every reserved chain's buffers, chain after chain.
+    ranges: VecDeque<(GuestAddress, usize)>,
+    capacity: usize,
+    /// Chains the guest made unusable (a readable buffer, a buffer outside its memory, no
+    /// room at all), returned to it empty.
+    pub bad_chains: u64,
+    /// Chains taken from the queue so far, usable or not.
+    pub popped: u64,
+}
+
+impl RxReserve {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets every reserved chain (the queue was reset or stopped).
+    pub fn clear(&mut self) {
+        self.chains.clear();
+        self.ranges.clear();
+        self.capacity = 0;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
+
+    /// Takes the next usable chain from the queue into the reserve; false when the queue
+    /// has none. Unusable chains are returned to the guest with nothing written.
+    fn take_chain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            self.popped += 1;
+            let head = chain.head_index();
+            let first_range = self.ranges.len();
+            let mut capacity = 0usize;
+            let mut usable = true;
+            for d in chain {
+                let len = d.len() as usize;
+                if !d.is_write_only() || !mem.check_range(d.addr(), len) {
+                    usable = false;
+                    break;
+                }
+                if len > 0 {
+                    self.ranges.push_back((d.addr(), len));
+                    capacity = capacity.saturating_add(len);
+                }
+            }
+            if !usable || capacity < VNET_HDR_LEN {
+                self.ranges.truncate(first_range);
+                self.bad_chains += 1;
+                crate::rate_limited_log!(
+                    log::Level::Warn,
+                    "net: the guest offered an unusable receive buffer (head {head})"
+                );
+                let _ = queue.add_used(mem, head, 0);
+                continue;
+            }
+            self.chains.push_back(ReservedChain {
+                head,
+                ranges: self.ranges.len() - first_range,
+                capacity,
+            });
+            self.capacity = self.capacity.saturating_add(capacity);
+            return true;
+        }
+        false
+    }
+
+    /// Writes `frame` (virtio-net header first) into reserved chains, taking more from the
+    /// queue as needed, and returns them to the guest as used. `frame` is modified: its
+    /// `num_buffers` field is set.
+    pub fn deliver(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        frame: &mut [u8],
+        mergeable: bool,
+    ) -> Delivery {
+        let need = frame.len();
+        let chains = if mergeable {
+            while self.capacity < need {
+                if !self.take_chain(queue, mem) {
+                    return Delivery::NoRoom;
+                }
+            }
+            let mut covered = 0usize;
+            let mut count = 0usize;
+            for c in &self.chains {
+                covered += c.capacity;
+                count += 1;
+                if covered >= need {
+                    break;
+                }
+            }
+            count
+        } else {
+            if self.chains.is_empty() && !self.take_chain(queue, mem) {
+                return Delivery::NoRoom;
+            }
+            match self.chains.front() {
+                Some(c) if c.capacity >= need => 1,
+                _ => return Delivery::TooLarge,
+            }
+        };
+        // At most the queue size, so it fits.
+        let num_buffers = chains as u16;
+        if frame.len() >= VNET_HDR_LEN {
+            frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        }
+        let mut offset = 0usize;
+        for _ in 0..chains {
+            let Some(chain) = self.chains.pop_front() else {
+                break;
+            };
+            self.capacity -= chain.capacity;
+            let mut written = 0usize;
+            for _ in 0..chain.ranges {
+                let Some((addr, len)) = self.ranges.pop_front() else {
+                    break;
+                };
+                let n = len.min(need - offset);
+                // Checked when reserved; guest memory does not shrink under a running VM.
+                if n > 0 && mem.write_slice(&frame[offset..offset + n], addr).is_ok() {
+                    offset += n;
+                    written += n;
+                }
+            }
+            // At most the frame's length, which a TAP read bounds far below 4 GiB.
+            let used = u32::try_from(written).unwrap_or(u32::MAX);
+            let _ = queue.add_used(mem, chain.head, used);
+        }
+        Delivery::Delivered {
+            chains: num_buffers,
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Transmit: one descriptor chain from the guest becomes one frame on the TAP, written
+//! straight from guest memory (no copy), behind a header ember checked.
+//!
+//! A chain is dropped (and counted) when it cannot be a frame: a device-writable
+//! descriptor, a buffer outside guest memory, less than a header, more than the largest
+//! frame, or a header asking for an offload the device did not offer.
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::header::{self, NetHeader};
+use super::tap::VNET_HDR_LEN;
+
+/// The largest frame (without the header) the device takes from the guest or gives it:
+/// 65562-byte buffers (virtio 1.2, 5.1.6.3.1) less the header, room for a 64 KiB TSO frame.
+pub const MAX_FRAME_LEN: usize = 65_562 - VNET_HDR_LEN;
+
+/// More pieces than `writev` takes (IOV_MAX) cannot be one frame.
+const MAX_PIECES: usize = 1024;
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TxError {
+    #[error("a transmit buffer is device-writable")]
+    WritableBuffer,
+    #[error("a transmit buffer at {addr:#x} ({len} bytes) is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("the chain holds {0} bytes, less than a virtio-net header")]
+    TooShort(usize),
+    #[error("the frame is {0} bytes, more than the {MAX_FRAME_LEN} a TAP takes")]
+    TooLarge(usize),
+    #[error("the chain has more than {MAX_PIECES} buffers")]
+    TooManyPieces,
+    #[error("{0}")]
+    Header(#[from] header::HeaderError),
+}
+
+/// A frame ready for `writev`: the checked header, then the guest's bytes in place.
+pub struct TxFrame {
+    pub header: [u8; VNET_HDR_LEN],
+    /// Frame bytes after the header, as (host address, length) in guest memory.
+    pub pieces: Vec<libc::iovec>,
+    /// Bytes after the header.
+    pub len: usize,
+}
+
+impl TxFrame {
+    pub fn new() -> Self {
+        TxFrame {
+            header: [0; VNET_HDR_LEN],
+            pieces: Vec::with_capacity(16),
+            len: 0,
+        }
+    }
+
+    /// The iovecs `writev` takes: the header first.
+    pub fn iovecs(&self, out: &mut Vec<libc::iovec>) {
+        out.clear();
+        out.push(libc::iovec {
+            iov_base: self.header.as_ptr() as *mut libc::c_void,
+            iov_len: VNET_HDR_LEN,
+        });
+        out.extend_from_slice(&self.pieces);
+    }
+}
+
+impl Default for TxFrame {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: the iovecs point into guest memory, which outlives every frame (the device holds
+// the memory for as long as it holds queues) and is shared with the guest anyway.
+unsafe impl Send for TxFrame {}
+
+/// Reads the chain `descs` into `frame`, checking everything about it; `features` are the
+/// ones the driver accepted (they decide which header flags it may use).
+pub fn gather(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    features: u64,
+    frame: &mut TxFrame,
+) -> Result<(), TxError> {
+    frame.pieces.clear();
+    frame.len = 0;
+    let mut header_got = 0usize;
+    let mut total = 0usize;
+    for d in descs {
+        if d.is_write_only() {
+            return Err(TxError::WritableBuffer);
+        }
+        let len = d.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        let outside = TxError::OutsideMemory {
+            addr: d.addr().0,
+            len: d.len(),
+        };
+        // One contiguous host range: a buffer across two memory regions is refused too.
+        let slice = mem.get_slice(d.addr(), len).map_err(|_| outside.clone())?;
+        total += len;
+        if total > VNET_HDR_LEN + MAX_FRAME_LEN {
+            return Err(TxError::TooLarge(total - VNET_HDR_LEN));
+        }
+        let mut skip = 0usize;
+        if header_got < VNET_HDR_LEN {
+            let take = (VNET_HDR_LEN - header_got).min(len);
+            mem.read_slice(&mut frame.header[header_got..header_got + take], d.addr())
+                .map_err(|_| outside.clone())?;
+            header_got += take;
+            skip = take;
+        }
+        if skip < len {
+            if frame.pieces.len() == MAX_PIECES {
+                return Err(TxError::TooManyPieces);
+            }
+            let base = slice.ptr_guard().as_ptr();
+            frame.pieces.push(libc::iovec {
+                // SAFETY: `skip` < `len`, the slice's length.
+                iov_base: unsafe { base.add(skip) }.cast_mut().cast(),
+                iov_len: len - skip,
+            });
+            frame.len += len - skip;
+        }
+    }
+    if header_got < VNET_HDR_LEN {
+        return Err(TxError::TooShort(total));
+    }
+    let mut hdr = NetHeader::from_bytes(&frame.header);
+    hdr.check_tx(features, frame.len)?;
+    // The driver sets num_buffers to 0 on transmit; the TAP ignores it anyway.
+    hdr.num_buffers = 0;
+    frame.header = hdr.to_bytes();
+    Ok(())
+}
+
+/// Copies the frame's bytes (after the header) out of guest memory: for tests and fuzzing.
+pub fn frame_bytes(frame: &TxFrame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len);
+    for p in &frame.pieces {
+        // SAFETY: gather made each piece from a checked guest memory slice.
+        out.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(p.iov_base as *const u8, p.iov_len)
+        });
+    }
+    out
+}
