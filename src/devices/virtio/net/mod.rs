@@ -25,6 +25,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
@@ -371,9 +372,18 @@ impl Net {
             return;
         }
         let mut returned = false;
+        let mut sent = Sent::default();
         'chains: loop {
             let mut popped = 0usize;
-            while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
+            loop {
+                let chain = match pop_chain(&mut active.tx, &active.mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        Self::queue_broken(&self.config, &mut self.broken, &e.to_string());
+                        break 'chains;
+                    }
+                };
                 popped += 1;
                 let head = chain.head_index();
                 self.descs.clear();
@@ -403,6 +413,7 @@ impl Net {
                         &self.tx_frame,
                         &mut self.tx_iovecs,
                         &self.metrics,
+                        &mut sent,
                     ),
                     Err(e) => {
                         self.metrics.inc(|m| &m.tx_malformed_frames);
@@ -436,6 +447,11 @@ impl Net {
                 }
             }
         }
+        // Counted once per pass: the counters are shared atomics.
+        if sent.frames > 0 {
+            self.metrics.add(|m| &m.tx_packets_count, sent.frames);
+            self.metrics.add(|m| &m.tx_bytes_count, sent.bytes);
+        }
         if self.broken {
             active.interrupt.trigger(VirtioInterruptType::Config);
         }
@@ -453,6 +469,7 @@ impl Net {
         frame: &TxFrame,
         iovecs: &mut Vec<libc::iovec>,
         metrics: &DeviceCounters<NetMetrics>,
+        sent: &mut Sent,
     ) {
         let Some(t) = tap.as_ref() else {
             // The TAP is gone: the frame has nowhere to go.
@@ -463,8 +480,8 @@ impl Net {
         // SAFETY: the header lives in `frame`, the rest in guest memory checked by gather.
         match unsafe { t.write_frame(iovecs) } {
             Ok(_) => {
-                metrics.inc(|m| &m.tx_packets_count);
-                metrics.add(|m| &m.tx_bytes_count, frame.len as u64);
+                sent.frames += 1;
+                sent.bytes += frame.len as u64;
             }
             Err(e) => {
                 metrics.inc(|m| &m.tap_write_fails);
@@ -544,6 +561,22 @@ impl Net {
             ),
         }
     }
+}
+
+/// Frames and bytes sent in one pass over the transmit queue.
+#[derive(Default)]
+struct Sent {
+    frames: u64,
+    bytes: u64,
+}
+
+/// The next available chain; an error when the ring cannot be read (virtio-queue's own
+/// pop would log that on every call, and a guest can make every call fail).
+fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(queue.iter(mem)?.next())
 }
 
 impl VirtioDevice for Net {

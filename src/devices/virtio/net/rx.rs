@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::tap::VNET_HDR_LEN;
@@ -65,7 +65,12 @@ impl RxReserve {
     /// Takes the next usable chain from the queue into the reserve; false when the queue
     /// has none. Unusable chains are returned to the guest with nothing written.
     fn take_chain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            // An error (a ring that cannot be read) looks like an empty queue here; the
+            // caller tells the two apart when the queue says more is available.
+            let Ok(Some(chain)) = queue.iter(mem).map(|mut i| i.next()) else {
+                break;
+            };
             self.popped += 1;
             let head = chain.head_index();
             let first_range = self.ranges.len();

@@ -130,14 +130,20 @@ impl Tap {
     /// Every iovec must describe memory valid for reads for the duration of the call.
     pub unsafe fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
         loop {
-            // SAFETY: the caller guarantees the iovecs; their count fits in c_int as the
-            // callers bound it by the queue size.
-            let n = unsafe {
-                libc::writev(
-                    self.fd.as_raw_fd(),
-                    iovecs.as_ptr(),
-                    iovecs.len() as libc::c_int,
-                )
+            // One piece (the usual frame: header and data in one buffer) goes through
+            // write(2), which is measurably cheaper than writev(2) of one iovec.
+            let n = match iovecs {
+                // SAFETY: the caller guarantees the iovec.
+                [one] => unsafe { libc::write(self.fd.as_raw_fd(), one.iov_base, one.iov_len) },
+                // SAFETY: the caller guarantees the iovecs; their count fits in c_int as
+                // the callers bound it (IOV_MAX).
+                _ => unsafe {
+                    libc::writev(
+                        self.fd.as_raw_fd(),
+                        iovecs.as_ptr(),
+                        iovecs.len() as libc::c_int,
+                    )
+                },
             };
             if n >= 0 {
                 return Ok(n as usize);

@@ -6,7 +6,7 @@
 //! frame, or a header asking for an offload the device did not offer.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use super::header::{self, NetHeader};
 use super::tap::VNET_HDR_LEN;
@@ -34,11 +34,16 @@ pub enum TxError {
     Header(#[from] header::HeaderError),
 }
 
-/// A frame ready for `writev`: the checked header, then the guest's bytes in place.
+/// A frame ready for `writev`, in place in guest memory: when the guest's header passed the
+/// checks unchanged (the usual case) the chain's buffers go to the TAP as they are;
+/// otherwise ember's corrected header replaces the guest's.
 pub struct TxFrame {
+    /// The header as checked (and corrected) by ember.
     pub header: [u8; VNET_HDR_LEN],
-    /// Frame bytes after the header, as (host address, length) in guest memory.
-    pub pieces: Vec<libc::iovec>,
+    /// Whether `header` differs from the guest's bytes.
+    header_changed: bool,
+    /// The chain's buffers, header included, as (host address, length) in guest memory.
+    pieces: Vec<libc::iovec>,
     /// Bytes after the header.
     pub len: usize,
 }
@@ -47,19 +52,37 @@ impl TxFrame {
     pub fn new() -> Self {
         TxFrame {
             header: [0; VNET_HDR_LEN],
+            header_changed: false,
             pieces: Vec::with_capacity(16),
             len: 0,
         }
     }
 
-    /// The iovecs `writev` takes: the header first.
+    /// The iovecs `writev` takes for this frame.
     pub fn iovecs(&self, out: &mut Vec<libc::iovec>) {
         out.clear();
+        if !self.header_changed {
+            out.extend_from_slice(&self.pieces);
+            return;
+        }
         out.push(libc::iovec {
             iov_base: self.header.as_ptr() as *mut libc::c_void,
             iov_len: VNET_HDR_LEN,
         });
-        out.extend_from_slice(&self.pieces);
+        // The guest's buffers past its header.
+        let mut skip = VNET_HDR_LEN;
+        for p in &self.pieces {
+            if skip >= p.iov_len {
+                skip -= p.iov_len;
+                continue;
+            }
+            out.push(libc::iovec {
+                // SAFETY: `skip` < the piece's length.
+                iov_base: unsafe { p.iov_base.cast::<u8>().add(skip) }.cast(),
+                iov_len: p.iov_len - skip,
+            });
+            skip = 0;
+        }
     }
 }
 
@@ -83,6 +106,7 @@ pub fn gather(
 ) -> Result<(), TxError> {
     frame.pieces.clear();
     frame.len = 0;
+    let mut guest_header = [0u8; VNET_HDR_LEN];
     let mut header_got = 0usize;
     let mut total = 0usize;
     for d in descs {
@@ -93,56 +117,50 @@ pub fn gather(
         if len == 0 {
             continue;
         }
-        let outside = TxError::OutsideMemory {
+        let outside = || TxError::OutsideMemory {
             addr: d.addr().0,
             len: d.len(),
         };
         // One contiguous host range: a buffer across two memory regions is refused too.
-        let slice = mem.get_slice(d.addr(), len).map_err(|_| outside.clone())?;
+        let slice = mem.get_slice(d.addr(), len).map_err(|_| outside())?;
         total += len;
         if total > VNET_HDR_LEN + MAX_FRAME_LEN {
             return Err(TxError::TooLarge(total - VNET_HDR_LEN));
         }
-        let mut skip = 0usize;
+        if frame.pieces.len() == MAX_PIECES {
+            return Err(TxError::TooManyPieces);
+        }
+        let base = slice.ptr_guard().as_ptr();
         if header_got < VNET_HDR_LEN {
             let take = (VNET_HDR_LEN - header_got).min(len);
-            mem.read_slice(&mut frame.header[header_got..header_got + take], d.addr())
-                .map_err(|_| outside.clone())?;
+            // SAFETY: `take` <= the slice's length; the guest may change these bytes at any
+            // time, which is why ember checks its own copy and sends that if it differs.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    base,
+                    guest_header[header_got..].as_mut_ptr(),
+                    take,
+                )
+            };
             header_got += take;
-            skip = take;
         }
-        if skip < len {
-            if frame.pieces.len() == MAX_PIECES {
-                return Err(TxError::TooManyPieces);
-            }
-            let base = slice.ptr_guard().as_ptr();
-            frame.pieces.push(libc::iovec {
-                // SAFETY: `skip` < `len`, the slice's length.
-                iov_base: unsafe { base.add(skip) }.cast_mut().cast(),
-                iov_len: len - skip,
-            });
-            frame.len += len - skip;
-        }
+        frame.pieces.push(libc::iovec {
+            iov_base: base.cast_mut().cast(),
+            iov_len: len,
+        });
     }
     if header_got < VNET_HDR_LEN {
         return Err(TxError::TooShort(total));
     }
-    let mut hdr = NetHeader::from_bytes(&frame.header);
+    frame.len = total - VNET_HDR_LEN;
+    let mut hdr = NetHeader::from_bytes(&guest_header);
     hdr.check_tx(features, frame.len)?;
     // The driver sets num_buffers to 0 on transmit; the TAP ignores it anyway.
     hdr.num_buffers = 0;
     frame.header = hdr.to_bytes();
+    // The guest could rewrite its header between this check and the write: then the TAP
+    // gets what the guest wrote last, which is the guest's own frame to spoil. What the
+    // check protects (the device's own memory safety) does not depend on those bytes.
+    frame.header_changed = frame.header != guest_header;
     Ok(())
-}
-
-/// Copies the frame's bytes (after the header) out of guest memory: for tests and fuzzing.
-pub fn frame_bytes(frame: &TxFrame) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.len);
-    for p in &frame.pieces {
-        // SAFETY: gather made each piece from a checked guest memory slice.
-        out.extend_from_slice(unsafe {
-            std::slice::from_raw_parts(p.iov_base as *const u8, p.iov_len)
-        });
-    }
-    out
 }
