@@ -79,8 +79,11 @@ impl VirtioHandler {
     /// Watches the device's current event sources instead of the ones watched so far.
     fn watch_sources(&mut self, ops: &mut EventOps) {
         for (fd, set) in std::mem::take(&mut self.sources) {
-            // A closed descriptor already left the loop: nothing to remove then.
-            let _ = ops.remove(Events::new_raw(fd, set));
+            // Devices keep a descriptor open until it is removed here (sources_rewatched),
+            // so the loop's table never holds a number that now means another file.
+            if let Err(e) = ops.remove(Events::new_raw(fd, set)) {
+                log::debug!("{}: cannot stop watching a source: {e}", self.id);
+            }
         }
         let sources = self.device().event_sources();
         for &(fd, set) in &sources {
@@ -89,5 +92,6 @@ impl VirtioHandler {
             }
         }
         self.sources = sources;
+        self.device().sources_rewatched();
     }
 }

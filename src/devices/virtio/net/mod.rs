@@ -24,8 +24,8 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
@@ -111,6 +111,10 @@ pub struct Net {
     reattach: TimerFd,
     /// The TAP's descriptor changed: the event loop must watch the new one.
     sources_changed: bool,
+    /// TAPs that went away, kept open until the event loop has stopped watching them: a
+    /// descriptor closed while watched leaves the loop's table pointing at a number the
+    /// next open reuses.
+    retired: Vec<Tap>,
     /// A queue's rings were found inconsistent: neither queue is touched until the driver
     /// resets the device (DEVICE_NEEDS_RESET).
     broken: bool,
@@ -168,6 +172,7 @@ impl Net {
             tx_limiter,
             reattach,
             sources_changed: false,
+            retired: Vec::new(),
             broken: false,
             metrics: DeviceCounters::new(&METRICS.net),
         })
@@ -274,7 +279,14 @@ impl Net {
                         Err(e) => {
                             self.metrics.inc(|m| &m.tap_read_fails);
                             if tap::is_detached(&e) {
-                                Self::tap_lost(&self.config, &mut self.tap, &mut self.reattach, &e);
+                                Self::tap_lost(
+                                    &self.config,
+                                    &mut self.tap,
+                                    &mut self.retired,
+                                    &mut self.reattach,
+                                    &e,
+                                );
+                                self.sources_changed = true;
                             } else {
                                 crate::rate_limited_log!(
                                     log::Level::Warn,
@@ -409,6 +421,7 @@ impl Net {
                     Ok(()) => Self::send(
                         &self.config,
                         &mut self.tap,
+                        &mut self.retired,
                         &mut self.reattach,
                         &self.tx_frame,
                         &mut self.tx_iovecs,
@@ -447,6 +460,9 @@ impl Net {
                 }
             }
         }
+        if !self.retired.is_empty() {
+            self.sources_changed = true;
+        }
         // Counted once per pass: the counters are shared atomics.
         if sent.frames > 0 {
             self.metrics.add(|m| &m.tx_packets_count, sent.frames);
@@ -462,9 +478,11 @@ impl Net {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send(
         config: &NetConfig,
         tap: &mut Option<Tap>,
+        retired: &mut Vec<Tap>,
         reattach: &mut TimerFd,
         frame: &TxFrame,
         iovecs: &mut Vec<libc::iovec>,
@@ -487,7 +505,7 @@ impl Net {
                 metrics.inc(|m| &m.tap_write_fails);
                 metrics.inc(|m| &m.tx_fails);
                 if tap::is_detached(&e) {
-                    Self::tap_lost(config, tap, reattach, &e);
+                    Self::tap_lost(config, tap, retired, reattach, &e);
                 } else {
                     // A TAP that is down (EIO), full, or refusing this frame (EINVAL).
                     crate::rate_limited_log!(
@@ -506,7 +524,8 @@ impl Net {
     fn queue_broken(config: &NetConfig, broken: &mut bool, what: &str) {
         if !*broken {
             log::warn!(
-                "network interface {:?}: the guest's {what} queue is broken; the device                  stops until the driver resets it",
+                "network interface {:?}: the guest's {what} queue is broken; the device stops \
+                 until the driver resets it",
                 config.id
             );
         }
@@ -517,12 +536,14 @@ impl Net {
     fn tap_lost(
         config: &NetConfig,
         tap: &mut Option<Tap>,
+        retired: &mut Vec<Tap>,
         reattach: &mut TimerFd,
         e: &std::io::Error,
     ) {
-        if tap.take().is_none() {
+        let Some(gone) = tap.take() else {
             return;
-        }
+        };
+        retired.push(gone);
         log::warn!(
             "network interface {:?}: TAP {} is gone ({e}); frames are dropped until it is back",
             config.id,
@@ -696,6 +717,11 @@ impl VirtioDevice for Net {
 
     fn take_sources_changed(&mut self) -> bool {
         std::mem::take(&mut self.sources_changed)
+    }
+
+    fn sources_rewatched(&mut self) {
+        // The loop no longer watches them: now they may close.
+        self.retired.clear();
     }
 
     fn process_event(&mut self, fd: RawFd, _events: EventSet) {

@@ -65,12 +65,9 @@ impl RxReserve {
     /// Takes the next usable chain from the queue into the reserve; false when the queue
     /// has none. Unusable chains are returned to the guest with nothing written.
     fn take_chain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        loop {
-            // An error (a ring that cannot be read) looks like an empty queue here; the
-            // caller tells the two apart when the queue says more is available.
-            let Ok(Some(chain)) = queue.iter(mem).map(|mut i| i.next()) else {
-                break;
-            };
+        // An error (a ring that cannot be read) looks like an empty queue here; the caller
+        // tells the two apart when the queue says more is available.
+        while let Ok(Some(chain)) = queue.iter(mem).map(|mut i| i.next()) {
             self.popped += 1;
             let head = chain.head_index();
             let first_range = self.ranges.len();

@@ -171,7 +171,13 @@ pub fn is_detached(e: &io::Error) -> bool {
     )
 }
 
-/// Whether a network interface called `name` exists in ember's network namespace.
+/// Whether a network interface called `name` exists in ember's network namespace (the
+/// one its sockets live in: /sys shows the namespace that mounted it, which is not the same
+/// when ember joined a namespace with setns alone).
 pub fn interface_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }

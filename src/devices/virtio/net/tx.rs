@@ -136,11 +136,7 @@ pub fn gather(
             // SAFETY: `take` <= the slice's length; the guest may change these bytes at any
             // time, which is why ember checks its own copy and sends that if it differs.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    base,
-                    guest_header[header_got..].as_mut_ptr(),
-                    take,
-                )
+                std::ptr::copy_nonoverlapping(base, guest_header[header_got..].as_mut_ptr(), take)
             };
             header_got += take;
         }
