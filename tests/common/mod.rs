@@ -23,6 +23,13 @@ pub const PROBE_CHECKS: usize = 8;
 /// Checks each virtio-blk device adds after the `virtio` check (resources/probe/README.md).
 pub const PROBE_CHECKS_PER_BLOCK_DEVICE: usize = 6;
 
+/// Checks the network device adds after the `virtio` check with `probe.net=1`
+/// (resources/probe/README.md): `net.init`, `net.tx`, one `net.echo` per `probe.net.echo`
+/// and `net.burst` when `probe.net.burst` is at least 1.
+pub fn probe_net_checks(echo: usize, burst: usize) -> usize {
+    2 + echo + usize::from(burst > 0)
+}
+
 /// How long any single ember run may take before the test calls it hung.
 pub const RUN_DEADLINE: Duration = Duration::from_secs(120);
 

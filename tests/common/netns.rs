@@ -16,6 +16,9 @@ pub const TEST_ETHERTYPE: u16 = 0x88b5;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// Bytes a packet socket may hold before the kernel drops frames for it.
+const RECEIVE_BUFFER: libc::c_int = 8 << 20;
+
 pub struct TestNetns {
     pub name: String,
 }
@@ -127,6 +130,26 @@ impl PacketSocket {
         }
         // SAFETY: a fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // The default receive buffer (rmem_default, about 208 KiB) holds only a couple of
+        // hundred small frames, each charged a few hundred bytes of overhead: a guest's
+        // burst while the test is descheduled would be dropped here and look like the
+        // device's loss. Root may go past rmem_max (SO_RCVBUFFORCE); otherwise ask anyway.
+        let size: libc::c_int = RECEIVE_BUFFER;
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: passes one c_int of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
         let cname = std::ffi::CString::new(ifname).map_err(|e| e.to_string())?;
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) } as i32;

@@ -1,10 +1,9 @@
 //! ember's probe guest: booted like a Linux `vmlinux`, it checks from inside the VM what
 //! ember promises a guest (boot state, zero page, command line, memory map, CPUID, MP table,
-//! ACPI tables, virtio-blk devices) and prints one `PROBE ...` line per check on the serial port; on
-//! request it then behaves as a hostile guest would (src/hostile.rs) or waits for input the
-//! host sends (a serial byte, Ctrl+Alt+Del). With
-//! the `pvh` feature it also has a PVH entry (src/pvh.rs), and a VMM that honours the note
-//! enters it there.
+//! ACPI tables, virtio-blk and virtio-net devices) and prints one `PROBE ...` line per check
+//! on the serial port; on request it then behaves as a hostile guest would (src/hostile.rs)
+//! or waits for input the host sends (a serial byte, Ctrl+Alt+Del). With the `pvh` feature
+//! it also has a PVH entry (src/pvh.rs), and a VMM that honours the note enters it there.
 //!
 //! Guest code may run through KVM's instruction emulator, where every instruction costs about
 //! a microsecond and SSE arithmetic is not emulated. Hence: built without SSE, no `core::fmt`
@@ -29,6 +28,7 @@ mod longmode;
 mod mem;
 mod memory;
 mod mptable;
+mod netcheck;
 mod paging;
 mod phys;
 #[cfg(feature = "pvh")]
@@ -41,6 +41,7 @@ mod timeout;
 mod virtio;
 mod virtio_blk;
 mod virtio_mmio;
+mod virtio_net;
 mod virtq;
 
 use bootinfo::{BootInfo, Entry};
@@ -154,16 +155,25 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
     report.check(b"cpuid", |d| cpuid::check(&boot, d));
     report.check(b"mptable", |d| mptable::check(&boot, d));
     report.check(b"acpi", |d| acpi::check(&boot, d));
-    // Only when the test expects block devices or the VMM announces virtio devices, so other
-    // boots keep their checks. Needs the memory check's map, which covers the MMIO gap.
+    // Only when the test expects block or network devices or the VMM announces virtio
+    // devices, so other boots keep their checks. Needs the memory check's map, which covers
+    // the MMIO gap.
     let mut blk0 = None;
-    if boot.cmdline.get(b"probe.blk").is_some() || virtio::announced(&boot.cmdline) {
+    if boot.cmdline.get(b"probe.blk").is_some()
+        || boot.cmdline.get(b"probe.net").is_some()
+        || virtio::announced(&boot.cmdline)
+    {
         let mut found = virtio::Found::new();
         report.check(b"virtio", |d| virtio::check(&boot, &mut found, d));
         for (n, &base) in found.blk().iter().enumerate() {
             blkcheck::run(&mut report, &boot.cmdline, n, base);
         }
         blk0 = found.blk().first().copied();
+        if netcheck::wanted(&boot.cmdline)
+            && let Some(&base) = found.net().first()
+        {
+            netcheck::run(&mut report, &boot.cmdline, base);
+        }
     }
 
     report.done();

@@ -1,5 +1,6 @@
-//! The `virtio` check: finds the virtio-mmio devices the command line announces and counts
-//! the block devices among them against `probe.blk`.
+//! The `virtio` check: finds the virtio-mmio devices the command line announces, tells them
+//! apart by DeviceID, and counts the block devices among them against `probe.blk` and the
+//! network devices against `probe.net`.
 //!
 //! MMIO has no discovery mechanism, so the guest is told where devices are. Like Linux
 //! (drivers/virtio/virtio_mmio.c), the probe reads one `virtio_mmio.device=<size>@<base>:<irq>`
@@ -16,12 +17,15 @@ const KEY: &[u8] = b"virtio_mmio.device";
 pub const MAX_DEVICES: usize = 32;
 /// The registers and the block device's `capacity`, the least a block device needs.
 const MIN_SIZE: u64 = 0x108;
+const DEVICE_ID_NET: u32 = 1;
 const DEVICE_ID_BLOCK: u32 = 2;
 
-/// The block devices found, by register base, in command-line order.
+/// The block and network devices found, by register base, in command-line order.
 pub struct Found {
     blk: [u64; MAX_DEVICES],
     count: usize,
+    net: [u64; MAX_DEVICES],
+    net_count: usize,
 }
 
 impl Found {
@@ -29,11 +33,17 @@ impl Found {
         Found {
             blk: [0; MAX_DEVICES],
             count: 0,
+            net: [0; MAX_DEVICES],
+            net_count: 0,
         }
     }
 
     pub fn blk(&self) -> &[u64] {
         &self.blk[..self.count]
+    }
+
+    pub fn net(&self) -> &[u64] {
+        &self.net[..self.net_count]
     }
 }
 
@@ -159,6 +169,11 @@ pub fn check(boot: &Boot, found: &mut Found, d: &mut Detail) -> bool {
                 found.count += 1;
                 problems.truncate(mark);
             }
+            Some(DEVICE_ID_NET) => {
+                found.net[found.net_count] = base;
+                found.net_count += 1;
+                problems.truncate(mark);
+            }
             // Other device types are not the probe's business, and placeholders (DeviceID 0)
             // must be ignored without an error (virtio 1.2, 4.2.2.2).
             Some(_) => problems.truncate(mark),
@@ -166,24 +181,48 @@ pub fn check(boot: &Boot, found: &mut Found, d: &mut Detail) -> bool {
         }
     }
 
+    let want_net = boot.cmdline.get(b"probe.net");
     d.str(b"blk=").dec(found.count as u64);
     match boot.cmdline.get(b"probe.blk") {
+        // A test that asks for network devices and names no block devices wants none.
+        None if want_net.is_some() => {
+            if found.count != 0 {
+                d.str(b" want=0");
+                ok = false;
+            }
+        }
         None => {
             d.str(b" probe.blk missing");
             ok = false;
         }
-        Some(value) => match parse_u64(value) {
-            Some(want) if want == found.count as u64 => {}
-            Some(want) => {
-                d.str(b" want=").dec(want);
-                ok = false;
-            }
-            None => {
-                d.str(b" probe.blk=").str(value).str(b" is not a number");
-                ok = false;
-            }
-        },
+        Some(value) => ok &= expect_count(d, b"probe.blk", value, found.count),
+    }
+    // Only where network devices are involved, so block-only boots print what they did.
+    if want_net.is_some() || found.net_count > 0 {
+        d.str(b" net=").dec(found.net_count as u64);
+        if let Some(value) = want_net {
+            ok &= expect_count(d, b"probe.net", value, found.net_count);
+        }
     }
     d.str(problems.as_bytes());
     ok
+}
+
+/// Compares a count found with the parameter `key`'s `value`; says why in `d` if it differs.
+fn expect_count(d: &mut Detail, key: &[u8], value: &[u8], found: usize) -> bool {
+    match parse_u64(value) {
+        Some(want) if want == found as u64 => true,
+        Some(want) => {
+            d.str(b" want=").dec(want);
+            false
+        }
+        None => {
+            d.byte(b' ')
+                .str(key)
+                .byte(b'=')
+                .str(value)
+                .str(b" is not a number");
+            false
+        }
+    }
 }
