@@ -159,3 +159,16 @@ fn quick_start_example_boots() {
     let r = wait_with_deadline(child, RUN_DEADLINE);
     r.assert_probe_passed(CHECKS);
 }
+
+#[test]
+fn string_port_io_reaches_the_uart_byte_for_byte() {
+    // `rep outsb` hands the VMM one exit with many bytes for one port; each is a write.
+    let r = boot_probe(1, 128, "probe.serial=rep");
+    r.assert_probe_passed(PROBE_CHECKS);
+    assert!(
+        r.stdout
+            .contains("PROBE serial.rep written with rep outsb, every byte of it\n"),
+        "{}",
+        r.stdout
+    );
+}

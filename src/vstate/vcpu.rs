@@ -37,6 +37,23 @@ pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
+/// The size of one element of the current port I/O exit (1, 2 or 4 bytes): the exit's data
+/// holds `count` of them for a string instruction.
+fn io_access_size() -> usize {
+    let run = KVM_RUN.with(|p| p.get());
+    if run.is_null() {
+        return usize::MAX;
+    }
+    // SAFETY: `run` is this thread's vCPU kvm_run mapping, set before the first KVM_RUN and
+    // valid while the vCPU fd lives; during an IO exit `io.size` is what KVM filled in. The
+    // field lies apart from the data the exit hands out.
+    let size = unsafe { (*run).__bindgen_anon_1.io.size };
+    match size {
+        1 | 2 | 4 => usize::from(size),
+        _ => usize::MAX,
+    }
+}
+
 thread_local! {
     /// The running vCPU's `kvm_run` area, for the kick handler. Null outside vCPU threads.
     static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -296,13 +313,19 @@ impl Vcpu {
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 METRICS.vcpu.exit_io_in.inc();
-                if !ctx.pio_bus.read(u64::from(port), data) {
-                    data.fill(0xff);
+                // A string instruction (`rep insb`) reads the port once per element.
+                for element in data.chunks_mut(io_access_size()) {
+                    if !ctx.pio_bus.read(u64::from(port), element) {
+                        element.fill(0xff);
+                    }
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 METRICS.vcpu.exit_io_out.inc();
-                ctx.pio_bus.write(u64::from(port), data);
+                // `rep outsb` to a UART writes every byte, not just the first.
+                for element in data.chunks(io_access_size()) {
+                    ctx.pio_bus.write(u64::from(port), element);
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 METRICS.vcpu.exit_mmio_read.inc();

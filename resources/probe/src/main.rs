@@ -184,6 +184,9 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
             None => serial::write(b"PROBE hostile FAIL no block device\n"),
         }
     }
+    if boot.cmdline.get(b"probe.serial") == Some(b"rep") {
+        serial::write_string_io(b"PROBE serial.rep written with rep outsb, every byte of it\n");
+    }
     if boot.cmdline.get(b"probe.flood") == Some(b"serial") {
         hostile::flood_serial();
     }

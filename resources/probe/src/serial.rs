@@ -41,6 +41,28 @@ pub fn write(bytes: &[u8]) {
     TX_ROOM.store(room, Ordering::Relaxed);
 }
 
+/// Writes `bytes` with string instructions (`rep outsb`), up to a FIFO's worth per
+/// instruction: the VMM sees one exit carrying many bytes for one port, and must write
+/// each of them to the UART.
+#[inline(never)]
+pub fn write_string_io(bytes: &[u8]) {
+    for chunk in bytes.chunks(FIFO_DEPTH as usize) {
+        while inb(LSR) & LSR_THR_EMPTY == 0 {}
+        // SAFETY: reads `chunk.len()` bytes from `chunk` and writes them to the port;
+        // rsi/rcx are consumed by the instruction.
+        unsafe {
+            core::arch::asm!(
+                "rep outsb",
+                in("dx") THR,
+                inout("rsi") chunk.as_ptr() => _,
+                inout("rcx") chunk.len() => _,
+                options(nostack, preserves_flags, readonly)
+            )
+        };
+    }
+    TX_ROOM.store(0, Ordering::Relaxed);
+}
+
 /// Blocks until a byte arrives.
 pub fn read_byte() -> u8 {
     while inb(LSR) & LSR_DATA_READY == 0 {}
