@@ -2,7 +2,7 @@
 //! table, available ring and request headers, and the device runs its queue, with or
 //! without EVENT_IDX and with the synchronous or the io_uring engine. Any panic is a bug.
 //!
-//! Checked beyond "no panic": unless the guest pointed a buffer at its own used ring, the
+//! Checked beyond "no panic": unless the guest pointed a writable buffer at its own rings, the
 //! device never returns more chains than the guest made available and every used element
 //! names a descriptor of the table; and the backing file never grows (no write lands past
 //! the end of the disk).
@@ -44,10 +44,11 @@ fuzz_target!(|data: &[u8]| {
     let event_idx = ctl[1] & 2 == 2;
     let async_io = ctl[1] & 4 == 4;
     let table_len = 16 * usize::from(QUEUE);
-    // A hostile guest may point a buffer at its own used ring; the device then writes disk
-    // data over used elements it returned earlier, and their ids are the guest's doing.
-    let (used_at, used_len) = driver.used_ring();
-    let mut buffers_hit_used_ring = false;
+    // A hostile guest may point a device-writable buffer at its own rings; the device then
+    // writes disk data over descriptors, available entries or used elements, and what the
+    // rings say afterwards is the guest's doing, not the device's.
+    let rings_end = driver.end();
+    let mut buffers_hit_rings = false;
     let (table, rest) = rest.split_at(rest.len().min(table_len));
     for (i, d) in table.chunks(16).enumerate() {
         let mut raw = [0u8; 16];
@@ -58,8 +59,10 @@ fuzz_target!(|data: &[u8]| {
         }
         raw[..8].copy_from_slice(&addr.to_le_bytes());
         let len = u64::from(u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")));
-        if addr < used_at + used_len && used_at < addr.saturating_add(len) {
-            buffers_hit_used_ring = true;
+        let writable = u16::from_le_bytes([raw[12], raw[13]]) & 2 != 0;
+        // The rings start at 0, so a buffer overlaps them when it starts below their end.
+        if writable && addr < rings_end && len > 0 {
+            buffers_hit_rings = true;
         }
         mem.write_slice(&raw, GuestAddress(16 * i as u64))
             .expect("descriptor table");
@@ -105,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
     block.quiesce();
 
     let used = d.take_used(&mem);
-    if !buffers_hit_used_ring {
+    if !buffers_hit_rings {
         assert!(
             used.len() <= usize::from(avail),
             "{} used for {avail} available",
