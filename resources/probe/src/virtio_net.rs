@@ -16,7 +16,9 @@ use crate::line::{Detail, Line};
 use crate::phys;
 use crate::timeout::Deadline;
 use crate::virtio_mmio::{ACKNOWLEDGE, CONFIG, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, Mmio};
-use crate::virtq::QueueError;
+use crate::virtq::{
+    DESC_F_WRITE, Desc, MAX_SIZE as QUEUE_MAX, QueueError, Rings, USED_F_NO_NOTIFY,
+};
 
 // Feature bits (virtio 1.2, 5.1.3 and 6).
 const F_MAC: u64 = 1 << 5;
@@ -45,8 +47,6 @@ pub const ETH_HDR_LEN: usize = 14;
 /// The largest frame without offloads: a 1500-byte MTU and the Ethernet header.
 pub const MAX_FRAME: usize = 1514;
 
-/// Entries in each queue, at most: a few frames in flight is all the checks need.
-const QUEUE_MAX: u16 = 16;
 /// Receive memory, cut into 1 KiB buffers with VIRTIO_NET_F_MRG_RXBUF (so a full-size frame
 /// spans two and the device must merge) or 2 KiB ones without it (at least the 1526 bytes
 /// 5.1.6.3.1 asks for a whole frame and its header).
@@ -59,52 +59,9 @@ const TX_SLOT_SIZE: usize = 2048;
 /// Where a received frame is put together from its buffers (without the header).
 const FRAME_CAP: usize = 2048;
 
-const DESC_F_WRITE: u16 = 2;
-/// In the used ring's flags: the device asks not to be notified.
-const USED_F_NO_NOTIFY: u16 = 1;
 /// How long the device may take to return a transmit buffer, or to finish a frame it has
 /// started returning: about 1.5-8 s, generous for a loaded host.
 pub const REQUEST_TICKS: u64 = 1 << 33;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
-
-#[repr(C)]
-struct Avail {
-    flags: u16,
-    idx: u16,
-    ring: [u16; QUEUE_MAX as usize],
-    used_event: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UsedElem {
-    id: u32,
-    len: u32,
-}
-
-#[repr(C)]
-struct Used {
-    flags: u16,
-    idx: u16,
-    ring: [UsedElem; QUEUE_MAX as usize],
-    avail_event: u16,
-}
-
-/// One queue's three areas in one page.
-#[repr(C, align(4096))]
-struct Rings {
-    desc: [Desc; QUEUE_MAX as usize],
-    avail: Avail,
-    used: Used,
-}
 
 /// Everything shared with the device (guest-physical = virtual).
 #[repr(C, align(4096))]
@@ -115,26 +72,7 @@ struct Dma {
     frame: [u8; FRAME_CAP],
 }
 
-const EMPTY_RINGS: Rings = Rings {
-    desc: [Desc {
-        addr: 0,
-        len: 0,
-        flags: 0,
-        next: 0,
-    }; QUEUE_MAX as usize],
-    avail: Avail {
-        flags: 0,
-        idx: 0,
-        ring: [0; QUEUE_MAX as usize],
-        used_event: 0,
-    },
-    used: Used {
-        flags: 0,
-        idx: 0,
-        ring: [UsedElem { id: 0, len: 0 }; QUEUE_MAX as usize],
-        avail_event: 0,
-    },
-};
+const EMPTY_RINGS: Rings = crate::virtq::EMPTY;
 
 // In .dma, which _start does not zero: the rings are zeroed by `Queue::new`, the buffers
 // written before the device or the probe reads them. One network device is driven.

@@ -16,62 +16,62 @@ use crate::virtio;
 /// The probe never has more than one 3-descriptor chain in flight; 16 entries are plenty.
 pub const MAX_SIZE: u16 = 16;
 const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub(crate) const DESC_F_WRITE: u16 = 2;
 /// In the used ring's flags: the device asks not to be notified (virtio 1.2, "Available Buffer
 /// Notification Suppression").
-const USED_F_NO_NOTIFY: u16 = 1;
+pub(crate) const USED_F_NO_NOTIFY: u16 = 1;
 /// How long a device may take for one request: about 1.5-8 s, generous for a loaded host.
 const REQUEST_TICKS: u64 = 1 << 33;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
+pub(crate) struct Desc {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) flags: u16,
+    pub(crate) next: u16,
 }
 
 /// The driver area. `used_event` would follow the ring; without VIRTIO_F_EVENT_IDX it is
 /// unused, and for a queue smaller than MAX_SIZE it falls inside `ring` anyway.
 #[repr(C)]
-struct Avail {
-    flags: u16,
-    idx: u16,
-    ring: [u16; MAX_SIZE as usize],
-    used_event: u16,
+pub(crate) struct Avail {
+    pub(crate) flags: u16,
+    pub(crate) idx: u16,
+    pub(crate) ring: [u16; MAX_SIZE as usize],
+    pub(crate) used_event: u16,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UsedElem {
-    id: u32,
-    len: u32,
+pub(crate) struct UsedElem {
+    pub(crate) id: u32,
+    pub(crate) len: u32,
 }
 
 /// The device area (4-byte aligned through `UsedElem`).
 #[repr(C)]
-struct Used {
-    flags: u16,
-    idx: u16,
-    ring: [UsedElem; MAX_SIZE as usize],
-    avail_event: u16,
+pub(crate) struct Used {
+    pub(crate) flags: u16,
+    pub(crate) idx: u16,
+    pub(crate) ring: [UsedElem; MAX_SIZE as usize],
+    pub(crate) avail_event: u16,
 }
 
 /// All three areas in one page: the descriptor table first (16-byte alignment), the driver
 /// area (2) and device area (4) after it.
 #[repr(C, align(4096))]
-struct Rings {
-    desc: [Desc; MAX_SIZE as usize],
-    avail: Avail,
-    used: Used,
+pub(crate) struct Rings {
+    pub(crate) desc: [Desc; MAX_SIZE as usize],
+    pub(crate) avail: Avail,
+    pub(crate) used: Used,
 }
 
 /// One set of rings per device: a device keeps its queue after the probe is done with it
 /// (the probe does not reset it, see `blkcheck::run`), so no two devices may share rings.
 pub const MAX_QUEUES: usize = virtio::MAX_DEVICES;
 
-const EMPTY: Rings = Rings {
+pub(crate) const EMPTY: Rings = Rings {
     desc: [Desc {
         addr: 0,
         len: 0,
