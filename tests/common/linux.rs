@@ -28,8 +28,13 @@ pub fn linux_test(name: &str, body: impl FnOnce(&LinuxImages)) {
         body(&images);
         return;
     }
-    let console = nested::run_self(&["--exact", name, "--nocapture", "--test-threads=1"])
-        .unwrap_or_else(|e| panic!("{e}"));
+    // Knobs for tests inside (EMBER_NET_TRANSFER_MIB, ...) travel with them.
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("EMBER_NET_"))
+        .collect();
+    let console =
+        nested::run_self_with_env(&["--exact", name, "--nocapture", "--test-threads=1"], &env)
+            .unwrap_or_else(|e| panic!("{e}"));
     // A filter that matched nothing would also exit 0: insist that the test really ran.
     assert!(
         console.contains("test result: ok. 1 passed"),
