@@ -169,7 +169,16 @@ impl Rig {
             &format!("net.ipv6.conf.{TAP}.disable_ipv6=1"),
         ])?;
         // Room for a 64 KiB frame, and for a whole batch of them in the TAP's queue.
-        ip(&["link", "set", TAP, "mtu", "65521", "txqueuelen", "4096", "up"])?;
+        ip(&[
+            "link",
+            "set",
+            TAP,
+            "mtu",
+            "65521",
+            "txqueuelen",
+            "4096",
+            "up",
+        ])?;
         let tap = Tap::open(TAP).map_err(|e| e.to_string())?;
         // SAFETY: dup of a descriptor we hold; checked.
         let raw = unsafe { libc::dup(tap.as_raw_fd()) };
@@ -238,9 +247,7 @@ impl Rig {
     fn fill_tap(&self, frames: &[Vec<u8>]) -> Result<()> {
         for f in frames {
             // SAFETY: sends from a live buffer.
-            let n = unsafe {
-                libc::send(self.sender.as_raw_fd(), f.as_ptr().cast(), f.len(), 0)
-            };
+            let n = unsafe { libc::send(self.sender.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
             if n as usize != f.len() {
                 return Err(format!("send: {}", std::io::Error::last_os_error()));
             }
@@ -272,7 +279,11 @@ impl Rig {
         let took = start.elapsed();
         let used = tx.take_used(&self.mem);
         if used.len() != frames.len() {
-            return Err(format!("{} of {} TX chains came back", used.len(), frames.len()));
+            return Err(format!(
+                "{} of {} TX chains came back",
+                used.len(),
+                frames.len()
+            ));
         }
         Ok(took)
     }
@@ -313,7 +324,11 @@ impl Rig {
         let took = start.elapsed();
         let used = rx.take_used(&self.mem);
         if used.len() != frames.len() {
-            return Err(format!("{} of {} frames reached the guest", used.len(), frames.len()));
+            return Err(format!(
+                "{} of {} frames reached the guest",
+                used.len(),
+                frames.len()
+            ));
         }
         for ((_, len), f) in used.iter().zip(frames) {
             if *len as usize != VNET_HDR_LEN + f.len() {
@@ -335,7 +350,10 @@ impl Rig {
             // SAFETY: reads into guest memory we own, within its bounds.
             let n = unsafe { libc::read(self.raw.as_raw_fd(), p.cast(), len) };
             if n as usize != VNET_HDR_LEN + f.len() {
-                return Err(format!("raw read: {n}: {}", std::io::Error::last_os_error()));
+                return Err(format!(
+                    "raw read: {n}: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
         }
         Ok(start.elapsed())
