@@ -5,7 +5,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::line::Detail;
-use crate::virtio_mmio::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, Mmio};
+use crate::virtio_mmio::{DRIVER_OK, FAILED, FEATURES_OK, Mmio};
 use crate::virtq::{Buffer, MAX_SIZE, QueueError, Virtq};
 
 const F_RO: u64 = 1 << 5;
@@ -212,14 +212,8 @@ impl Blk {
 
     /// The steps of `init`; `status` tracks what the driver has set so far.
     fn handshake(mmio: Mmio, slot: usize, status: &mut u32, d: &mut Detail) -> Option<Blk> {
-        if !mmio.reset() {
-            d.str(b"reset not completed: status=")
-                .hex(u64::from(mmio.status()));
+        if !mmio.begin_init(status, d) {
             return None;
-        }
-        for bit in [ACKNOWLEDGE, DRIVER] {
-            *status |= bit;
-            mmio.set_status(*status);
         }
         let offered = mmio.device_features();
         if offered & F_VERSION_1 == 0 {

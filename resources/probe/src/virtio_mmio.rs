@@ -86,6 +86,21 @@ impl Mmio {
         self.write(STATUS, status)
     }
 
+    /// The first steps of device initialisation (virtio 1.2, 3.1.1 steps 1-3): reset,
+    /// then ACKNOWLEDGE and DRIVER, recorded in `status`. On failure says why in `d`.
+    pub fn begin_init(&self, status: &mut u32, d: &mut crate::line::Detail) -> bool {
+        if !self.reset() {
+            d.str(b"reset not completed: status=")
+                .hex(u64::from(self.status()));
+            return false;
+        }
+        for bit in [ACKNOWLEDGE, DRIVER] {
+            *status |= bit;
+            self.set_status(*status);
+        }
+        true
+    }
+
     /// Writing 0 resets the device; the reset is complete once Status reads 0 (virtio 2.4.2).
     pub fn reset(&self) -> bool {
         self.write(STATUS, 0);

@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicU16, Ordering, fence};
 use crate::line::{Detail, Line};
 use crate::phys;
 use crate::timeout::Deadline;
-use crate::virtio_mmio::{ACKNOWLEDGE, CONFIG, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, Mmio};
+use crate::virtio_mmio::{CONFIG, DRIVER_OK, FAILED, FEATURES_OK, Mmio};
 use crate::virtq::{
     DESC_F_WRITE, Desc, MAX_SIZE as QUEUE_MAX, QueueError, Rings, USED_F_NO_NOTIFY,
 };
@@ -287,14 +287,8 @@ impl Net {
     }
 
     fn handshake(mmio: Mmio, base: u64, status: &mut u32, d: &mut Detail) -> Option<Net> {
-        if !mmio.reset() {
-            d.str(b"reset not completed: status=")
-                .hex(u64::from(mmio.status()));
+        if !mmio.begin_init(status, d) {
             return None;
-        }
-        for bit in [ACKNOWLEDGE, DRIVER] {
-            *status |= bit;
-            mmio.set_status(*status);
         }
         let offered = mmio.device_features();
         for (bit, name) in [
