@@ -681,11 +681,8 @@ impl VirtioDevice for Net {
     fn process_queue(&mut self, index: usize) {
         match index {
             RX_QUEUE => self.process_rx(),
-            TX_QUEUE => {
-                self.process_tx();
-                // Frames sent may have answers waiting already.
-                self.process_rx();
-            }
+            // Answers to what was sent arrive as TAP readiness events of their own.
+            TX_QUEUE => self.process_tx(),
             _ => {}
         }
     }
