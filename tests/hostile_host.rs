@@ -259,14 +259,15 @@ fn ambiguous_lengths_array_bodies_and_huge_values_are_refused() {
     let long = format!("/{}", "x".repeat(1 << 20));
     let body = serde_json::json!({"kernel_image_path": long}).to_string();
     let mut s = UnixStream::connect(&vm.sock).unwrap();
-    s.write_all(
+    // ember may answer 413 from the head alone and close before the body is all sent:
+    // a broken pipe here is that answer arriving early, not a failure.
+    let _ = s.write_all(
         format!(
             "PUT /boot-source HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),
-    )
-    .unwrap();
+    );
     let r = read_response(&mut std::io::BufReader::new(s)).unwrap();
     assert!(r.status == 400 || r.status == 413, "{r:?}");
     assert!(r.body.len() < 4096, "{} bytes of fault", r.body.len());
