@@ -1,9 +1,10 @@
 //! virtio-net: a guest network interface backed by a host TAP device (virtio 1.2, 5.1).
 //!
 //! One receive and one transmit queue, run on the vmm thread. Transmit writes each chain
-//! straight from guest memory to the TAP; receive reads a frame from the TAP only when the
-//! guest has room for it, so a guest that stops taking frames leaves them queued in the
-//! host's TAP (where the host's own limits apply) instead of spinning or dropping them here.
+//! straight from guest memory to the TAP; receive reads each frame straight into the
+//! buffers the guest made available. A guest that stops taking frames leaves them queued in
+//! the host's TAP (where the host's own limits apply; at most one waits in the device)
+//! instead of ember spinning or dropping them.
 //! The TAP is watched edge-triggered: reading stops when the guest is out of buffers and
 //! resumes when it notifies the receive queue.
 
@@ -48,6 +49,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 pub const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
+/// The most reserved buffers one TAP read fills in place; a frame longer than they hold
+/// continues in the bounce buffer.
+const MAX_RX_IOVECS: usize = 64;
 /// How often a TAP that disappeared is looked for again.
 const REATTACH_PERIOD: Duration = Duration::from_secs(1);
 
@@ -92,6 +96,15 @@ struct ActiveQueues {
     features: u64,
 }
 
+/// A frame read from the TAP, waiting for room in the guest or for the rate limiter.
+#[derive(Clone, Copy)]
+struct PendingFrame {
+    /// Its length, header included.
+    len: usize,
+    /// Its first bytes, already in the reserved buffers; the rest is in the bounce buffer.
+    in_place: usize,
+}
+
 pub struct Net {
     config: NetConfig,
     /// None while the TAP device is gone (deleted under the running VM).
@@ -99,9 +112,14 @@ pub struct Net {
     config_space: [u8; 12],
     active: Option<ActiveQueues>,
     rx_reserve: RxReserve,
-    /// The frame read from the TAP and not yet delivered (header included), and its length.
+    /// Bounce buffer for what of a frame the reserved buffers could not hold (header
+    /// included), at the frame's own offsets.
     rx_frame: Vec<u8>,
-    rx_pending: Option<usize>,
+    /// The frame read from the TAP and not yet delivered.
+    rx_pending: Option<PendingFrame>,
+    rx_iovecs: Vec<libc::iovec>,
+    /// Length of the last frame read (header included): how much room to reserve first.
+    rx_last_len: usize,
     tx_frame: TxFrame,
     tx_iovecs: Vec<libc::iovec>,
     descs: Vec<Descriptor>,
@@ -165,6 +183,8 @@ impl Net {
             rx_reserve: RxReserve::new(),
             rx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             rx_pending: None,
+            rx_iovecs: Vec::with_capacity(MAX_RX_IOVECS + 1),
+            rx_last_len: 0,
             tx_frame: TxFrame::new(),
             tx_iovecs: Vec::with_capacity(16),
             descs: Vec::with_capacity(16),
@@ -257,12 +277,35 @@ impl Net {
         let mut delivered = false;
         let mut retried = false;
         let mut popped_before = self.rx_reserve.popped;
+        let mut received = Sent::default();
         loop {
-            let len = match self.rx_pending {
-                Some(len) => len,
+            let pending = match self.rx_pending {
+                Some(p) => p,
                 None => {
                     let Some(tap) = &self.tap else { break };
-                    let read = tap.read_frame(&mut self.rx_frame);
+                    // Room first, so the frame is read straight into the guest's buffers:
+                    // enough for a frame as long as the last one, so a run of large frames
+                    // is read in place whole. With no buffers at all, one frame is read
+                    // into the bounce buffer and waits there (the rest wait in the TAP).
+                    let want = if mergeable { self.rx_last_len } else { 0 };
+                    self.rx_reserve.reserve(&mut active.rx, &active.mem, want);
+                    let covered = self.rx_reserve.iovecs(
+                        &active.mem,
+                        mergeable,
+                        MAX_RX_IOVECS,
+                        &mut self.rx_iovecs,
+                    );
+                    // What the reserved buffers cannot hold lands in the bounce buffer, at
+                    // the same offsets as in the frame.
+                    if covered < self.rx_frame.len() {
+                        self.rx_iovecs.push(libc::iovec {
+                            iov_base: self.rx_frame[covered..].as_mut_ptr().cast(),
+                            iov_len: self.rx_frame.len() - covered,
+                        });
+                    }
+                    // SAFETY: the iovecs are reserved guest buffers (checked, and the guest
+                    // memory outlives the device's queues) and the device's own buffer.
+                    let read = unsafe { tap.read_frame_vectored(&self.rx_iovecs) };
                     match read {
                         // Only a stand-in whose peer closed reads 0: nothing will come.
                         Ok(0) => break,
@@ -272,8 +315,13 @@ impl Net {
                             continue;
                         }
                         Ok(n) => {
-                            self.rx_pending = Some(n);
-                            n
+                            self.rx_last_len = n;
+                            let p = PendingFrame {
+                                len: n,
+                                in_place: n.min(covered),
+                            };
+                            self.rx_pending = Some(p);
+                            p
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(e) => {
@@ -299,7 +347,7 @@ impl Net {
                     }
                 }
             };
-            let frame_bytes = (len - VNET_HDR_LEN) as u64;
+            let frame_bytes = (pending.len - VNET_HDR_LEN) as u64;
             if !self.rx_limiter.consume(1, TokenType::Ops) {
                 self.metrics.inc(|m| &m.rx_rate_limiter_throttled);
                 break;
@@ -309,16 +357,19 @@ impl Net {
                 self.metrics.inc(|m| &m.rx_rate_limiter_throttled);
                 break;
             }
-            let frame = &mut self.rx_frame[..len];
-            match self
-                .rx_reserve
-                .deliver(&mut active.rx, &active.mem, frame, mergeable)
-            {
+            let frame = &mut self.rx_frame[..pending.len];
+            match self.rx_reserve.deliver(
+                &mut active.rx,
+                &active.mem,
+                frame,
+                pending.in_place,
+                mergeable,
+            ) {
                 Delivery::Delivered { .. } => {
                     self.rx_pending = None;
                     delivered = true;
-                    self.metrics.inc(|m| &m.rx_packets_count);
-                    self.metrics.add(|m| &m.rx_bytes_count, frame_bytes);
+                    received.frames += 1;
+                    received.bytes += frame_bytes;
                 }
                 Delivery::TooLarge => {
                     self.rx_pending = None;
@@ -338,27 +389,24 @@ impl Net {
                             .manual_replenish(frame_bytes, TokenType::Bytes);
                     }
                     self.metrics.inc(|m| &m.no_rx_avail_buffer);
-                    // Ask to be told when the guest adds buffers; if it did meanwhile, go on
-                    // (once: a ring that claims buffers it cannot give is broken).
                     let popped = self.rx_reserve.popped != popped_before;
                     popped_before = self.rx_reserve.popped;
-                    match active.rx.enable_notification(&active.mem) {
-                        Ok(true) if popped || !retried => {
-                            retried = true;
-                            continue;
-                        }
-                        Ok(true) => {
-                            Self::queue_broken(&self.config, &mut self.broken, "receive");
-                            break;
-                        }
-                        Ok(false) => break,
-                        Err(e) => {
-                            Self::queue_broken(&self.config, &mut self.broken, &e.to_string());
-                            break;
-                        }
+                    if !Self::wait_for_room(
+                        &self.config,
+                        active,
+                        &mut self.broken,
+                        &mut retried,
+                        popped,
+                    ) {
+                        break;
                     }
                 }
             }
+        }
+        // Counted once per pass: the counters are shared atomics.
+        if received.frames > 0 {
+            self.metrics.add(|m| &m.rx_packets_count, received.frames);
+            self.metrics.add(|m| &m.rx_bytes_count, received.bytes);
         }
         if self.broken {
             active.interrupt.trigger(VirtioInterruptType::Config);
@@ -372,6 +420,41 @@ impl Net {
             active
                 .interrupt
                 .trigger(VirtioInterruptType::Queue(RX_QUEUE as u16));
+        }
+    }
+
+    /// Forgets the reserved receive chains, and with them a frame waiting in them.
+    fn drop_reserved(&mut self) {
+        self.rx_reserve.clear();
+        if self.rx_pending.take().is_some() {
+            self.metrics.inc(|m| &m.rx_fails);
+        }
+    }
+
+    /// The guest is out of receive buffers: asks to be told when it adds some. True when
+    /// it did meanwhile and receiving should go on (once without new chains: a ring that
+    /// claims buffers it cannot give is broken).
+    fn wait_for_room(
+        config: &NetConfig,
+        active: &mut ActiveQueues,
+        broken: &mut bool,
+        retried: &mut bool,
+        popped: bool,
+    ) -> bool {
+        match active.rx.enable_notification(&active.mem) {
+            Ok(true) if popped || !*retried => {
+                *retried = true;
+                true
+            }
+            Ok(true) => {
+                Self::queue_broken(config, broken, "receive");
+                false
+            }
+            Ok(false) => false,
+            Err(e) => {
+                Self::queue_broken(config, broken, &e.to_string());
+                false
+            }
         }
     }
 
@@ -584,7 +667,7 @@ impl Net {
     }
 }
 
-/// Frames and bytes sent in one pass over the transmit queue.
+/// Frames and bytes sent or received in one pass over a queue.
 #[derive(Default)]
 struct Sent {
     frames: u64,
@@ -672,10 +755,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.broken = false;
-        self.rx_reserve.clear();
-        if self.rx_pending.take().is_some() {
-            self.metrics.inc(|m| &m.rx_fails);
-        }
+        self.drop_reserved();
     }
 
     fn process_queue(&mut self, index: usize) {
@@ -691,7 +771,7 @@ impl VirtioDevice for Net {
         // Nothing is in flight: transmit is synchronous and receive holds chains only in
         // the reserve. Stopping either queue stops the interface until a reset.
         if index == RX_QUEUE {
-            self.rx_reserve.clear();
+            self.drop_reserved();
         }
         self.active = None;
     }

@@ -1,17 +1,22 @@
 //! Receive: frames from the TAP go into the receive chains the guest made available.
 //!
-//! Chains are taken from the queue into a reserve as frames need them, each checked once
-//! (device-writable buffers inside guest memory); a frame is written only when the reserve
-//! can hold all of it, so a frame is never half delivered and a chain never taken back.
-//! With `VIRTIO_NET_F_MRG_RXBUF` a frame may span several chains (their count goes in the
-//! first header's `num_buffers`); without it, each frame takes exactly one chain.
+//! Chains are taken from the queue into a reserve before a frame is read, each checked once
+//! (device-writable buffers inside guest memory), and the TAP is read straight into the
+//! reserved buffers (`readv`); what does not fit lands in a bounce buffer behind them and is
+//! copied into further chains. A frame is returned to the guest only when the reserve holds
+//! all of it, so a frame is never half delivered and a chain never taken back. With
+//! `VIRTIO_NET_F_MRG_RXBUF` a frame may span several chains (their count goes in the first
+//! header's `num_buffers`); without it, each frame takes exactly one chain.
 
 use std::collections::VecDeque;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::tap::VNET_HDR_LEN;
+
+/// Where `num_buffers` sits in the virtio-net header.
+const NUM_BUFFERS_AT: usize = 10;
 
 /// A receive chain held by the device until a frame fills it.
 struct ReservedChain {
@@ -62,6 +67,45 @@ impl RxReserve {
         self.chains.is_empty()
     }
 
+    /// Takes chains from the queue until the reserve holds at least `bytes` (and at least
+    /// one chain), or the queue has no more.
+    pub fn reserve(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, bytes: usize) {
+        while (self.chains.is_empty() || self.capacity < bytes) && self.take_chain(queue, mem) {}
+    }
+
+    /// The reserved buffers as host iovecs, in order, for reading a frame straight into
+    /// them: all of them (`mergeable`) or the first chain's. Stops early at `max` iovecs or
+    /// at a buffer that is not one contiguous host range (it spans two memory regions);
+    /// returns how many bytes the iovecs cover, which are the frame's first bytes.
+    pub fn iovecs(
+        &self,
+        mem: &GuestMemoryMmap,
+        mergeable: bool,
+        max: usize,
+        out: &mut Vec<libc::iovec>,
+    ) -> usize {
+        out.clear();
+        let ranges = match (mergeable, self.chains.front()) {
+            (_, None) => 0,
+            (true, Some(_)) => self.ranges.len(),
+            (false, Some(first)) => first.ranges,
+        };
+        let mut covered = 0;
+        for &(addr, len) in self.ranges.iter().take(ranges.min(max)) {
+            let Ok(slice) = mem.get_slice(addr, len) else {
+                break;
+            };
+            // Written by the kernel behind vm-memory's back: guest memory has no dirty
+            // bitmap today; one would have to be marked here.
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len,
+            });
+            covered += len;
+        }
+        covered
+    }
+
     /// Takes the next usable chain from the queue into the reserve; false when the queue
     /// has none. Unusable chains are returned to the guest with nothing written.
     fn take_chain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -105,14 +149,35 @@ impl RxReserve {
         false
     }
 
-    /// Writes `frame` (virtio-net header first) into reserved chains, taking more from the
-    /// queue as needed, and returns them to the guest as used. `frame` is modified: its
-    /// `num_buffers` field is set.
+    /// Writes `bytes` at `offset` of the frame that fills the reserve from its front.
+    fn write_in_place(&self, mem: &GuestMemoryMmap, mut offset: usize, mut bytes: &[u8]) {
+        for &(addr, len) in &self.ranges {
+            if bytes.is_empty() {
+                return;
+            }
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = (len - offset).min(bytes.len());
+            // Checked when reserved; guest memory does not shrink under a running VM.
+            let _ = mem.write_slice(&bytes[..n], addr.unchecked_add(offset as u64));
+            bytes = &bytes[n..];
+            offset = 0;
+        }
+    }
+
+    /// Completes the frame `frame` (virtio-net header first) in the reserved chains, taking
+    /// more from the queue as needed, and returns them to the guest as used. Its first
+    /// `in_place` bytes are already in the reserve's first buffers (read there); the rest
+    /// are taken from `frame` at the same offsets. `frame` is modified: its `num_buffers`
+    /// field is set (in guest memory too when the header is in place).
     pub fn deliver(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         frame: &mut [u8],
+        in_place: usize,
         mergeable: bool,
     ) -> Delivery {
         let need = frame.len();
@@ -143,8 +208,13 @@ impl RxReserve {
         };
         // At most the queue size, so it fits.
         let num_buffers = chains as u16;
-        if frame.len() >= VNET_HDR_LEN {
-            frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        if need >= VNET_HDR_LEN {
+            let field = NUM_BUFFERS_AT..NUM_BUFFERS_AT + 2;
+            frame[field.clone()].copy_from_slice(&num_buffers.to_le_bytes());
+            if in_place > NUM_BUFFERS_AT {
+                let end = field.end.min(in_place);
+                self.write_in_place(mem, NUM_BUFFERS_AT, &frame[NUM_BUFFERS_AT..end]);
+            }
         }
         let mut offset = 0usize;
         for _ in 0..chains {
@@ -158,8 +228,17 @@ impl RxReserve {
                     break;
                 };
                 let n = len.min(need - offset);
+                // Only what is not in place yet is copied.
+                let from = offset.max(in_place).min(offset + n);
+                let ok = from == offset + n
+                    || mem
+                        .write_slice(
+                            &frame[from..offset + n],
+                            addr.unchecked_add((from - offset) as u64),
+                        )
+                        .is_ok();
                 // Checked when reserved; guest memory does not shrink under a running VM.
-                if n > 0 && mem.write_slice(&frame[offset..offset + n], addr).is_ok() {
+                if n > 0 && ok {
                     offset += n;
                     written += n;
                 }

@@ -109,11 +109,26 @@ impl Tap {
         Ok(())
     }
 
-    /// Reads one frame (header included) into `buf`; `WouldBlock` when none is waiting.
-    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads one frame (header included) into the pieces `iovecs` describe, in order;
+    /// `WouldBlock` when none is waiting.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for writes for the duration of the call.
+    pub unsafe fn read_frame_vectored(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
         loop {
-            // SAFETY: reads at most buf.len() bytes into buf.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = match iovecs {
+                // SAFETY: the caller guarantees the iovec.
+                [one] => unsafe { libc::read(self.fd.as_raw_fd(), one.iov_base, one.iov_len) },
+                // SAFETY: the caller guarantees the iovecs; their count fits in c_int as
+                // the callers bound it (IOV_MAX).
+                _ => unsafe {
+                    libc::readv(
+                        self.fd.as_raw_fd(),
+                        iovecs.as_ptr(),
+                        iovecs.len() as libc::c_int,
+                    )
+                },
+            };
             if n >= 0 {
                 return Ok(n as usize);
             }

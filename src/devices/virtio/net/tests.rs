@@ -282,6 +282,93 @@ fn a_frame_spans_mergeable_buffers_with_its_count_in_the_header() {
     );
 }
 
+/// The guest's bytes of a used receive chain made of one buffer at `addr`.
+fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: u32) -> Vec<u8> {
+    let mut v = vec![0u8; len as usize];
+    mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+    v
+}
+
+#[test]
+fn a_run_of_large_frames_is_read_in_place_across_mergeable_buffers() {
+    // The first frame is read into one reserved buffer and continues through the bounce
+    // buffer; the second finds enough buffers reserved to be read in place whole.
+    let mut r = Rig::new(MRG);
+    for i in 0..6u64 {
+        r.rx.add_chain(&r.mem, &[writable(BUFFERS + i * 0x1000, 1536)]);
+    }
+    let first: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let second: Vec<u8> = (0..2900u32).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    r.host_send([0xff; VNET_HDR_LEN], &first);
+    r.host_send([0xff; VNET_HDR_LEN], &second);
+    r.tap_ready();
+    let used = r.rx.take_used(&r.mem);
+    assert_eq!(
+        used,
+        vec![(0, 1536), (1, 3012 - 1536), (2, 1536), (3, 2912 - 1536)]
+    );
+    for (payload, chain) in [(&first, 0u64), (&second, 2)] {
+        let mut got = read_guest(&r.mem, BUFFERS + chain * 0x1000, 1536);
+        got.extend(read_guest(
+            &r.mem,
+            BUFFERS + (chain + 1) * 0x1000,
+            (payload.len() + VNET_HDR_LEN - 1536) as u32,
+        ));
+        assert_eq!(&got[..10], &[0xff; 10], "the host's header as it came");
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+        assert_eq!(&got[VNET_HDR_LEN..], &payload[..]);
+    }
+    assert_eq!(r.net.counters().rx_packets_count.total(), 2);
+    assert_eq!(r.net.counters().rx_bytes_count.total(), 5900);
+}
+
+#[test]
+fn a_frame_partly_read_in_place_waits_whole_for_more_buffers() {
+    let mut r = Rig::new(MRG);
+    r.rx.add_chain(&r.mem, &[writable(BUFFERS, 100)]);
+    let payload: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+    r.host_send([0; VNET_HDR_LEN], &payload);
+    r.tap_ready();
+    assert!(r.rx.take_used(&r.mem).is_empty(), "never half delivered");
+    assert_eq!(r.net.counters().no_rx_avail_buffer.total(), 1);
+    r.rx.add_chain(&r.mem, &[writable(BUFFERS + 0x1000, 100)]);
+    r.rx.add_chain(&r.mem, &[writable(BUFFERS + 0x2000, 100)]);
+    r.net.process_queue(RX_QUEUE);
+    let used = r.rx.take_used(&r.mem);
+    assert_eq!(used, vec![(0, 100), (1, 100), (2, 62)]);
+    let mut got = read_guest(&r.mem, BUFFERS, 100);
+    got.extend(read_guest(&r.mem, BUFFERS + 0x1000, 100));
+    got.extend(read_guest(&r.mem, BUFFERS + 0x2000, 62));
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+    assert_eq!(&got[VNET_HDR_LEN..], &payload[..]);
+    assert_eq!(r.net.counters().rx_fails.total(), 0);
+}
+
+#[test]
+fn num_buffers_is_set_in_place_when_the_header_spans_buffers() {
+    let mut r = Rig::new(MRG);
+    write_buf(&r.mem, BUFFERS, &[0xee; 0x300]);
+    // One chain: 11 bytes, 1 byte, then the rest: num_buffers straddles the first two.
+    r.rx.add_chain(
+        &r.mem,
+        &[
+            writable(BUFFERS, 11),
+            writable(BUFFERS + 0x100, 1),
+            writable(BUFFERS + 0x200, 64),
+        ],
+    );
+    let mut header = [0u8; VNET_HDR_LEN];
+    header[10..].copy_from_slice(&[0xab, 0xcd]);
+    r.host_send(header, b"straddled");
+    r.tap_ready();
+    assert_eq!(r.rx.take_used(&r.mem), vec![(0, 12 + 9)]);
+    let low = read_guest(&r.mem, BUFFERS + 10, 1)[0];
+    let high = read_guest(&r.mem, BUFFERS + 0x100, 2);
+    assert_eq!([low, high[0]], 1u16.to_le_bytes(), "num_buffers");
+    assert_eq!(high[1], 0xee, "nothing written past the 1-byte buffer");
+    assert_eq!(read_guest(&r.mem, BUFFERS + 0x200, 9), b"straddled");
+}
+
 #[test]
 fn frames_wait_in_the_tap_until_the_guest_makes_room() {
     let mut r = Rig::new(MRG);
