@@ -20,6 +20,9 @@ const PROBE_TARGET: &str = "x86_64-unknown-linux-gnu";
 fn main() {
     let root =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    if let Err(e) = build_seccomp_filters(&root) {
+        panic!("the seccomp filters did not compile: {e}");
+    }
     for path in [
         "resources/probe/src",
         "resources/probe/Cargo.toml",
@@ -52,6 +55,45 @@ fn main() {
     if let Err(e) = build_probe(&root, &out) {
         panic!("the probe guest did not build: {e}");
     }
+}
+
+/// Compiles `resources/seccomp/<target>.json` to BPF and writes it to
+/// `$OUT_DIR/seccomp_filters.bin` for `src/seccomp.rs` to embed: per thread kind, the name's
+/// length (u32) and the name, the instruction count (u32) and the instructions (code u16,
+/// jt u8, jf u8, k u32), all little-endian. A target without a filter file gets an empty
+/// file (ember then needs `--seccomp-filter` or `--no-seccomp`).
+fn build_seccomp_filters(root: &Path) -> Result<(), String> {
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let json = root
+        .join("resources/seccomp")
+        .join(format!("{target}.json"));
+    println!("cargo:rerun-if-changed={}", json.display());
+    let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?)
+        .join("seccomp_filters.bin");
+    let mut bytes = Vec::new();
+    if json.exists() {
+        let arch = target.split('-').next().unwrap_or_default();
+        let arch = seccompiler::TargetArch::try_from(arch).map_err(|e| format!("{arch}: {e}"))?;
+        let file = std::fs::File::open(&json)
+            .map_err(|e| format!("cannot open {}: {e}", json.display()))?;
+        let map = seccompiler::compile_from_json(std::io::BufReader::new(file), arch)
+            .map_err(|e| format!("{}: {e}", json.display()))?;
+        let mut names: Vec<&String> = map.keys().collect();
+        names.sort();
+        for name in names {
+            let program = &map[name];
+            bytes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.extend_from_slice(&(program.len() as u32).to_le_bytes());
+            for i in program {
+                bytes.extend_from_slice(&i.code.to_le_bytes());
+                bytes.push(i.jt);
+                bytes.push(i.jf);
+                bytes.extend_from_slice(&i.k.to_le_bytes());
+            }
+        }
+    }
+    write_out(&out, &bytes)
 }
 
 fn build_probe(root: &Path, out: &Path) -> Result<(), String> {

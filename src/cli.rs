@@ -117,9 +117,6 @@ impl Cli {
     /// guest a different machine than asked for, so ember refuses to start instead.
     pub fn missing_features(&self) -> Vec<&'static str> {
         let mut flags = Vec::new();
-        if self.seccomp_filter.is_some() {
-            flags.push("--seccomp-filter");
-        }
         if self.enable_pci {
             flags.push("--enable-pci");
         }
@@ -131,9 +128,6 @@ impl Cli {
     /// an operator is not misled.
     pub fn not_yet_effective(&self) -> Vec<&'static str> {
         let mut flags = Vec::new();
-        if self.no_seccomp {
-            flags.push("--no-seccomp");
-        }
         if self.mmds_size_limit.is_some() {
             flags.push("--mmds-size-limit");
         }
@@ -189,7 +183,8 @@ mod tests {
         assert_eq!(cli.level, Some(LogLevel::Debug));
         assert_eq!(cli.http_api_max_payload_size, 1000);
         assert_eq!(cli.missing_features(), vec!["--enable-pci"]);
-        assert!(cli.not_yet_effective().contains(&"--no-seccomp"));
+        assert!(cli.no_seccomp);
+        assert!(!cli.not_yet_effective().contains(&"--no-seccomp"));
     }
 
     #[test]

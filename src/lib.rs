@@ -16,6 +16,7 @@ pub mod logger;
 pub mod memory;
 pub mod metrics;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;

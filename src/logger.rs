@@ -157,6 +157,7 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
                         source,
                     }
                 })?;
+            crate::seccomp::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&file));
             Some(Box::new(file))
         }
         None => None,

@@ -4,7 +4,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use ember::api::{self, server::ApiServer, socket::SocketFile};
+use ember::api::{
+    self,
+    server::{ApiHandle, ApiServer},
+};
+use ember::seccomp::{self, Filters, SeccompError};
 use ember::{cli, config, exit_code, logger, vmm};
 use vmm::{ApiEndpoint, VmmOptions};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,6 +41,9 @@ fn main() -> ExitCode {
     logger::flush(LOG_FLUSH_LIMIT);
     ExitCode::from(code)
 }
+
+/// How long ember waits at exit for the API thread to remove its socket file.
+const API_CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long ember waits at exit for its log to be written.
 const LOG_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -82,6 +89,10 @@ fn run(cli: Cli, started: Instant) -> u8 {
     for flag in cli.not_yet_effective() {
         log::warn!("{flag} is accepted but not yet effective in this version of ember");
     }
+    let seccomp = match seccomp_filters(&cli) {
+        Ok(f) => f,
+        Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
+    };
 
     let config = match &cli.config_file {
         Some(path) => match VmConfig::from_file(&path.display().to_string()) {
@@ -96,11 +107,11 @@ fn run(cli: Cli, started: Instant) -> u8 {
     if let Err(e) = vmm::signals::block_termination_signals() {
         return fail(exit_code::VMM_ERROR, e);
     }
-    let (api, socket_file) = if cli.no_api {
+    let (api, api_thread) = if cli.no_api {
         (None, None)
     } else {
-        match start_api(&cli, started) {
-            Ok((api, file)) => (Some(api), Some(file)),
+        match start_api(&cli, started, &seccomp) {
+            Ok((api, thread)) => (Some(api), Some(thread)),
             Err(e) => return fail(exit_code::HOST_UNSUITABLE, e),
         }
     };
@@ -114,10 +125,11 @@ fn run(cli: Cli, started: Instant) -> u8 {
             properties: None,
         }),
         api,
+        seccomp,
     };
     let result = vmm::run_vmm(opts);
-    if let Some(file) = socket_file {
-        file.remove();
+    if let Some(thread) = api_thread {
+        thread.close(API_CLOSE_LIMIT);
     }
     match result {
         Ok(exit) => {
@@ -135,16 +147,40 @@ fn run(cli: Cli, started: Instant) -> u8 {
     }
 }
 
+/// The filters the flags ask for: the built-in ones, the user's, or none (a warning).
+fn seccomp_filters(cli: &Cli) -> Result<Filters, SeccompError> {
+    let filters = if cli.no_seccomp {
+        log::warn!("--no-seccomp: ember's threads run without seccomp filters");
+        Filters::none()
+    } else if let Some(path) = &cli.seccomp_filter {
+        let f = Filters::from_json_file(path)?;
+        log::info!("seccomp filters from {}", path.display());
+        f
+    } else {
+        Filters::built_in()?
+    };
+    if filters.is_enabled() {
+        seccomp::install_sigsys_handler()?;
+    }
+    Ok(filters)
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ApiStartError {
     #[error("{0}")]
     Socket(#[from] api::socket::SocketError),
     #[error("cannot start the API server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Spawn(#[from] api::server::SpawnError),
 }
 
 /// Binds the API socket and starts the API thread; returns the vmm thread's end.
-fn start_api(cli: &Cli, started: Instant) -> Result<(ApiEndpoint, SocketFile), ApiStartError> {
+fn start_api(
+    cli: &Cli,
+    started: Instant,
+    seccomp: &Filters,
+) -> Result<(ApiEndpoint, ApiHandle), ApiStartError> {
     let (listener, socket_file) = api::socket::bind(&cli.api_sock)?;
     let wakeup = EventFd::new(libc::EFD_NONBLOCK)?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -154,7 +190,7 @@ fn start_api(cli: &Cli, started: Instant) -> Result<(ApiEndpoint, SocketFile), A
         tx,
         wakeup.try_clone()?,
     )?;
-    server.spawn()?;
+    let thread = server.spawn(seccomp, socket_file)?;
     METRICS
         .api_server
         .process_startup_time_us
@@ -165,6 +201,6 @@ fn start_api(cli: &Cli, started: Instant) -> Result<(ApiEndpoint, SocketFile), A
             requests: rx,
             wakeup,
         },
-        socket_file,
+        thread,
     ))
 }

@@ -516,6 +516,7 @@ impl MetricsSink {
                 path: config.metrics_path.clone(),
                 source,
             })?;
+        crate::seccomp::set_metrics_fd(std::os::fd::AsRawFd::as_raw_fd(&file));
         Ok(MetricsSink {
             file,
             instance_id: config.emit_id.then(|| instance_id.to_owned()),

@@ -172,6 +172,19 @@ fn pre_and_post_boot_rules() {
             r#"{"drive_id": "a", "is_root_device": false, "path_on_host": "/x"}"#.into(),
             "only allowed before",
         ),
+        // The running vmm thread may not open files (seccomp), as in Firecracker.
+        (
+            "PUT",
+            "/logger",
+            r#"{"log_path": "/tmp/ember-late.log"}"#.into(),
+            "PUT /logger is only allowed before",
+        ),
+        (
+            "PUT",
+            "/metrics",
+            r#"{"metrics_path": "/tmp/ember-late.metrics"}"#.into(),
+            "PUT /metrics is only allowed before",
+        ),
         (
             "PUT",
             "/actions",
@@ -854,13 +867,19 @@ fn patch_drive_after_boot_swaps_the_backing_file() {
         "{}",
         r.fault()
     );
-    let r = c.call("PATCH", "/drives/other", Some(r#"{"drive_id": "other"}"#));
-    assert_eq!(r.status, 400);
-    assert!(
-        r.fault().contains("drive \"other\" does not exist"),
-        "{}",
-        r.fault()
-    );
+    // With and without a new file (the API thread asks about the drive before opening).
+    for body in [
+        serde_json::json!({"drive_id": "other"}),
+        serde_json::json!({"drive_id": "other", "path_on_host": second}),
+    ] {
+        let r = c.call("PATCH", "/drives/other", Some(&body.to_string()));
+        assert_eq!(r.status, 400);
+        assert!(
+            r.fault().contains("drive \"other\" does not exist"),
+            "{}",
+            r.fault()
+        );
+    }
     drop(c);
     let (_, _, err) = vm.terminate();
     assert!(err.contains("drive \"data\": now backed by"), "{err}");

@@ -546,6 +546,9 @@ fn wait_for_api(ember: &mut Ember, sock: &Path) {
     }
 }
 
+/// Also the whole-VMM run under the default seccomp filters: API requests before and after
+/// the start, block and net I/O, a drive's backing file swapped, pause and resume, metrics
+/// flushed, and no thread ever trapped.
 #[test]
 fn api_attaches_an_interface_and_patch_updates_its_limits() {
     let Some(ns) = namespace_with_tap("api") else {
@@ -553,10 +556,28 @@ fn api_attaches_an_interface_and_patch_updates_its_limits() {
     };
     let dir = Scratch::new("net-api");
     let api_sock: PathBuf = dir.path("api.sock");
-    let mut ember = Ember::spawn(&ns, &["--api-sock", api_sock.to_str().unwrap()]);
+    let metrics = dir.path("metrics.json");
+    let root = disk_image(&dir, "root.img", 0, 64);
+    let swapped = disk_image(&dir, "swapped.img", 0, 128);
+    let mut ember = Ember::spawn(
+        &ns,
+        &[
+            "--api-sock",
+            api_sock.to_str().unwrap(),
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ],
+    );
     wait_for_api(&mut ember, &api_sock);
     let mut api = ApiClient::connect(&api_sock);
     for (method, path, body) in [
+        (
+            "PUT",
+            "/drives/rootfs",
+            serde_json::json!({"drive_id": "rootfs", "path_on_host": root,
+                "is_root_device": true, "is_read_only": false})
+            .to_string(),
+        ),
         (
             "PUT",
             "/network-interfaces/eth0",
@@ -572,7 +593,11 @@ fn api_attaches_an_interface_and_patch_updates_its_limits() {
         (
             "PUT",
             "/boot-source",
-            boot_source("probe.net=1 probe.net.echo=1 probe.wait=serial", 1, 128),
+            boot_source(
+                "probe.blk=1 probe.blk0.id=rootfs probe.net=1 probe.net.echo=1 probe.wait=serial",
+                1,
+                128,
+            ),
         ),
     ] {
         let r = api.call(method, path, Some(&body));
@@ -593,12 +618,25 @@ fn api_attaches_an_interface_and_patch_updates_its_limits() {
     let done = ember.console.wait_for("PROBE DONE", WAIT);
     assert_eq!(
         done,
-        format!("PROBE DONE pass={} fail=0", expected_checks(1, 0)),
+        format!(
+            "PROBE DONE pass={} fail=0",
+            expected_checks(1, 0) + PROBE_CHECKS_PER_BLOCK_DEVICE
+        ),
         "{}",
         ember.console.seen.join("\n")
     );
 
     // The guest now waits for a serial byte: the VM is running, so PATCH applies.
+    let r = api.call(
+        "PATCH",
+        "/drives/rootfs",
+        Some(&serde_json::json!({"drive_id": "rootfs", "path_on_host": swapped}).to_string()),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    for state in ["Paused", "Resumed"] {
+        let r = api.call("PATCH", "/vm", Some(&format!(r#"{{"state": "{state}"}}"#)));
+        assert_eq!(r.status, 204, "{state}: {r:?}");
+    }
     let limiter = r#"{"bandwidth": {"size": 1048576, "refill_time": 100}, "ops": {"size": 1000, "refill_time": 1000}}"#;
     let r = api.call(
         "PATCH",
@@ -627,10 +665,32 @@ fn api_attaches_an_interface_and_patch_updates_its_limits() {
         "eth9",
     );
 
+    let r = api.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+
     ember.send_console(b"Z");
     ember.console.wait_for("PROBE GOT 0x5a", WAIT);
     drop(api);
     let r = ember.finish();
     assert_eq!(r.code(), Some(0), "{r:#?}");
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(!r.stderr.contains("seccomp: the"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("drive \"rootfs\": now backed by"),
+        "{}",
+        r.stderr
+    );
+    let flushed = std::fs::read_to_string(&metrics).expect("metrics file");
+    let lines: Vec<serde_json::Value> = flushed
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert!(lines.len() >= 2, "{flushed}");
+    for l in &lines {
+        assert_eq!(l["seccomp"]["num_faults"], 0, "{flushed}");
+    }
 }

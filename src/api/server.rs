@@ -6,17 +6,20 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::http::{self, CONTINUE, Parsed, Request, Response};
 use super::router;
+use super::socket::SocketFile;
+use crate::devices::virtio::block::open_backing;
 use crate::metrics::METRICS;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vmm::ApiRequest;
-use crate::vmm::action::VmmData;
+use crate::vmm::action::{DriveUpdate, OpenedBacking, VmmAction, VmmData};
 
 /// Open connections at most. When all are taken, the one idle the longest makes room for a
 /// new one; only when every connection is busy is the new one closed at once.
@@ -165,10 +168,23 @@ struct VmmClient {
 
 impl VmmClient {
     fn call(&self, req: &Request) -> Response {
-        let action = match router::route(&req.method, &req.path, &req.body) {
+        let mut action = match router::route(&req.method, &req.path, &req.body) {
             Ok(a) => a,
             Err(e) => return Response::fault(400, &e.to_string()),
         };
+        if let VmmAction::PatchDrive(update) = &mut action
+            && let Err(refused) = self.open_new_backing(update)
+        {
+            return refused;
+        }
+        match self.exchange(action) {
+            Ok(data) => data_response(data),
+            Err(refused) => refused,
+        }
+    }
+
+    /// Hands `action` to the vmm thread and waits for its answer; an error is the response.
+    fn exchange(&self, action: VmmAction) -> Result<VmmData, Response> {
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         if self
             .requests
@@ -180,21 +196,43 @@ impl VmmClient {
             || self.wakeup.write(1).is_err()
         {
             METRICS.api_server.sync_response_fails.inc();
-            return Response::fault(503, "the VMM is shutting down");
+            return Err(Response::fault(503, "the VMM is shutting down"));
         }
         match reply_rx.recv_timeout(VMM_REPLY_TIMEOUT) {
-            Ok(Ok(data)) => data_response(data),
-            Ok(Err(message)) => Response::fault(400, &message),
+            Ok(Ok(data)) => Ok(data),
+            Ok(Err(message)) => Err(Response::fault(400, &message)),
             // The vmm thread stopped taking requests: ember is on its way out.
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 METRICS.api_server.sync_response_fails.inc();
-                Response::fault(503, "the VMM is shutting down")
+                Err(Response::fault(503, "the VMM is shutting down"))
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 METRICS.api_server.sync_response_fails.inc();
-                Response::fault(500, "the VMM did not answer in time")
+                Err(Response::fault(500, "the VMM did not answer in time"))
             }
         }
+    }
+
+    /// `PATCH /drives` with a new `path_on_host`: opens the file here, with the drive's
+    /// access, since the vmm thread's filter allows it no `open`.
+    fn open_new_backing(&self, update: &mut DriveUpdate) -> Result<(), Response> {
+        let Some(path) = &update.path_on_host else {
+            return Ok(());
+        };
+        let read_only = match self.exchange(VmmAction::GetDriveAccess(update.drive_id.clone()))? {
+            VmmData::DriveAccess { read_only } => read_only,
+            _ => return Err(Response::fault(500, "the VMM gave an unexpected answer")),
+        };
+        let (file, capacity) = open_backing(&update.drive_id, path, read_only).map_err(|e| {
+            METRICS.patch_api_requests.drive_count.inc();
+            METRICS.patch_api_requests.drive_fails.inc();
+            Response::fault(400, &e.to_string())
+        })?;
+        update.backing = Some(OpenedBacking {
+            file: Arc::new(file),
+            capacity,
+        });
+        Ok(())
     }
 }
 
@@ -212,6 +250,36 @@ fn data_response(data: VmmData) -> Response {
         VmmData::MachineConfig(m) => to_json(serde_json::to_value(m)),
         VmmData::VmConfig(c) => to_json(serde_json::to_value(c)),
         VmmData::Prometheus(text) => Response::text(200, "text/plain; version=0.0.4", text),
+        VmmData::DriveAccess { read_only } => {
+            Response::json(200, &serde_json::json!({ "read_only": read_only }))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+    #[error("{0}")]
+    Seccomp(SeccompError),
+}
+
+/// Where the connections start in the API thread's poll set (after the listener and the
+/// shutdown eventfd).
+const FIRST_CONN: usize = 2;
+
+/// The API thread, seen from the thread that started it.
+pub struct ApiHandle {
+    shutdown: EventFd,
+    done: mpsc::Receiver<()>,
+}
+
+impl ApiHandle {
+    /// Stops serving and removes the socket file; waits at most `limit` for that.
+    pub fn close(self, limit: Duration) {
+        if self.shutdown.write(1).is_ok() {
+            let _ = self.done.recv_timeout(limit);
+        }
     }
 }
 
@@ -238,18 +306,49 @@ impl ApiServer {
         })
     }
 
-    /// Runs the server on its own thread for the life of the process.
-    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+    /// Runs the server on its own thread until [`ApiHandle::close`], under the API thread's
+    /// seccomp filter, installed before the first connection is accepted. Returns once the
+    /// filter is in place (or could not be installed: then the thread has ended). The
+    /// thread owns the socket file and removes it when closed: the vmm thread, jailed,
+    /// may not delete files.
+    pub fn spawn(self, seccomp: &Filters, socket: SocketFile) -> Result<ApiHandle, SpawnError> {
+        let (installed, outcome) = std::sync::mpsc::channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let shutdown = EventFd::new(libc::EFD_NONBLOCK).map_err(SpawnError::Thread)?;
+        let shutdown_seen = shutdown.try_clone().map_err(SpawnError::Thread)?;
+        let seccomp = seccomp.clone();
         std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                let result = seccomp.install(ThreadKind::Api);
+                let ok = result.is_ok();
+                let _ = installed.send(result);
+                if ok {
+                    self.run(&shutdown_seen);
+                }
+                socket.remove();
+                let _ = done_tx.send(());
+            })
+            .map_err(SpawnError::Thread)?;
+        match outcome.recv() {
+            Ok(Ok(())) => Ok(ApiHandle { shutdown, done }),
+            Ok(Err(e)) => Err(SpawnError::Seccomp(e)),
+            Err(_) => Err(SpawnError::Thread(std::io::Error::other(
+                "the API thread ended before it started serving",
+            ))),
+        }
     }
 
-    fn run(mut self) {
+    fn run(mut self, shutdown: &EventFd) {
         loop {
-            let mut fds = Vec::with_capacity(self.conns.len() + 1);
+            let mut fds = Vec::with_capacity(self.conns.len() + FIRST_CONN);
             fds.push(libc::pollfd {
                 fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            fds.push(libc::pollfd {
+                fd: shutdown.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -278,14 +377,17 @@ impl ApiServer {
                 }
                 continue;
             }
+            if fds[1].revents != 0 {
+                return;
+            }
             if fds[0].revents & libc::POLLIN != 0 {
                 self.accept_all();
             }
-            for (i, pfd) in fds.iter().enumerate().skip(1) {
+            for (i, pfd) in fds.iter().enumerate().skip(FIRST_CONN) {
                 if pfd.revents == 0 {
                     continue;
                 }
-                let conn = &mut self.conns[i - 1];
+                let conn = &mut self.conns[i - FIRST_CONN];
                 if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
                     && conn.wants_input()
                 {

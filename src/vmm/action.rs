@@ -1,6 +1,8 @@
 //! The typed requests the controller accepts (from the API or the config file) and what it
 //! answers.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::rate_limiter::RateLimiterConfig;
@@ -18,7 +20,27 @@ pub struct DriveUpdate {
     pub drive_id: String,
     pub path_on_host: Option<String>,
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// `path_on_host`, opened by the API thread (the vmm thread runs under a filter that
+    /// allows it no `open`).
+    #[serde(skip)]
+    pub backing: Option<OpenedBacking>,
 }
+
+/// A drive's new backing file, opened and checked, and its size in sectors.
+#[derive(Clone, Debug)]
+pub struct OpenedBacking {
+    pub file: Arc<std::fs::File>,
+    pub capacity: u64,
+}
+
+/// Two requests are the same when they carry the same open file.
+impl PartialEq for OpenedBacking {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.file, &other.file) && self.capacity == other.capacity
+    }
+}
+
+impl Eq for OpenedBacking {}
 
 /// `PATCH /network-interfaces/{id}`: what can change on a running interface.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -40,6 +62,9 @@ pub enum VmmAction {
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
     PutDrive(DriveConfig),
+    /// Whether a drive is read-only, for the API thread to open its new backing file with
+    /// the right access before `PatchDrive`; refused as `PATCH /drives` would be.
+    GetDriveAccess(String),
     PatchDrive(DriveUpdate),
     PutNetworkInterface(NetConfig),
     PatchNetworkInterface(NetUpdate),
@@ -70,6 +95,7 @@ pub enum VmmData {
     MachineConfig(MachineConfig),
     VmConfig(Box<VmConfig>),
     Prometheus(String),
+    DriveAccess { read_only: bool },
 }
 
 /// Why an action was refused. The VM's state is unchanged by a refused action.

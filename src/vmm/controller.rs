@@ -17,6 +17,7 @@ use crate::devices::virtio::block::open_backing;
 use crate::exit_code;
 use crate::logger;
 use crate::metrics::{METRICS, MetricsSink};
+use crate::seccomp::{Filters, ThreadKind};
 use crate::stop::StopSignal;
 use crate::vstate::vcpu::VcpuContext;
 
@@ -63,6 +64,8 @@ pub struct Controller {
     /// The machine configuration preparing failed for: not tried again until it changes
     /// (InstanceStart builds it anew and reports the error).
     prepare_failed: Option<MachineConfig>,
+    /// Installed on the vmm thread (and each vCPU's) when the VM starts.
+    seccomp: Arc<Filters>,
 }
 
 impl Controller {
@@ -77,7 +80,14 @@ impl Controller {
             metrics_sink: None,
             prepared: None,
             prepare_failed: None,
+            seccomp: Arc::new(Filters::none()),
         }
+    }
+
+    /// The seccomp filters the VM's threads run under once it starts.
+    pub fn with_seccomp(mut self, filters: Filters) -> Self {
+        self.seccomp = Arc::new(filters);
+        self
     }
 
     pub fn state(&self) -> VmState {
@@ -140,6 +150,15 @@ impl Controller {
         action: VmmAction,
         events: &mut EventManager<Subscriber>,
     ) -> Result<VmmData, ActionError> {
+        if let VmmAction::GetDriveAccess(_) = &action {
+            // The first half of a PATCH /drives: counted only when the request ends here.
+            let result = self.dispatch(action, events);
+            if result.is_err() {
+                METRICS.patch_api_requests.drive_count.inc();
+                METRICS.patch_api_requests.drive_fails.inc();
+            }
+            return result;
+        }
         let (count, fails) = request_counters(&action);
         count.inc();
         let result = self.dispatch(action, events);
@@ -192,6 +211,17 @@ impl Controller {
                 check_drive_file(&d)?;
                 empty(self.resources.put_drive(d).map_err(Into::into))
             }
+            GetDriveAccess(id) => {
+                self.post_boot("PATCH /drives")?;
+                self.resources
+                    .drives
+                    .iter()
+                    .find(|d| d.drive_id == id)
+                    .map(|d| VmmData::DriveAccess {
+                        read_only: d.is_read_only,
+                    })
+                    .ok_or(ActionError::NotFound { kind: "drive", id })
+            }
             PatchDrive(u) => {
                 self.post_boot("PATCH /drives")?;
                 empty(self.patch_drive(u))
@@ -205,11 +235,14 @@ impl Controller {
                 empty(self.patch_network_interface(u))
             }
             PutLogger(l) => {
+                // Opening a log file is not allowed to the running vmm thread (seccomp).
+                self.pre_boot("PUT /logger")?;
                 logger::configure(&l)?;
                 self.resources.logger = Some(l);
                 Ok(VmmData::Empty)
             }
             PutMetrics(m) => {
+                self.pre_boot("PUT /metrics")?;
                 if self.metrics_sink.is_some() {
                     return Err(ActionError::MetricsAlreadySet);
                 }
@@ -338,7 +371,17 @@ impl Controller {
             .ok_or_else(not_found)?;
         let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(path) = update.path_on_host {
-            block.swap_backing(&path)?;
+            match update.backing {
+                Some(b) => {
+                    let file = Arc::try_unwrap(b.file).map_err(|_| {
+                        ActionError::Run("the new backing file is still in use".into())
+                    })?;
+                    block.swap_backing_file(file, b.capacity, &path);
+                }
+                // Only callers inside the process (tests) come without the file; the API
+                // thread always opens it.
+                None => block.swap_backing(&path)?,
+            }
             stored.path_on_host = Some(path);
         }
         if let Some(rl) = update.rate_limiter {
@@ -411,8 +454,20 @@ impl Controller {
             pio_bus: Arc::new(microvm.devices.pio_bus.clone()),
             mmio_bus: Arc::new(microvm.devices.mmio_bus.clone()),
             stop: self.stop.clone(),
+            seccomp: self.seccomp.clone(),
         };
-        let vcpus = match VcpuSet::start(std::mem::take(&mut microvm.vcpus), ctx, work) {
+        // The vCPU threads wait, jailed, until the vmm thread is jailed too: from here on
+        // the guest runs, and this thread serves it.
+        let started_vcpus = VcpuSet::start(std::mem::take(&mut microvm.vcpus), ctx, work)
+            .map_err(|e| e.to_string())
+            .and_then(|mut vcpus| {
+                self.seccomp
+                    .install(ThreadKind::Vmm)
+                    .map_err(|e| e.to_string())?;
+                vcpus.resume().map_err(|e| e.to_string())?;
+                Ok(vcpus)
+            });
+        let vcpus = match started_vcpus {
             Ok(v) => v,
             Err(e) => {
                 for id in device_handlers
@@ -422,7 +477,7 @@ impl Controller {
                 {
                     let _ = events.remove_subscriber(id);
                 }
-                return Err(ActionError::Run(e.to_string()));
+                return Err(ActionError::Run(e));
             }
         };
         log::info!("microVM running with {} vCPUs", vcpus.len());
@@ -566,6 +621,7 @@ fn request_counters(
         GetMachineConfig => (&get.machine_cfg_count, None),
         GetVmConfig => (&get.vm_config_count, None),
         GetPrometheusMetrics => (&get.prometheus_count, None),
+        GetDriveAccess(_) => (&patch.drive_count, Some(&patch.drive_fails)),
         PutBootSource(_) => (&put.boot_source_count, Some(&put.boot_source_fails)),
         PutMachineConfig(_) => (&put.machine_cfg_count, Some(&put.machine_cfg_fails)),
         PatchMachineConfig(_) => (&patch.machine_cfg_count, Some(&patch.machine_cfg_fails)),

@@ -144,7 +144,7 @@ impl MutEventSubscriber for MetricsTimer {
 pub fn decide_exit(outcomes: &[VcpuOutcome], guest_reset: bool, signal: i32) -> VmExit {
     if let Some((i, o)) = outcomes.iter().enumerate().find(|(_, o)| o.is_fault()) {
         let code = match o {
-            VcpuOutcome::RunError(_) => exit_code::VMM_ERROR,
+            VcpuOutcome::RunError(_) | VcpuOutcome::SetupError(_) => exit_code::VMM_ERROR,
             _ => exit_code::GUEST_FAULT,
         };
         return VmExit {
@@ -203,6 +203,8 @@ pub struct VmmOptions {
     /// A metrics destination from `--metrics-path`.
     pub metrics: Option<MetricsConfig>,
     pub api: Option<ApiEndpoint>,
+    /// The filters for the vmm and vCPU threads.
+    pub seccomp: crate::seccomp::Filters,
 }
 
 /// Runs the vmm thread's loop until the microVM stops (or, before it starts, until a
@@ -233,7 +235,8 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
         None => None,
     };
 
-    let mut controller = Controller::new(opts.instance_id, stop.clone(), opts.boot_timer_start);
+    let mut controller = Controller::new(opts.instance_id, stop.clone(), opts.boot_timer_start)
+        .with_seccomp(opts.seccomp);
     // With the API, the VM and its memory are made while the vmm thread is idle, once the
     // machine configuration has not changed for PREPARE_QUIET_TIME: a client changing it
     // request after request does not pay for VMs it never starts.

@@ -29,7 +29,8 @@ pub struct VcpuSet {
 }
 
 impl VcpuSet {
-    /// Starts a thread per vCPU. On failure the threads already started are stopped.
+    /// Starts a thread per vCPU; each installs its seccomp filter and waits, outside the
+    /// guest, for [`Self::resume`]. On failure the threads already started are stopped.
     pub fn start(
         vcpus: Vec<Vcpu>,
         ctx: VcpuContext,
@@ -206,8 +207,14 @@ mod tests {
             pio_bus: Arc::new(Bus::new()),
             mmio_bus: Arc::new(mmio),
             stop: StopSignal::new().unwrap(),
+            seccomp: Arc::new(crate::seccomp::Filters::none()),
         };
         let set = VcpuSet::start(vcpus, ctx, work).unwrap();
+        // Let them into the guest without waiting for their answers: `resume` would run
+        // work they hand over meanwhile, which a test may want left for `pause`.
+        for h in &set.handles {
+            h.send(VcpuCommand::Resume);
+        }
         (set, vm)
     }
 

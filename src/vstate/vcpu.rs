@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use crate::arch;
 use crate::devices::bus::Bus;
 use crate::metrics::METRICS;
+use crate::seccomp::{Filters, ThreadKind};
 use crate::stop::StopSignal;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,8 @@ pub enum VcpuOutcome {
     GuestError { what: String, rip: u64 },
     /// `KVM_RUN` itself failed.
     RunError(String),
+    /// The vCPU thread could not be readied (its seccomp filter would not install).
+    SetupError(String),
 }
 
 impl VcpuOutcome {
@@ -124,6 +127,7 @@ impl std::fmt::Display for VcpuOutcome {
             }
             VcpuOutcome::GuestError { what, rip } => write!(f, "{what} at rip={rip:#x}"),
             VcpuOutcome::RunError(e) => write!(f, "KVM_RUN failed: {e}"),
+            VcpuOutcome::SetupError(e) => write!(f, "{e}"),
         }
     }
 }
@@ -204,6 +208,8 @@ pub struct VcpuContext {
     pub mmio_bus: Arc<Bus>,
     /// Raised by whatever ends the VM; the vCPU checks it before every entry.
     pub stop: StopSignal,
+    /// The vCPU thread installs its filter before anything else.
+    pub seccomp: Arc<Filters>,
 }
 
 /// A vCPU configured and ready to run.
@@ -222,7 +228,9 @@ pub struct VcpuHandle {
 }
 
 impl Vcpu {
-    /// Starts the vCPU's thread. The thread raises `ctx.stop` when it ends on its own.
+    /// Starts the vCPU's thread, which installs its seccomp filter and waits for the first
+    /// `Resume` before it enters the guest. The thread raises `ctx.stop` when it ends on
+    /// its own.
     pub fn spawn(self, ctx: VcpuContext, events: &VcpuEvents) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (commands, rx) = channel();
@@ -231,7 +239,13 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let mut vcpu = self;
-                let outcome = vcpu.run_loop(&ctx, &rx, &sender);
+                // Jailed before it waits for the first Resume, which comes only once the
+                // vmm thread is jailed too: no guest code runs beside an unfiltered thread.
+                let outcome = match ctx.seccomp.install(ThreadKind::Vcpu) {
+                    Err(e) => VcpuOutcome::SetupError(e.to_string()),
+                    Ok(()) if !vcpu.wait_paused(&rx, &sender) => VcpuOutcome::Stopped,
+                    Ok(()) => vcpu.run_loop(&ctx, &rx, &sender),
+                };
                 if outcome != VcpuOutcome::Stopped {
                     if outcome.is_fault() {
                         METRICS.vcpu.failures.inc();

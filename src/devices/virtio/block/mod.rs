@@ -168,6 +168,13 @@ impl Block {
     /// changed.
     pub fn swap_backing(&mut self, path: &str) -> Result<(), BlockError> {
         let (file, capacity) = open_backing(&self.config.id, path, self.config.read_only)?;
+        self.swap_backing_file(file, capacity, path);
+        Ok(())
+    }
+
+    /// Replaces the backing file with `file` (opened by [`open_backing`] with this drive's
+    /// access) of `capacity` sectors, found at `path`.
+    pub fn swap_backing_file(&mut self, file: File, capacity: u64, path: &str) {
         // Requests in flight still use the old file: let them finish before it is closed.
         self.finish_in_flight();
         self.file = file;
@@ -182,7 +189,6 @@ impl Block {
             "drive {:?}: now backed by {path} ({capacity} sectors)",
             self.config.id
         );
-        Ok(())
     }
 
     /// New rate limits from `PATCH /drives`: buckets given are replaced, others kept.

@@ -39,7 +39,7 @@ use crate::config::rate_limiter::RateLimiterConfig;
 use crate::metrics::{DeviceCounters, Group, METRICS, NetMetrics};
 use crate::rate_limiter::{RateLimiter, TokenType};
 use rx::{Delivery, RxReserve};
-use tap::{Tap, TapError, VNET_HDR_LEN};
+use tap::{InterfaceProbe, Tap, TapError, VNET_HDR_LEN};
 use tx::{MAX_FRAME_LEN, TxFrame};
 
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -61,6 +61,8 @@ pub enum NetError {
     Tap { id: String, source: TapError },
     #[error("network interface {id:?}: cannot create a timer: {source}")]
     Timer { id: String, source: std::io::Error },
+    #[error("network interface {id:?}: cannot create a socket to look up interfaces: {source}")]
+    Probe { id: String, source: std::io::Error },
 }
 
 /// What the device is made from.
@@ -129,10 +131,11 @@ pub struct Net {
     reattach: TimerFd,
     /// The TAP's descriptor changed: the event loop must watch the new one.
     sources_changed: bool,
-    /// TAPs that went away, kept open until the event loop has stopped watching them: a
-    /// descriptor closed while watched leaves the loop's table pointing at a number the
-    /// next open reuses.
-    retired: Vec<Tap>,
+    /// The TAP's descriptor while its device is gone: kept to attach again when a device of
+    /// the same name is back (the vmm thread may not open a new one).
+    detached: Option<Tap>,
+    /// Tells whether the TAP device is back.
+    interfaces: InterfaceProbe,
     /// A queue's rings were found inconsistent: neither queue is touched until the driver
     /// resets the device (DEVICE_NEEDS_RESET).
     broken: bool,
@@ -170,6 +173,10 @@ impl Net {
             id: config.id.clone(),
             source: e.into(),
         })?;
+        let interfaces = InterfaceProbe::new().map_err(|source| NetError::Probe {
+            id: config.id.clone(),
+            source,
+        })?;
         let mut config_space = [0u8; 12];
         config_space[..6].copy_from_slice(&config.mac);
         config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
@@ -192,7 +199,8 @@ impl Net {
             tx_limiter,
             reattach,
             sources_changed: false,
-            retired: Vec::new(),
+            detached: None,
+            interfaces,
             broken: false,
             metrics: DeviceCounters::new(&METRICS.net),
         })
@@ -330,11 +338,11 @@ impl Net {
                                 Self::tap_lost(
                                     &self.config,
                                     &mut self.tap,
-                                    &mut self.retired,
+                                    &mut self.detached,
                                     &mut self.reattach,
+                                    &mut self.sources_changed,
                                     &e,
                                 );
-                                self.sources_changed = true;
                             } else {
                                 crate::rate_limited_log!(
                                     log::Level::Warn,
@@ -504,8 +512,9 @@ impl Net {
                     Ok(()) => Self::send(
                         &self.config,
                         &mut self.tap,
-                        &mut self.retired,
+                        &mut self.detached,
                         &mut self.reattach,
+                        &mut self.sources_changed,
                         &self.tx_frame,
                         &mut self.tx_iovecs,
                         &self.metrics,
@@ -543,9 +552,6 @@ impl Net {
                 }
             }
         }
-        if !self.retired.is_empty() {
-            self.sources_changed = true;
-        }
         // Counted once per pass: the counters are shared atomics.
         if sent.frames > 0 {
             self.metrics.add(|m| &m.tx_packets_count, sent.frames);
@@ -565,8 +571,9 @@ impl Net {
     fn send(
         config: &NetConfig,
         tap: &mut Option<Tap>,
-        retired: &mut Vec<Tap>,
+        detached: &mut Option<Tap>,
         reattach: &mut TimerFd,
+        sources_changed: &mut bool,
         frame: &TxFrame,
         iovecs: &mut Vec<libc::iovec>,
         metrics: &DeviceCounters<NetMetrics>,
@@ -588,7 +595,7 @@ impl Net {
                 metrics.inc(|m| &m.tap_write_fails);
                 metrics.inc(|m| &m.tx_fails);
                 if tap::is_detached(&e) {
-                    Self::tap_lost(config, tap, retired, reattach, &e);
+                    Self::tap_lost(config, tap, detached, reattach, sources_changed, &e);
                 } else {
                     // A TAP that is down (EIO), full, or refusing this frame (EINVAL).
                     crate::rate_limited_log!(
@@ -619,14 +626,17 @@ impl Net {
     fn tap_lost(
         config: &NetConfig,
         tap: &mut Option<Tap>,
-        retired: &mut Vec<Tap>,
+        detached: &mut Option<Tap>,
         reattach: &mut TimerFd,
+        sources_changed: &mut bool,
         e: &std::io::Error,
     ) {
         let Some(gone) = tap.take() else {
             return;
         };
-        retired.push(gone);
+        // The event loop stops watching it; it stays open for attaching again.
+        *detached = Some(gone);
+        *sources_changed = true;
         log::warn!(
             "network interface {:?}: TAP {} is gone ({e}); frames are dropped until it is back",
             config.id,
@@ -643,11 +653,14 @@ impl Net {
     /// The reattach timer fired: take the TAP back if it exists again.
     fn try_reattach(&mut self) {
         let _ = self.reattach.wait();
-        if self.tap.is_some() || !tap::interface_exists(&self.config.tap_name) {
+        if self.tap.is_some() || !self.interfaces.exists(&self.config.tap_name) {
             return;
         }
-        match Tap::open(&self.config.tap_name) {
-            Ok(tap) => {
+        let Some(tap) = self.detached.take() else {
+            return;
+        };
+        match tap.reattach() {
+            Ok(()) => {
                 log::info!(
                     "network interface {:?}: TAP {} is back",
                     self.config.id,
@@ -659,10 +672,13 @@ impl Net {
                 self.configure_tap();
                 self.process_rx();
             }
-            Err(e) => log::debug!(
-                "network interface {:?}: TAP not back yet: {e}",
-                self.config.id
-            ),
+            Err(e) => {
+                log::debug!(
+                    "network interface {:?}: TAP not back yet: {e}",
+                    self.config.id
+                );
+                self.detached = Some(tap);
+            }
         }
     }
 }
@@ -794,11 +810,6 @@ impl VirtioDevice for Net {
 
     fn take_sources_changed(&mut self) -> bool {
         std::mem::take(&mut self.sources_changed)
-    }
-
-    fn sources_rewatched(&mut self) {
-        // The loop no longer watches them: now they may close.
-        self.retired.clear();
     }
 
     fn process_event(&mut self, fd: RawFd, _events: EventSet) {

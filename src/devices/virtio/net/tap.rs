@@ -6,7 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, ErrorKind};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// Bytes of the virtio-net header on every frame: `struct virtio_net_hdr_v1` (virtio 1.2,
@@ -47,36 +47,50 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
+        let tap = Tap {
+            fd: file.into(),
+            name: name.to_owned(),
+        };
+        tap.attach()?;
+        Ok(tap)
+    }
+
+    /// Attaches this descriptor to the TAP device of its name again, after the device was
+    /// deleted and made anew: the kernel detaches a TAP's descriptors when it goes, and a
+    /// detached one may attach again. No new descriptor is opened, which the vmm thread's
+    /// seccomp filter would not allow.
+    pub fn reattach(&self) -> Result<(), TapError> {
+        self.attach()
+    }
+
+    fn attach(&self) -> Result<(), TapError> {
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
             flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
             _pad: [0; 22],
         };
         // The caller validated the name (1-15 bytes, no NUL): it fits with its NUL.
-        let bytes = name.as_bytes();
+        let bytes = self.name.as_bytes();
         let n = bytes.len().min(libc::IFNAMSIZ - 1);
         req.name[..n].copy_from_slice(&bytes[..n]);
         // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (with its padding).
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETIFF, &mut req) };
         if rc < 0 {
             return Err(TapError::SetIff {
-                name: name.to_owned(),
+                name: self.name.clone(),
                 source: io::Error::last_os_error(),
             });
         }
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
         if rc < 0 {
             return Err(TapError::VnetHdr {
-                name: name.to_owned(),
+                name: self.name.clone(),
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(Tap {
-            fd: file.into(),
-            name: name.to_owned(),
-        })
+        Ok(())
     }
 
     /// A TAP stand-in: any non-blocking descriptor that carries whole frames.
@@ -186,13 +200,36 @@ pub fn is_detached(e: &io::Error) -> bool {
     )
 }
 
-/// Whether a network interface called `name` exists in ember's network namespace (the
-/// one its sockets live in: /sys shows the namespace that mounted it, which is not the same
-/// when ember joined a namespace with setns alone).
-pub fn interface_exists(name: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+/// Asks the kernel whether a network interface exists, through a socket made while ember
+/// could still make one (the vmm thread's seccomp filter allows no `socket` later).
+pub struct InterfaceProbe(OwnedFd);
+
+impl InterfaceProbe {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: creates a socket; checked.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor, now owned here.
+        Ok(InterfaceProbe(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Whether an interface called `name` exists in the socket's network namespace (which
+    /// is ember's: /sys would show the namespace that mounted it, not the same when ember
+    /// joined a namespace with setns alone).
+    pub fn exists(&self, name: &str) -> bool {
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+            return false;
+        }
+        req.name[..bytes.len()].copy_from_slice(bytes);
+        // SAFETY: SIOCGIFINDEX reads the name and writes the index into one ifreq.
+        unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) == 0 }
+    }
 }
