@@ -78,8 +78,7 @@ pub fn create_guest_memory(
         // violation ends in SIGSYS) would otherwise write the guest's memory, and its
         // secrets, to disk. A failed hint is logged, not fatal.
         // SAFETY: the range is the mapping we just created.
-        if unsafe { libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_DONTDUMP) }
-            != 0
+        if unsafe { libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_DONTDUMP) } != 0
         {
             log::warn!(
                 "guest RAM at {addr:#x} may appear in core dumps: MADV_DONTDUMP failed: {}",

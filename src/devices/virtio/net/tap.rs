@@ -129,28 +129,8 @@ impl Tap {
     /// # Safety
     /// Every iovec must describe memory valid for writes for the duration of the call.
     pub unsafe fn read_frame_vectored(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
-        loop {
-            let n = match iovecs {
-                // SAFETY: the caller guarantees the iovec.
-                [one] => unsafe { libc::read(self.fd.as_raw_fd(), one.iov_base, one.iov_len) },
-                // SAFETY: the caller guarantees the iovecs; their count fits in c_int as
-                // the callers bound it (IOV_MAX).
-                _ => unsafe {
-                    libc::readv(
-                        self.fd.as_raw_fd(),
-                        iovecs.as_ptr(),
-                        iovecs.len() as libc::c_int,
-                    )
-                },
-            };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        // SAFETY: the caller guarantees the iovecs.
+        unsafe { self.transfer(iovecs, libc::read, libc::readv) }
     }
 
     /// Writes one frame given as pieces (header first).
@@ -158,16 +138,35 @@ impl Tap {
     /// # Safety
     /// Every iovec must describe memory valid for reads for the duration of the call.
     pub unsafe fn write_frame(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+        // write(2) for one piece (the usual frame: header and data in one buffer) is
+        // measurably cheaper than writev(2) of one iovec.
+        // SAFETY: the caller guarantees the iovecs.
+        unsafe { self.transfer(iovecs, write_mut, libc::writev) }
+    }
+
+    /// One frame through `single` (one piece) or `vectored` (several), again when a signal
+    /// interrupted it.
+    ///
+    /// # Safety
+    /// The iovecs must be valid for what `single`/`vectored` do with them.
+    unsafe fn transfer(
+        &self,
+        iovecs: &[libc::iovec],
+        single: unsafe extern "C" fn(libc::c_int, *mut libc::c_void, libc::size_t) -> libc::ssize_t,
+        vectored: unsafe extern "C" fn(
+            libc::c_int,
+            *const libc::iovec,
+            libc::c_int,
+        ) -> libc::ssize_t,
+    ) -> io::Result<usize> {
         loop {
-            // One piece (the usual frame: header and data in one buffer) goes through
-            // write(2), which is measurably cheaper than writev(2) of one iovec.
             let n = match iovecs {
                 // SAFETY: the caller guarantees the iovec.
-                [one] => unsafe { libc::write(self.fd.as_raw_fd(), one.iov_base, one.iov_len) },
+                [one] => unsafe { single(self.fd.as_raw_fd(), one.iov_base, one.iov_len) },
                 // SAFETY: the caller guarantees the iovecs; their count fits in c_int as
                 // the callers bound it (IOV_MAX).
                 _ => unsafe {
-                    libc::writev(
+                    vectored(
                         self.fd.as_raw_fd(),
                         iovecs.as_ptr(),
                         iovecs.len() as libc::c_int,
@@ -183,6 +182,16 @@ impl Tap {
             }
         }
     }
+}
+
+/// `write(2)` with the buffer typed as `read(2)`'s, so both fit [`Tap::transfer`].
+unsafe extern "C" fn write_mut(
+    fd: libc::c_int,
+    buf: *mut libc::c_void,
+    len: libc::size_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's guarantee for `buf` passes through unchanged.
+    unsafe { libc::write(fd, buf.cast_const(), len) }
 }
 
 impl AsRawFd for Tap {
