@@ -27,6 +27,25 @@ fn one_vcpu_128_mib() {
     assert!(r.stdout.contains("PROBE cpuid ok vcpus=1 "), "{}", r.stdout);
 }
 
+/// The in-kernel irqchip (KVM's I/O APIC, PICs and PIT) stays available beside the default
+/// split one.
+#[test]
+fn both_irqchip_modes_boot_the_probe() {
+    for irqchip in ["split", "kernel"] {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&config_json(&probe_elf(), 2, 128, &probe_args(2, 128, "")))
+                .unwrap();
+        config["machine-config"]["irqchip"] = irqchip.into();
+        let r = boot_config(&config.to_string());
+        r.assert_probe_passed(CHECKS);
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&config_json(&probe_elf(), 1, 128, "")).unwrap();
+    config["machine-config"]["irqchip"] = "pic".into();
+    let r = boot_config(&config.to_string());
+    assert_fails(&r, 3, "unknown variant `pic`, expected `split` or `kernel`");
+}
+
 #[test]
 fn four_vcpus_512_mib() {
     let r = boot_probe(4, 512, "");

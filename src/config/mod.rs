@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use boot_source::{BootSourceConfig, BootSourceError};
 pub use drive::{DriveConfig, DriveError};
 pub use logging::{LogLevel, LoggerConfig, MetricsConfig};
-pub use machine_config::{HugePages, MachineConfig, MachineConfigError};
+pub use machine_config::{HugePages, Irqchip, MachineConfig, MachineConfigError};
 pub use net::{NetConfig, NetError};
 
 /// The config file (`--config-file`) and `GET /vm/config` shape.

@@ -157,7 +157,7 @@ impl PreparedVm {
         // Slots before the irqchip: adding a slot once an in-kernel irqchip exists is much
         // slower (docs/performance.md).
         vm.register_memory(&guest_memory, machine.track_dirty_pages)?;
-        vm.create_interrupt_controllers()?;
+        vm.create_interrupt_controllers(machine.irqchip)?;
         Ok(PreparedVm {
             machine: machine.clone(),
             guest_memory,
@@ -183,6 +183,7 @@ impl PreparedVm {
         self.machine.mem_size_mib == machine.mem_size_mib
             && self.machine.huge_pages == machine.huge_pages
             && self.machine.track_dirty_pages == machine.track_dirty_pages
+            && self.machine.irqchip == machine.irqchip
     }
 }
 
@@ -341,6 +342,14 @@ pub fn build_microvm(
 
     let stop = opts.stop;
     let mut devices = DeviceManager::new()?;
+    if let Some(ioapic) = vm.ioapic() {
+        // The firmware tables give the I/O APIC the first ID after the CPUs'.
+        ioapic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_id(machine.vcpu_count);
+        devices.attach_ioapic(ioapic)?;
+    }
     devices.attach_legacy(&vm, &stop, boot_timer_hook(opts.boot_timer_start))?;
     let (blocks, root_args) = attach_drives(&vm, &guest_memory, &mut devices, drives)?;
     let nets = attach_nets(
@@ -362,6 +371,7 @@ pub fn build_microvm(
             mem_bytes: machine.mem_size_bytes(),
             vcpu_count: machine.vcpu_count,
             devices: devices.platform_devices(),
+            irqchip: machine.irqchip,
         },
     )?;
     log::info!("kernel {} loaded, {}", kernel.shown, boot_state.describe());

@@ -455,6 +455,7 @@ impl Controller {
             mmio_bus: Arc::new(microvm.devices.mmio_bus.clone()),
             stop: self.stop.clone(),
             seccomp: self.seccomp.clone(),
+            ioapic: microvm.vm.ioapic(),
         };
         // The vCPU threads wait, jailed, until the vmm thread is jailed too: from here on
         // the guest runs, and this thread serves it.

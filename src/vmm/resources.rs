@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use crate::config::drive::validate_drives;
-use crate::config::machine_config::CpuTemplate;
+use crate::config::machine_config::{CpuTemplate, Irqchip};
 use crate::config::net::validate_interfaces;
 use crate::config::{
     BootSourceConfig, ConfigError, DriveConfig, HugePages, LoggerConfig, MachineConfig,
@@ -22,6 +22,7 @@ pub struct MachineConfigUpdate {
     pub track_dirty_pages: Option<bool>,
     pub huge_pages: Option<HugePages>,
     pub cpu_template: Option<CpuTemplate>,
+    pub irqchip: Option<Irqchip>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,6 +70,9 @@ impl VmResources {
         }
         if update.cpu_template.is_some() {
             next.cpu_template = update.cpu_template;
+        }
+        if let Some(v) = update.irqchip {
+            next.irqchip = v;
         }
         self.set_machine_config(next)
     }

@@ -183,7 +183,8 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8000)]).unwrap();
         mem.write_slice(code, GuestAddress(0)).unwrap();
         vm.register_memory(&mem, false).unwrap();
-        vm.create_interrupt_controllers().unwrap();
+        vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
+            .unwrap();
         let vcpus: Vec<Vcpu> = (0..n)
             .map(|index| {
                 let fd = vm.create_vcpu(index).unwrap();
@@ -208,6 +209,7 @@ mod tests {
             mmio_bus: Arc::new(mmio),
             stop: StopSignal::new().unwrap(),
             seccomp: Arc::new(crate::seccomp::Filters::none()),
+            ioapic: None,
         };
         let set = VcpuSet::start(vcpus, ctx, work).unwrap();
         // Let them into the guest without waiting for their answers: `resume` would run

@@ -8,8 +8,8 @@
 //! never does host I/O; exits only reach device registers.
 
 use std::cell::Cell;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -19,6 +19,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::arch;
 use crate::devices::bus::Bus;
+use crate::devices::legacy::ioapic::Ioapic;
 use crate::metrics::METRICS;
 use crate::seccomp::{Filters, ThreadKind};
 use crate::stop::StopSignal;
@@ -210,6 +211,9 @@ pub struct VcpuContext {
     pub stop: StopSignal,
     /// The vCPU thread installs its filter before anything else.
     pub seccomp: Arc<Filters>,
+    /// ember's I/O APIC (split irqchip): the local APIC's EOIs of level-triggered
+    /// interrupts come to it through this vCPU's exits.
+    pub ioapic: Option<Arc<Mutex<Ioapic>>>,
 }
 
 /// A vCPU configured and ready to run.
@@ -350,6 +354,14 @@ impl Vcpu {
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 METRICS.vcpu.exit_mmio_write.inc();
                 ctx.mmio_bus.write(addr, data);
+            }
+            Ok(VcpuExit::IoapicEoi(vector)) => {
+                if let Some(ioapic) = &ctx.ioapic {
+                    ioapic
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .end_of_interrupt(vector);
+                }
             }
             Ok(VcpuExit::Hlt) => return Some(VcpuOutcome::GuestShutdown),
             Ok(VcpuExit::Shutdown) => {

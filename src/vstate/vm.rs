@@ -15,7 +15,12 @@ use vm_allocator::IdAllocator;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use kvm_bindings::{KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_msi, kvm_msi};
+
 use crate::arch;
+use crate::config::Irqchip;
+use crate::devices::legacy::Line;
+use crate::devices::legacy::ioapic::{Ioapic, IoapicPin, MsiSink};
 use crate::vstate::kvm::KvmContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,8 @@ pub struct VmShared {
 
 pub struct Vm {
     shared: Arc<VmShared>,
+    /// ember's I/O APIC, with the split irqchip.
+    ioapic: Option<Arc<Mutex<Ioapic>>>,
     slots: IdAllocator,
     /// How many slots KVM offers.
     nr_slots: usize,
@@ -75,6 +82,7 @@ impl Vm {
                 fd,
                 memory: Mutex::new(Vec::new()),
             }),
+            ioapic: None,
             slots: IdAllocator::new(0, last).map_err(|_| VmError::TooManySlots {
                 needed: 1,
                 available: nr_slots,
@@ -87,8 +95,29 @@ impl Vm {
     /// memory slots are registered: with an in-kernel irqchip present, each slot change
     /// waits for KVM to synchronise, which measured at several milliseconds per slot
     /// (docs/performance.md).
-    pub fn create_interrupt_controllers(&self) -> Result<(), VmError> {
-        Ok(arch::create_interrupt_controllers(&self.shared.fd)?)
+    pub fn create_interrupt_controllers(&mut self, irqchip: Irqchip) -> Result<(), VmError> {
+        arch::create_interrupt_controllers(&self.shared.fd, irqchip)?;
+        if irqchip == Irqchip::Split {
+            self.ioapic = Some(Arc::new(Mutex::new(Ioapic::new(
+                0,
+                Box::new(KvmMsiSink(self.shared.clone())),
+            ))));
+        }
+        Ok(())
+    }
+
+    /// ember's I/O APIC (split irqchip), for the MMIO bus and the vCPUs' EOIs.
+    pub fn ioapic(&self) -> Option<Arc<Mutex<Ioapic>>> {
+        self.ioapic.clone()
+    }
+
+    /// Interrupt line `gsi` for a device: a pin of ember's I/O APIC, or with the in-kernel
+    /// irqchip an irqfd.
+    pub fn interrupt_line(&self, gsi: u32, what: &str) -> Result<Box<dyn Line>, VmError> {
+        match &self.ioapic {
+            Some(ioapic) => Ok(Box::new(IoapicPin::new(ioapic.clone(), gsi))),
+            None => Ok(Box::new(self.irqfd(gsi, what)?)),
+        }
     }
 
     /// Registers every region of `mem` in a slot of its own, optionally with dirty logging.
@@ -186,6 +215,46 @@ impl Vm {
     }
 }
 
+/// The I/O APIC's messages go to KVM: `KVM_SIGNAL_MSI` for interrupts, and the routing
+/// table that tells KVM which vectors' EOIs to report (split irqchip).
+struct KvmMsiSink(Arc<VmShared>);
+
+impl MsiSink for KvmMsiSink {
+    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        // 0 (not delivered: the destination's APIC is off) is not an error of ours.
+        self.0
+            .fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn set_routes(&self, routes: &[(u32, u64, u32)]) -> std::io::Result<()> {
+        let mut table = KvmIrqRouting::new(routes.len())
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        for (entry, &(gsi, address, data)) in table.as_mut_slice().iter_mut().zip(routes) {
+            entry.gsi = gsi;
+            entry.type_ = KVM_IRQ_ROUTING_MSI;
+            entry.u.msi = kvm_irq_routing_msi {
+                address_lo: address as u32,
+                address_hi: (address >> 32) as u32,
+                data,
+                ..Default::default()
+            };
+        }
+        self.0
+            .fd
+            .set_gsi_routing(&table)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
 /// A registered irqfd; dropping it disconnects it from the VM.
 pub struct Irqfd {
     vm: Arc<VmShared>,
@@ -279,8 +348,9 @@ mod tests {
 
     #[test]
     fn irqfd_and_ioeventfd_register_and_release() {
-        let vm = vm();
-        vm.create_interrupt_controllers().unwrap();
+        let mut vm = vm();
+        vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
+            .unwrap();
         let irq = vm.irqfd(5, "test").unwrap();
         irq.trigger().unwrap();
         // The same eventfd cannot be registered twice on one GSI; after the handle is

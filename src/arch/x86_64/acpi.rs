@@ -93,6 +93,12 @@ pub struct AcpiConfig<'a> {
     pub devices: &'a [DsdtDevice],
     /// Without them the guest can neither power off nor reset through ACPI.
     pub power: Option<PowerRegisters>,
+    /// Whether the machine has the PC's 8259 PICs (only the in-kernel irqchip brings them).
+    /// Without them the I/O APIC is ember's, and virtio interrupts are level-triggered: the
+    /// line stays high until the driver acknowledges, and an EOI with it still high sends
+    /// the interrupt again. With KVM's I/O APIC they stay edges (an irqfd only pulses, and
+    /// a level pulse arriving while the last one is in service would be lost).
+    pub has_8259: bool,
 }
 
 /// The tables and where each goes.
@@ -145,15 +151,15 @@ fn fadt(dsdt_addr: u64, power: Option<PowerRegisters>) -> Vec<u8> {
     out
 }
 
-fn madt(vcpu_count: u8) -> Result<Vec<u8>, AcpiError> {
+fn madt(vcpu_count: u8, has_8259: bool) -> Result<Vec<u8>, AcpiError> {
     // xAPIC IDs are 8 bits and 0xff is the broadcast ID; the IOAPIC takes one more.
     if vcpu_count == 0 || vcpu_count >= 0xfe {
         return Err(AcpiError::TooManyCpus(vcpu_count));
     }
     let mut t = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    // Local interrupt controller address and flags: the in-kernel irqchip has the 8259s.
+    // Local interrupt controller address, and whether 8259s are there too.
     t.write_u32(36, APIC_START as u32);
-    t.write_u32(40, MADT_PCAT_COMPAT);
+    t.write_u32(40, if has_8259 { MADT_PCAT_COMPAT } else { 0 });
     for cpu in 0..vcpu_count {
         let mut e = vec![MADT_LOCAL_APIC, 8, cpu, cpu];
         e.extend_from_slice(&MADT_CPU_ENABLED.to_le_bytes());
@@ -212,8 +218,9 @@ impl<T: Aml> ToAmlVec for T {
     }
 }
 
-/// The AML of one device; `index` numbers the devices of its kind.
-fn device_aml(index: usize, dev: &DsdtDevice, out: &mut Vec<u8>) {
+/// The AML of one device; `index` numbers the devices of its kind. Virtio interrupts are
+/// level-triggered when `virtio_level` (see [`AcpiConfig::has_8259`]).
+fn device_aml(index: usize, dev: &DsdtDevice, virtio_level: bool, out: &mut Vec<u8>) {
     match *dev {
         DsdtDevice::Serial { port, irq } => named_device(
             &format!("COM{index}"),
@@ -250,7 +257,7 @@ fn device_aml(index: usize, dev: &DsdtDevice, out: &mut Vec<u8>) {
             Some(index),
             &[
                 &aml::Memory32Fixed::new(true, base as u32, len as u32),
-                &aml::Interrupt::new(true, true, false, false, irq),
+                &aml::Interrupt::new(true, !virtio_level, false, false, irq),
             ],
             &[&aml::Name::new("_CCA".into(), &aml::ONE)],
             out,
@@ -258,7 +265,7 @@ fn device_aml(index: usize, dev: &DsdtDevice, out: &mut Vec<u8>) {
     }
 }
 
-fn dsdt(devices: &[DsdtDevice], s5_sleep_type: Option<u8>) -> Vec<u8> {
+fn dsdt(devices: &[DsdtDevice], s5_sleep_type: Option<u8>, virtio_level: bool) -> Vec<u8> {
     let mut body = Vec::new();
     let mut children = Vec::new();
     for (i, d) in devices.iter().enumerate() {
@@ -267,7 +274,7 @@ fn dsdt(devices: &[DsdtDevice], s5_sleep_type: Option<u8>) -> Vec<u8> {
             .iter()
             .filter(|o| std::mem::discriminant(*o) == std::mem::discriminant(d))
             .count();
-        device_aml(index, d, &mut children);
+        device_aml(index, d, virtio_level, &mut children);
     }
     let devices_aml = RawAml(children);
     aml::Scope::new("_SB_".into(), vec![&devices_aml]).to_aml_bytes(&mut body);
@@ -295,9 +302,9 @@ pub fn build(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     };
     let mut blobs = Vec::new();
     let s5 = config.power.map(|p| p.s5_sleep_type);
-    let dsdt_addr = place(dsdt(config.devices, s5), &mut blobs);
+    let dsdt_addr = place(dsdt(config.devices, s5, !config.has_8259), &mut blobs);
     let fadt_addr = place(fadt(dsdt_addr, config.power), &mut blobs);
-    let madt_addr = place(madt(config.vcpu_count)?, &mut blobs);
+    let madt_addr = place(madt(config.vcpu_count, config.has_8259)?, &mut blobs);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
@@ -379,6 +386,7 @@ mod tests {
                 },
             ],
             power: POWER,
+            has_8259: false,
         })
         .unwrap()
     }
@@ -449,6 +457,9 @@ mod tests {
         assert_eq!(off, m.len(), "structures fill the table");
         assert_eq!(cpus, vec![(0, 0, 1), (1, 1, 1), (2, 2, 1)]);
         assert_eq!(ioapics, vec![(3, IOAPIC_START)]);
+        // No 8259s with the split irqchip; the in-kernel one has them.
+        assert_eq!(u32_at(m, 40), 0);
+        assert_eq!(u32_at(&madt(3, true).unwrap(), 40), MADT_PCAT_COMPAT);
     }
 
     #[test]
@@ -471,9 +482,22 @@ mod tests {
             assert_eq!(u32_at(rest, m + 4), base);
             assert_eq!(u32_at(rest, m + 8), 0x1000);
             let i = rest.windows(3).position(|w| w == [0x89, 6, 0]).unwrap();
-            assert_eq!(rest[i + 3] & 0b11, 0b11, "consumer, edge triggered");
+            // The sample has no 8259s: ember's I/O APIC, level-triggered virtio.
+            assert_eq!(rest[i + 3] & 0b11, 0b01, "consumer, level triggered");
             assert_eq!(u32_at(rest, i + 5), irq);
         }
+        // With KVM's I/O APIC (irqfds only pulse) they stay edges.
+        let edge = dsdt(
+            &[DsdtDevice::VirtioMmio {
+                base: 0xd000_0000,
+                len: 0x1000,
+                irq: 5,
+            }],
+            None,
+            false,
+        );
+        let i = edge.windows(3).position(|w| w == [0x89, 6, 0]).unwrap();
+        assert_eq!(edge[i + 3] & 0b11, 0b11, "consumer, edge triggered");
         assert!(d.windows(4).any(|w| w == b"_S5_"));
         assert!(d.windows(4).any(|w| w == b"COM0"));
         assert!(d.windows(4).any(|w| w == b"V001"));
@@ -482,6 +506,7 @@ mod tests {
             vcpu_count: 1,
             devices: &[],
             power: None,
+            has_8259: false,
         })
         .unwrap();
         let (_, d) = table(&bare, b"DSDT");
@@ -503,8 +528,12 @@ mod tests {
             vcpu_count: 1,
             devices: &many,
             power: POWER,
+            has_8259: true,
         });
         assert!(matches!(r, Err(AcpiError::TooLarge { .. })));
-        assert!(matches!(madt(0xfe), Err(AcpiError::TooManyCpus(0xfe))));
+        assert!(matches!(
+            madt(0xfe, true),
+            Err(AcpiError::TooManyCpus(0xfe))
+        ));
     }
 }

@@ -13,6 +13,7 @@ use super::kernel::{self, LoadedKernel};
 use super::regs::{self, BootProtocol};
 use super::{interrupts, mptable, msr};
 use crate::arch::PlatformDevice;
+use crate::config::Irqchip;
 use crate::host_file::HostFile;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,8 @@ pub struct BootSpec<'a> {
     pub vcpu_count: u8,
     /// Every device the firmware tables announce.
     pub devices: &'a [PlatformDevice],
+    /// Where the interrupt controllers are (the MADT says whether 8259s exist).
+    pub irqchip: Irqchip,
 }
 
 /// Where and how the boot vCPU enters the kernel.
@@ -124,6 +127,7 @@ pub fn load_guest(mem: &GuestMemoryMmap, spec: BootSpec<'_>) -> Result<BootState
             vcpu_count: spec.vcpu_count,
             devices: &dsdt,
             power,
+            has_8259: spec.irqchip == Irqchip::Kernel,
         },
     )?;
     let boot_info = match loaded.protocol {

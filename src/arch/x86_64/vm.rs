@@ -1,10 +1,12 @@
 //! What an x86_64 VM needs from KVM before its vCPUs exist: the TSS and identity-map pages
 //! KVM uses to emulate real mode, and the interrupt controllers and timer.
 
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, KVM_PIT_SPEAKER_DUMMY, kvm_enable_cap, kvm_pit_config};
 use kvm_ioctls::VmFd;
 
 use super::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::config::Irqchip;
+use crate::devices::legacy::ioapic::PINS as IOAPIC_PINS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchVmError {
@@ -16,6 +18,8 @@ pub enum ArchVmError {
     IrqChip(kvm_ioctls::Error),
     #[error("cannot create the in-kernel PIT: {0}")]
     Pit(kvm_ioctls::Error),
+    #[error("cannot enable KVM's split irqchip (local APICs only): {0}")]
+    SplitIrqChip(kvm_ioctls::Error),
 }
 
 /// The TSS and identity map must be set before any vCPU exists.
@@ -27,8 +31,19 @@ pub fn setup_vm(fd: &VmFd) -> Result<(), ArchVmError> {
     Ok(())
 }
 
-/// Creates the in-kernel IOAPIC, PICs and LAPICs, and the PIT.
-pub fn create_interrupt_controllers(fd: &VmFd) -> Result<(), ArchVmError> {
+/// Creates the interrupt controllers KVM keeps: with [`Irqchip::Split`] only the local
+/// APICs (ember brings the I/O APIC; there is no PIC and no PIT: Linux uses the local APIC
+/// timer and the TSC), with [`Irqchip::Kernel`] the I/O APIC, both PICs and the PIT too.
+pub fn create_interrupt_controllers(fd: &VmFd, irqchip: Irqchip) -> Result<(), ArchVmError> {
+    if irqchip == Irqchip::Split {
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        // The GSIs KVM reserves for the I/O APIC's pins (its EOI routes).
+        cap.args[0] = IOAPIC_PINS as u64;
+        return fd.enable_cap(&cap).map_err(ArchVmError::SplitIrqChip);
+    }
     fd.create_irq_chip().map_err(ArchVmError::IrqChip)?;
     // The dummy speaker port keeps port 0x61 in the kernel, which Linux pokes while it
     // calibrates the TSC against the PIT.

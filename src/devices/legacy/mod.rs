@@ -2,6 +2,7 @@
 //! the ACPI power-management registers.
 
 pub mod i8042;
+pub mod ioapic;
 pub mod power;
 pub mod serial;
 
@@ -11,8 +12,12 @@ use crate::vstate::vm::Irqfd;
 
 /// Something that raises an interrupt: in a VM an irqfd, which KVM turns into the guest
 /// interrupt without the VMM taking part; in tests a plain eventfd to watch.
-pub trait Line: Send {
+pub trait Line: Send + Sync {
+    /// The source has an interrupt to give.
     fn raise(&self) -> std::io::Result<()>;
+    /// The source has none left (its driver acknowledged them): a level-triggered line
+    /// goes low. An irqfd only carries edges, so for it this does nothing.
+    fn lower(&self) {}
 }
 
 impl Line for Irqfd {
@@ -36,9 +41,23 @@ impl IrqLine {
     }
 }
 
+/// Legacy (ISA) interrupts are edges: each trigger is a pulse, so a pin the guest made
+/// level-triggered by mistake does not fire again on every EOI.
 impl vm_superio::Trigger for IrqLine {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.raise()
+        let raised = self.0.raise();
+        self.0.lower();
+        raised
+    }
+}
+
+impl Line for Box<dyn Line> {
+    fn raise(&self) -> std::io::Result<()> {
+        (**self).raise()
+    }
+
+    fn lower(&self) {
+        (**self).lower()
     }
 }

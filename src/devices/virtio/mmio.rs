@@ -17,9 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, VirtioInterruptType, status};
 use crate::devices::bus::BusDevice;
+use crate::devices::legacy::Line;
 use crate::devices::work_queue::WorkQueue;
 use crate::metrics::METRICS;
-use crate::vstate::vm::Irqfd;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -33,14 +33,16 @@ const VENDOR_ID: u32 = 0x524d_4245;
 const CONFIG_START: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
 
 /// The transport's interrupt: InterruptStatus bits the driver reads and acknowledges, and
-/// the legacy interrupt line (an irqfd) that tells it to look.
+/// the interrupt line that tells it to look. The line is raised with every new bit (an
+/// edge each time) and lowered once the driver has acknowledged every bit, so a guest
+/// that makes it level-triggered sees it held while anything is unacknowledged.
 pub struct MmioInterrupt {
     status: AtomicU32,
-    line: Irqfd,
+    line: Box<dyn Line>,
 }
 
 impl MmioInterrupt {
-    pub fn new(line: Irqfd) -> Self {
+    pub fn new(line: Box<dyn Line>) -> Self {
         MmioInterrupt {
             status: AtomicU32::new(0),
             line,
@@ -52,11 +54,19 @@ impl MmioInterrupt {
     }
 
     fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
+        if self.status.fetch_and(!bits, Ordering::SeqCst) & !bits == 0 {
+            self.line.lower();
+            // A bit set between the two steps raised the line before it was lowered here:
+            // raise it again so it is not lost.
+            if self.status.load(Ordering::SeqCst) != 0 && self.line.raise().is_err() {
+                METRICS.vmm.interrupt_errors.inc();
+            }
+        }
     }
 
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.line.lower();
     }
 }
 
@@ -67,7 +77,7 @@ impl VirtioInterrupt for MmioInterrupt {
             VirtioInterruptType::Queue(_) => reg::VIRTIO_MMIO_INT_VRING,
         };
         self.status.fetch_or(bit, Ordering::SeqCst);
-        if self.line.trigger().is_err() {
+        if self.line.raise().is_err() {
             // Only a full eventfd counter fails, and that interrupt is pending anyway.
             METRICS.vmm.interrupt_errors.inc();
         }
@@ -414,6 +424,40 @@ mod tests {
     use crate::vstate::vm::Vm;
     use vm_memory::GuestAddress;
 
+    /// A line that records what was done to it: +1 raised, -1 lowered.
+    #[derive(Clone, Default)]
+    struct RecordedLine(Arc<Mutex<Vec<i8>>>);
+
+    impl Line for RecordedLine {
+        fn raise(&self) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(1);
+            Ok(())
+        }
+        fn lower(&self) {
+            self.0.lock().unwrap().push(-1);
+        }
+    }
+
+    #[test]
+    fn the_line_is_raised_per_interrupt_and_lowered_once_all_are_acknowledged() {
+        let line = RecordedLine::default();
+        let irq = MmioInterrupt::new(Box::new(line.clone()));
+        irq.trigger(VirtioInterruptType::Queue(0));
+        irq.trigger(VirtioInterruptType::Config);
+        assert_eq!(*line.0.lock().unwrap(), vec![1, 1]);
+        // Acknowledging one of two bits keeps the line high.
+        irq.ack(reg::VIRTIO_MMIO_INT_VRING);
+        assert_eq!(*line.0.lock().unwrap(), vec![1, 1]);
+        // The last one lowers it.
+        irq.ack(reg::VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(*line.0.lock().unwrap(), vec![1, 1, -1]);
+        assert_eq!(irq.status(), 0);
+        // A reset lowers it too.
+        irq.trigger(VirtioInterruptType::Queue(0));
+        irq.clear();
+        assert_eq!(*line.0.lock().unwrap(), vec![1, 1, -1, 1, -1]);
+    }
+
     /// A device that records what the transport told it.
     #[derive(Default)]
     struct FakeDevice {
@@ -483,9 +527,10 @@ mod tests {
             ..Default::default()
         }));
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
-        vm.create_interrupt_controllers().unwrap();
-        let irq = Arc::new(MmioInterrupt::new(vm.irqfd(5, "test").unwrap()));
+        let mut vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
+        vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
+            .unwrap();
+        let irq = Arc::new(MmioInterrupt::new(Box::new(vm.irqfd(5, "test").unwrap())));
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let work = Arc::new(WorkQueue::new().unwrap());
         let runner = work.clone();

@@ -7,9 +7,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceManager, DeviceManagerError};
 use crate::arch::PlatformDevice;
-use crate::arch::layout::{COM1_IRQ, COM1_PORT, I8042_DATA_PORT, I8042_IRQ, PM_PORT_START};
+use crate::arch::layout::{
+    COM1_IRQ, COM1_PORT, I8042_DATA_PORT, I8042_IRQ, IOAPIC_START, PM_PORT_START,
+};
 use crate::devices::legacy::IrqLine;
 use crate::devices::legacy::i8042::{self, I8042};
+use crate::devices::legacy::ioapic::{IOAPIC_WINDOW, Ioapic};
 use crate::devices::legacy::power::{self, PowerManagement};
 use crate::devices::legacy::serial::{
     self, ConsoleOutput, OUTPUT_BUFFER_BYTES, OutputBuffer, SerialDevice,
@@ -32,6 +35,12 @@ pub struct LegacyDevices {
 }
 
 impl DeviceManager {
+    /// Puts ember's I/O APIC (split irqchip) on the MMIO bus at its architectural address.
+    pub fn attach_ioapic(&mut self, ioapic: Arc<Mutex<Ioapic>>) -> Result<(), DeviceManagerError> {
+        self.mmio_bus.insert(ioapic, IOAPIC_START, IOAPIC_WINDOW)?;
+        Ok(())
+    }
+
     /// Attaches COM1, the i8042 and the power-management registers. `on_first_byte` runs
     /// at the guest's first console byte (the boot timer).
     pub fn attach_legacy(
@@ -48,7 +57,7 @@ impl DeviceManager {
                 .map_err(|e| DeviceManagerError::Io("the console output buffer", e))?,
         );
         let serial = Arc::new(Mutex::new(SerialDevice::new(
-            IrqLine::new(vm.irqfd(COM1_IRQ, "the serial port")?),
+            IrqLine(vm.interrupt_line(COM1_IRQ, "the serial port")?),
             serial_input_drained
                 .try_clone()
                 .map_err(|e| DeviceManagerError::EventFd("the serial port".into(), e))?,
@@ -63,7 +72,7 @@ impl DeviceManager {
 
         let i8042 = Arc::new(Mutex::new(I8042::new(
             stop.clone(),
-            IrqLine::new(vm.irqfd(I8042_IRQ, "the i8042")?),
+            IrqLine(vm.interrupt_line(I8042_IRQ, "the i8042")?),
         )));
         self.pio_bus
             .insert(i8042.clone(), I8042_DATA_PORT, i8042::PORT_LEN)?;

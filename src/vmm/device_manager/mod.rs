@@ -167,7 +167,7 @@ impl DeviceManager {
             );
             notifications.push(evt);
         }
-        let interrupt = Arc::new(MmioInterrupt::new(vm.irqfd(slot.irq, id)?));
+        let interrupt = Arc::new(MmioInterrupt::new(vm.interrupt_line(slot.irq, id)?));
         let transport = MmioTransport::new(
             device.clone(),
             mem.clone(),
@@ -283,8 +283,9 @@ mod tests {
 
     #[test]
     fn one_attach_call_places_connects_and_announces_a_device() {
-        let vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
-        vm.create_interrupt_controllers().unwrap();
+        let mut vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
+        vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
+            .unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut dm = DeviceManager::new().unwrap();
         let a = dm.attach_virtio(&vm, &mem, "a", TwoQueues::new()).unwrap();
