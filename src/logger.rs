@@ -5,10 +5,9 @@
 //! `--show-log-origin`), as orchestrators written for Firecracker expect.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -56,14 +55,35 @@ struct EmberLogger {
     /// A destination to switch to, picked up by the writer thread before its next line.
     next_sink: Arc<Mutex<Option<Box<dyn Write + Send>>>>,
     /// Entries queued and not yet written.
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Pending>,
+}
+
+/// How many entries wait for the writer, and a signal when none does (for `flush`).
+#[derive(Default)]
+struct Pending {
+    count: Mutex<usize>,
+    emptied: Condvar,
+}
+
+impl Pending {
+    fn add(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn done(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.emptied.notify_all();
+        }
+    }
 }
 
 impl EmberLogger {
     fn enqueue(&self, entry: Entry) -> bool {
-        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.queued.add();
         if self.queue.try_send(entry).is_err() {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queued.done();
             crate::metrics::METRICS.vmm.log_lines_dropped.inc();
             return false;
         }
@@ -77,7 +97,7 @@ static LOGGER: OnceLock<EmberLogger> = OnceLock::new();
 fn write_entries(
     entries: Receiver<Entry>,
     next_sink: Arc<Mutex<Option<Box<dyn Write + Send>>>>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Pending>,
 ) {
     let mut sink: Box<dyn Write + Send> = Box::new(std::io::stderr());
     for entry in entries {
@@ -93,7 +113,7 @@ fn write_entries(
         if written.is_err() {
             crate::metrics::METRICS.vmm.log_lines_dropped.inc();
         }
-        queued.fetch_sub(1, Ordering::SeqCst);
+        queued.done();
     }
 }
 
@@ -104,7 +124,7 @@ pub fn init(instance_id: &str) -> Result<(), LoggerError> {
     }
     let (queue, entries) = sync_channel(LOG_QUEUE_LINES);
     let next_sink = Arc::new(Mutex::new(None));
-    let queued = Arc::new(AtomicUsize::new(0));
+    let queued = Arc::new(Pending::default());
     let (sink, count) = (next_sink.clone(), queued.clone());
     // The writer must never take a signal (ember reads termination signals through a
     // signalfd on the vmm thread): it starts with every signal blocked, whatever the mask
@@ -200,14 +220,18 @@ pub fn flush(limit: Duration) -> bool {
     let Some(logger) = LOGGER.get() else {
         return true;
     };
-    let deadline = Instant::now() + limit;
-    while logger.queued.load(Ordering::SeqCst) > 0 {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
+    // Woken by the writer as it empties the queue: no polling, no fixed sleep at exit.
+    let count = logger
+        .queued
+        .count
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (count, _) = logger
+        .queued
+        .emptied
+        .wait_timeout_while(count, limit, |c| *c > 0)
+        .unwrap_or_else(|e| e.into_inner());
+    *count == 0
 }
 
 /// True when error records reach stderr, where a user who ran ember by hand looks.

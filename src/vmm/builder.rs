@@ -158,6 +158,8 @@ impl PreparedVm {
         // slower (docs/performance.md).
         vm.register_memory(&guest_memory, machine.track_dirty_pages)?;
         vm.create_interrupt_controllers(machine.irqchip)?;
+        // Prepared ahead of InstanceStart when the API is used: the start then finds it.
+        kvm.prefetch_cpuid();
         Ok(PreparedVm {
             machine: machine.clone(),
             guest_memory,

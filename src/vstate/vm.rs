@@ -36,6 +36,11 @@ pub enum VmError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error(
+        "guest memory must be registered before the interrupt controllers are created (a \
+         slot added after KVM's irqchip costs milliseconds)"
+    )]
+    MemoryAfterIrqchip,
     #[error("cannot create vCPU {0}: {1}")]
     CreateVcpu(u8, kvm_ioctls::Error),
     #[error("cannot create an eventfd for {0}: {1}")]
@@ -65,6 +70,9 @@ pub struct Vm {
     shared: Arc<VmShared>,
     /// ember's I/O APIC, with the split irqchip.
     ioapic: Option<Arc<Mutex<Ioapic>>>,
+    /// Set once the interrupt controllers exist: memory comes first (see
+    /// [`Vm::create_interrupt_controllers`]).
+    irqchip_created: bool,
     slots: IdAllocator,
     /// How many slots KVM offers.
     nr_slots: usize,
@@ -83,6 +91,7 @@ impl Vm {
                 memory: Mutex::new(Vec::new()),
             }),
             ioapic: None,
+            irqchip_created: false,
             slots: IdAllocator::new(0, last).map_err(|_| VmError::TooManySlots {
                 needed: 1,
                 available: nr_slots,
@@ -97,6 +106,7 @@ impl Vm {
     /// (docs/performance.md).
     pub fn create_interrupt_controllers(&mut self, irqchip: Irqchip) -> Result<(), VmError> {
         arch::create_interrupt_controllers(&self.shared.fd, irqchip)?;
+        self.irqchip_created = true;
         if irqchip == Irqchip::Split {
             self.ioapic = Some(Arc::new(Mutex::new(Ioapic::new(
                 0,
@@ -127,6 +137,9 @@ impl Vm {
         mem: &GuestMemoryMmap,
         track_dirty_pages: bool,
     ) -> Result<(), VmError> {
+        if self.irqchip_created {
+            return Err(VmError::MemoryAfterIrqchip);
+        }
         let flags = if track_dirty_pages {
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
         } else {
@@ -315,6 +328,17 @@ mod tests {
 
     fn vm() -> Vm {
         Vm::new(&KvmContext::open().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn memory_after_the_irqchip_is_refused() {
+        let mut vm = vm();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        vm.create_interrupt_controllers(Irqchip::Split).unwrap();
+        assert!(matches!(
+            vm.register_memory(&mem, false),
+            Err(VmError::MemoryAfterIrqchip)
+        ));
     }
 
     #[test]
