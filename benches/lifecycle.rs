@@ -20,7 +20,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    MIB, Result, Running, bare_kvm_once, create_temp_dir, env_number, exit_code, explain,
+    GuestRam, MIB, Result, Running, bare_kvm_once, create_temp_dir, env_number, exit_code, explain,
     invoked_as_bench, median, probe_elf, ratio, ratio_row, remove_dir_on_success, runs_from_env,
     spawn_true_once, time_header, time_row,
 };
@@ -93,36 +93,21 @@ fn bare_split_create_close(mem_bytes: u64) -> Result<Duration> {
     cap.args[0] = 24;
     vm.enable_cap(&cap)
         .map_err(|e| format!("KVM_CAP_SPLIT_IRQCHIP: {e}"))?;
-    let len = mem_bytes as usize;
-    // SAFETY: a fresh anonymous mapping, unmapped below after the VM is gone.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-    }
+    let mem = GuestRam::new(mem_bytes)?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
         guest_phys_addr: 0,
         memory_size: mem_bytes,
-        userspace_addr: addr as u64,
+        userspace_addr: mem.addr as u64,
     };
-    // SAFETY: the mapping outlives the VM (unmapped after the fds are closed).
+    // SAFETY: the mapping outlives the VM (`mem` is dropped after the fds are closed).
     let slot = unsafe { vm.set_user_memory_region(region) };
     let vcpu = vm.create_vcpu(0);
     drop(vcpu);
     drop(vm);
     drop(kvm);
-    // SAFETY: unmaps exactly the mapping made above, which nothing uses any more.
-    unsafe { libc::munmap(addr, len) };
+    drop(mem);
     slot.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
     Ok(start.elapsed())
 }

@@ -169,13 +169,13 @@ pub fn bare_kvm_once(mem_bytes: u64, order: Order) -> Result<Duration> {
 }
 
 /// Anonymous, lazily reserved memory, like ember's guest RAM; unmapped on drop.
-struct GuestRam {
-    addr: *mut libc::c_void,
+pub struct GuestRam {
+    pub addr: *mut libc::c_void,
     len: usize,
 }
 
 impl GuestRam {
-    fn new(len: u64) -> Result<Self> {
+    pub fn new(len: u64) -> Result<Self> {
         let len = usize::try_from(len).map_err(|_| format!("{len} bytes do not fit usize"))?;
         // SAFETY: a fresh anonymous mapping; no existing memory is affected.
         let addr = unsafe {

@@ -38,8 +38,9 @@ thread_local! {
     /// One VM for the whole run: only its irqfds are used, and KVM_CREATE_VM per input
     /// would cost more than the input itself.
     static VM: Vm = {
-        let vm = Vm::new(&KvmContext::open().expect("/dev/kvm")).expect("a VM");
-        vm.create_interrupt_controllers().expect("irqchip");
+        let mut vm = Vm::new(&KvmContext::open().expect("/dev/kvm")).expect("a VM");
+        vm.create_interrupt_controllers(ember::config::Irqchip::Kernel)
+            .expect("irqchip");
         vm
     };
 }
@@ -93,7 +94,9 @@ fn run(vm: &Vm, data: &[u8]) {
     let queue_evts = (0..device.lock().expect("lock").queue_max_sizes().len())
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
         .collect();
-    let irq = Arc::new(MmioInterrupt::new(vm.irqfd(5, "fuzz").expect("irqfd")));
+    let irq = Arc::new(MmioInterrupt::new(Box::new(
+        vm.irqfd(5, "fuzz").expect("irqfd"),
+    )));
     let mut mmio = MmioTransport::new(device, mem, irq, queue_evts, vmm_thread());
 
     let stop = StopSignal::new().expect("stop signal");

@@ -203,5 +203,8 @@ fuzz_target!(|data: &[u8]| {
         got += 1;
         assert!(n as usize <= VNET_HDR_LEN + MAX_FRAME_LEN);
     }
-    assert!(got <= usize::from(tx_avail), "{got} frames for {tx_avail} chains");
+    assert!(
+        got <= usize::from(tx_avail),
+        "{got} frames for {tx_avail} chains"
+    );
 });
