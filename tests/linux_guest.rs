@@ -441,6 +441,15 @@ fn persistent_tap(name: &str, addr: &str) {
     }
 }
 
+/// A line every 16 MiB of a long transfer: the nested host's console must not stay silent
+/// for the harness's hang limit while a slow emulated host moves hundreds of MiB.
+fn progress(what: &str, before: usize, after: usize) {
+    const STEP: usize = 16 << 20;
+    if after / STEP > before / STEP {
+        println!("net transfer: {} MiB {what}", after >> 20);
+    }
+}
+
 /// A deterministic stream of `len` bytes (xorshift), so both ends can hash it.
 fn pattern(len: usize, seed: u64) -> impl Iterator<Item = Vec<u8>> {
     let mut x = seed | 1;
@@ -563,9 +572,12 @@ poweroff -f
                 let mut to_guest =
                     std::net::TcpStream::connect("172.16.0.2:5002").expect("connect to the guest");
                 let mut md5_in = hash_sent.stdin.take().expect("md5sum stdin");
+                let mut sent = 0usize;
                 for chunk in pattern(net_transfer_bytes(), 7) {
                     to_guest.write_all(&chunk).expect("send to the guest");
                     md5_in.write_all(&chunk).expect("hash");
+                    progress("to the guest", sent, sent + chunk.len());
+                    sent += chunk.len();
                 }
             }
             let expected_in_guest = md5sum_result(hash_sent);
@@ -581,6 +593,7 @@ poweroff -f
                     let n = from_guest.read(&mut buf).expect("receive from the guest");
                     assert!(n > 0, "the guest's stream ended after {got} bytes");
                     md5_in.write_all(&buf[..n]).expect("hash");
+                    progress("from the guest", got, got + n);
                     got += n;
                 }
                 drop(from_guest);
