@@ -179,6 +179,10 @@ pub fn configure_vcpu(
 ) -> Result<(), VcpuSetupError> {
     let mut entries = supported_cpuid.as_slice().to_vec();
     cpuid::normalize(&mut entries, index, Topology::new(vcpu_count, smt));
+    // Without KVM_CAP_GET_TSC_KHZ the leaf is left out; guests then use kvm-clock alone.
+    if let Ok(khz) = fd.get_tsc_khz() {
+        cpuid::publish_tsc_frequency(&mut entries, khz);
+    }
     let cpuid = CpuId::from_entries(&entries).map_err(|e| VcpuSetupError::CpuidList(index, e))?;
     set(index, "CPUID", fd.set_cpuid2(&cpuid))?;
 

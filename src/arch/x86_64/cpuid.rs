@@ -15,6 +15,12 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_EXT_APIC_ID: u32 = 0x8000_001e;
+/// The hypervisor range's first leaf: its EAX is the range's last leaf.
+const LEAF_HYPERVISOR_BASE: u32 = 0x4000_0000;
+/// The timing leaf hypervisors publish: TSC and local APIC bus frequencies in kHz.
+const LEAF_HYPERVISOR_TIMING: u32 = 0x4000_0010;
+/// KVM's local APIC timer counts at 1 GHz.
+const KVM_APIC_BUS_KHZ: u32 = 1_000_000;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 /// The LAPIC timer's TSC-deadline mode. KVM emulates it in the in-kernel LAPIC (ember
@@ -181,6 +187,27 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, vcpu_index: u8, topo: Topo
     }
 }
 
+/// Publishes the guest's TSC frequency (`tsc_khz`, what KVM runs the guest's TSC at) and the
+/// local APIC bus frequency in the hypervisor timing leaf 0x4000_0010, as hypervisors do,
+/// so a guest without a PIT to calibrate against can read them. Only when the hypervisor
+/// range is there (KVM's signature leaf); the range's last leaf is raised to include it.
+pub fn publish_tsc_frequency(entries: &mut Vec<kvm_cpuid_entry2>, tsc_khz: u32) {
+    let Some(base) = entries
+        .iter_mut()
+        .find(|e| e.function == LEAF_HYPERVISOR_BASE)
+    else {
+        return;
+    };
+    base.eax = base.eax.max(LEAF_HYPERVISOR_TIMING);
+    entries.retain(|e| e.function != LEAF_HYPERVISOR_TIMING);
+    entries.push(kvm_cpuid_entry2 {
+        function: LEAF_HYPERVISOR_TIMING,
+        eax: tsc_khz,
+        ebx: KVM_APIC_BUS_KHZ,
+        ..Default::default()
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,5 +333,32 @@ mod tests {
         assert_eq!(s.ecx & 0xff, 3);
         assert_eq!((s.ecx >> 12) & 0xf, 2);
         assert_eq!(find(&v, 0x8000_001e, 0).eax, 2);
+    }
+
+    #[test]
+    fn tsc_frequency_goes_into_the_hypervisor_timing_leaf() {
+        let mut v = intel();
+        let mut base = entry(LEAF_HYPERVISOR_BASE, 0);
+        base.eax = 0x4000_0001;
+        v.push(base);
+        publish_tsc_frequency(&mut v, 2_594_006);
+        assert_eq!(
+            find(&v, LEAF_HYPERVISOR_BASE, 0).eax,
+            LEAF_HYPERVISOR_TIMING
+        );
+        let t = find(&v, LEAF_HYPERVISOR_TIMING, 0);
+        assert_eq!((t.eax, t.ebx), (2_594_006, 1_000_000));
+        // Again (a second vCPU's copy): still one timing leaf.
+        publish_tsc_frequency(&mut v, 2_594_006);
+        assert_eq!(
+            v.iter()
+                .filter(|e| e.function == LEAF_HYPERVISOR_TIMING)
+                .count(),
+            1
+        );
+        // Without KVM's range nothing is added.
+        let mut bare = intel();
+        publish_tsc_frequency(&mut bare, 1);
+        assert!(bare.iter().all(|e| e.function != LEAF_HYPERVISOR_TIMING));
     }
 }
