@@ -20,12 +20,10 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    GuestRam, MIB, Result, Running, bare_kvm_once, create_temp_dir, env_number, exit_code, explain,
+    BareKvm, MIB, Order, Result, Running, create_temp_dir, env_number, exit_code, explain,
     invoked_as_bench, median, probe_elf, ratio, ratio_row, remove_dir_on_success, runs_from_env,
     spawn_true_once, time_header, time_row,
 };
-use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, kvm_enable_cap, kvm_userspace_memory_region};
-use kvm_ioctls::Kvm;
 
 const MEM_MIB: u64 = 128;
 const MODES: [&str; 2] = ["split", "kernel"];
@@ -80,42 +78,12 @@ fn ember_rate(config: &Path, dir: &Path, vms: usize, parallel: usize) -> Result<
     Ok(vms as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Creates and closes a bare VM with the split irqchip: VM, the capability, a slot of
-/// `mem_bytes`, one vCPU; returns the whole time.
-fn bare_split_create_close(mem_bytes: u64) -> Result<Duration> {
+/// Creates and closes a bare VM (VM, a `mem_bytes` slot, the interrupt controllers of
+/// `order`, one vCPU); returns the whole time.
+fn bare_create_close(mem_bytes: u64, order: Order) -> Result<Duration> {
     let start = Instant::now();
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    let mut cap = kvm_enable_cap {
-        cap: KVM_CAP_SPLIT_IRQCHIP,
-        ..Default::default()
-    };
-    cap.args[0] = 24;
-    vm.enable_cap(&cap)
-        .map_err(|e| format!("KVM_CAP_SPLIT_IRQCHIP: {e}"))?;
-    let mem = GuestRam::new(mem_bytes)?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: mem_bytes,
-        userspace_addr: mem.addr as u64,
-    };
-    // SAFETY: the mapping outlives the VM (`mem` is dropped after the fds are closed).
-    let slot = unsafe { vm.set_user_memory_region(region) };
-    let vcpu = vm.create_vcpu(0);
-    drop(vcpu);
-    drop(vm);
-    drop(kvm);
-    drop(mem);
-    slot.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    Ok(start.elapsed())
-}
-
-/// Creates and closes a bare VM with the in-kernel irqchip; returns the whole time.
-fn bare_kernel_create_close(mem_bytes: u64) -> Result<Duration> {
-    let start = Instant::now();
-    bare_kvm_once(mem_bytes, common::Order::MemorySlotFirst)?;
+    let (vm, _) = BareKvm::create(mem_bytes, order)?;
+    vm.teardown();
     Ok(start.elapsed())
 }
 
@@ -152,8 +120,8 @@ fn bench(dir: &Path) -> Result<()> {
     }
     for _ in 0..runs {
         spawn_true.push(spawn_true_once()?);
-        bare_split.push(bare_split_create_close(mem)?);
-        bare_kernel.push(bare_kernel_create_close(mem)?);
+        bare_split.push(bare_create_close(mem, Order::SplitIrqchip)?);
+        bare_kernel.push(bare_create_close(mem, Order::MemorySlotFirst)?);
         for (m, c) in configs.iter().enumerate() {
             ember[m].push(ember_once(c, &log)?);
         }

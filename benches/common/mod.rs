@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{KVM_CAP_SPLIT_IRQCHIP, kvm_enable_cap, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 pub type Result<T> = std::result::Result<T, String>;
@@ -93,15 +93,19 @@ pub fn remove_dir_on_success(dir: &Path, result: Result<()>) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // Baselines
 
-/// Which comes first when building the bare VM. On some hosts the order matters a lot:
-/// registering a memory slot once the in-kernel irqchip exists can wait for a kernel grace
-/// period (~7.5 ms on nested hosts, see docs/performance.md). ember registers the slot
-/// first, so the baselines do too; the start-up bench times the other order as a diagnostic
-/// and says which one the baseline uses.
+/// The bare VM's interrupt controllers and when they are made. On some hosts the order
+/// matters a lot: registering a memory slot once the in-kernel irqchip exists can wait for
+/// a kernel grace period (~7.5 ms on nested hosts, see docs/performance.md). ember
+/// registers the slot first, so the baselines do too; the start-up bench times the other
+/// order as a diagnostic and says which one the baseline uses.
 #[derive(Clone, Copy, PartialEq)]
 pub enum Order {
+    /// The slot, then the in-kernel irqchip.
     MemorySlotFirst,
+    /// The in-kernel irqchip, then the slot.
     IrqchipFirst,
+    /// KVM's local APICs only (`KVM_CAP_SPLIT_IRQCHIP`, ember's default), then the slot.
+    SplitIrqchip,
 }
 
 /// What every KVM VMM must create before its guest runs: the VM, one memory slot backed
@@ -134,6 +138,15 @@ impl BareKvm {
         };
         if order == Order::IrqchipFirst {
             irqchip()?;
+        }
+        if order == Order::SplitIrqchip {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_SPLIT_IRQCHIP,
+                ..Default::default()
+            };
+            cap.args[0] = 24;
+            vm.enable_cap(&cap)
+                .map_err(|e| format!("KVM_CAP_SPLIT_IRQCHIP: {e}"))?;
         }
         // SAFETY: the region is a live mapping of `mem_bytes` that outlives `vm` (`BareKvm`
         // drops it last).
@@ -169,13 +182,13 @@ pub fn bare_kvm_once(mem_bytes: u64, order: Order) -> Result<Duration> {
 }
 
 /// Anonymous, lazily reserved memory, like ember's guest RAM; unmapped on drop.
-pub struct GuestRam {
-    pub addr: *mut libc::c_void,
+struct GuestRam {
+    addr: *mut libc::c_void,
     len: usize,
 }
 
 impl GuestRam {
-    pub fn new(len: u64) -> Result<Self> {
+    fn new(len: u64) -> Result<Self> {
         let len = usize::try_from(len).map_err(|_| format!("{len} bytes do not fit usize"))?;
         // SAFETY: a fresh anonymous mapping; no existing memory is affected.
         let addr = unsafe {

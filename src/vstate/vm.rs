@@ -234,9 +234,10 @@ struct KvmMsiSink(Arc<VmShared>);
 
 impl MsiSink for KvmMsiSink {
     fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        let (address_lo, address_hi) = halves(address);
         let msi = kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
+            address_lo,
+            address_hi,
             data,
             ..Default::default()
         };
@@ -252,11 +253,12 @@ impl MsiSink for KvmMsiSink {
         let mut table = KvmIrqRouting::new(routes.len())
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         for (entry, &(gsi, address, data)) in table.as_mut_slice().iter_mut().zip(routes) {
+            let (address_lo, address_hi) = halves(address);
             entry.gsi = gsi;
             entry.type_ = KVM_IRQ_ROUTING_MSI;
             entry.u.msi = kvm_irq_routing_msi {
-                address_lo: address as u32,
-                address_hi: (address >> 32) as u32,
+                address_lo,
+                address_hi,
                 data,
                 ..Default::default()
             };
@@ -266,6 +268,11 @@ impl MsiSink for KvmMsiSink {
             .set_gsi_routing(&table)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
+}
+
+/// An MSI address as KVM's structures take it: low and high 32 bits.
+fn halves(address: u64) -> (u32, u32) {
+    (address as u32, (address >> 32) as u32)
 }
 
 /// A registered irqfd; dropping it disconnects it from the VM.

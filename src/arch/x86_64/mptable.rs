@@ -5,6 +5,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{APIC_START, EBDA_START, IOAPIC_START};
+use crate::devices::legacy::ioapic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {
@@ -16,12 +17,12 @@ pub enum MpTableError {
 
 /// The MP table area is 1 KiB; this many processor entries fit with all the others.
 pub const MAX_CPUS: u8 = 32;
-/// Number of IOAPIC pins the in-kernel IOAPIC has; each gets an interrupt source entry.
-const IOAPIC_PINS: u8 = 24;
+/// The I/O APIC's pins (ember's and KVM's have 24); each gets an interrupt source entry.
+const IOAPIC_PINS: u8 = ioapic::PINS as u8;
 
 const MPC_SPEC: u8 = 4;
 const APIC_VERSION: u8 = 0x14;
-const IOAPIC_VERSION: u8 = 0x11;
+const IOAPIC_VERSION: u8 = ioapic::VERSION as u8;
 
 const MP_PROCESSOR: u8 = 0;
 const MP_BUS: u8 = 1;

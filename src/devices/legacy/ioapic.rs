@@ -20,8 +20,8 @@ use crate::metrics::METRICS;
 pub const IOAPIC_WINDOW: u64 = 0x1000;
 /// Redirection entries (pins), as the MP table and the MADT announce.
 pub const PINS: usize = 24;
-/// Version 0x11: the 82093AA's register set (no EOI register).
-const VERSION: u32 = 0x11;
+/// Version 0x11: the 82093AA's register set (no EOI register), as KVM's I/O APIC reports.
+pub const VERSION: u32 = 0x11;
 
 const IOREGSEL: u64 = 0x00;
 const IOWIN: u64 = 0x10;

@@ -101,9 +101,6 @@ pub trait VirtioDevice: Send {
     fn take_sources_changed(&mut self) -> bool {
         false
     }
-    /// The event loop watches [`Self::event_sources`] as they are now; descriptors it
-    /// watched before may be closed.
-    fn sources_rewatched(&mut self) {}
     /// Waits until nothing the device started still writes guest memory (the VM pauses).
     fn quiesce(&mut self) {}
     /// The device's own counters and the kind they are reported under (`block`): the

@@ -79,7 +79,7 @@ impl VirtioHandler {
     /// Watches the device's current event sources instead of the ones watched so far.
     fn watch_sources(&mut self, ops: &mut EventOps) {
         for (fd, set) in std::mem::take(&mut self.sources) {
-            // Devices keep a descriptor open until it is removed here (sources_rewatched),
+            // Devices keep a source's descriptor open for as long as the device exists,
             // so the loop's table never holds a number that now means another file.
             if let Err(e) = ops.remove(Events::new_raw(fd, set)) {
                 log::debug!("{}: cannot stop watching a source: {e}", self.id);
@@ -92,6 +92,5 @@ impl VirtioHandler {
             }
         }
         self.sources = sources;
-        self.device().sources_rewatched();
     }
 }
