@@ -147,8 +147,9 @@ impl LinuxVm {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => panic!(
-                    "no console line with {needle:?} within {limit:?}:\n{}",
-                    self.console.join("\n")
+                    "no console line with {needle:?} within {limit:?}:\n{}\n{}",
+                    self.console.join("\n"),
+                    kvm_trace()
                 ),
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();
@@ -202,9 +203,10 @@ impl LinuxVm {
                 break s;
             }
             if start.elapsed() > RUN_DEADLINE {
+                let trace = kvm_trace();
                 let _ = self.child.kill();
                 panic!(
-                    "ember did not exit within {RUN_DEADLINE:?}:\n{}",
+                    "ember did not exit within {RUN_DEADLINE:?}:\n{}\n{trace}",
                     self.console.join("\n")
                 );
             }
@@ -230,6 +232,38 @@ impl Drop for LinuxVm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// What KVM does for a guest that went quiet, from its trace events over one second: the
+/// exits (with the guest's rip), injected interrupts and APIC traffic tell a guest spinning
+/// on a lost interrupt from one that halted for good. Only inside the nested host, where the
+/// test owns the kernel; elsewhere it says why it has nothing.
+fn kvm_trace() -> String {
+    if std::env::var_os("EMBER_NESTED_HOST").is_none() {
+        return "(no KVM trace: only taken inside the nested host)".into();
+    }
+    let tracing = std::path::Path::new("/sys/kernel/tracing");
+    if !tracing.join("trace").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(tracing)
+            .status();
+    }
+    let write = |file: &str, what: &str| std::fs::write(tracing.join(file), what);
+    // The nested host's /init keeps a filtered trace of rare exits; this one wants them all.
+    let all = write("events/kvm/kvm_exit/filter", "0")
+        .and_then(|_| write("trace", ""))
+        .and_then(|_| write("events/kvm/enable", "1"));
+    if let Err(e) = all {
+        return format!("(no KVM trace: {e})");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = write("events/kvm/enable", "0");
+    let trace = std::fs::read_to_string(tracing.join("trace")).unwrap_or_default();
+    let lines: Vec<&str> = trace.lines().filter(|l| !l.starts_with('#')).collect();
+    let events = lines.len();
+    let tail = lines[events.saturating_sub(80)..].join("\n");
+    format!("--- KVM trace, one second: {events} events, the last 80 ---\n{tail}")
 }
 
 /// The value after `key=` in a console line such as `EMBER-TEST cpus=2 mem_kib=...`.

@@ -7,7 +7,9 @@
 # target/debug/ember and the test binaries resolve there as here. SCRIPT runs with `sh` from
 # the repository root, as root, with EMBER_NESTED_HOST=1 and TMPDIR=/tmp (a tmpfs). The
 # nested host's console (SCRIPT's output among it) goes to stdout; the exit code is
-# SCRIPT's, or 125 when the nested host itself failed and 124 on timeout.
+# SCRIPT's, or 125 when the nested host itself failed, 126 when it hung (its kernel reported
+# a lockup, or its console, heartbeat included, was silent for NESTED_SILENCE_S, default
+# 120 s, or one of its CPUs stopped) and 124 on timeout.
 #
 # Usage: tools/nested-host/run.sh [--timeout SECONDS] SCRIPT
 # Environment: NESTED_SMP (CPUs, default 2), NESTED_MEM_MIB (memory, default 2048),
@@ -77,8 +79,10 @@ tail -n +1 -f --pid="$qemu" "$log" &
 tailer=$!
 trap 'kill "$qemu" "$tailer" 2>/dev/null || true; rm -f "$log"' EXIT
 
-# The watchdog: a hung nested host is killed at once rather than at the timeout.
-silence="${NESTED_SILENCE_S:-150}"
+# The watchdog: a hung nested host is killed at once rather than at the timeout. Its /init
+# prints a heartbeat every 20 s, so silence means the nested host froze, not the script, and
+# reports a CPU that stopped (see outer-init).
+silence="${NESTED_SILENCE_S:-120}"
 hung=
 last_size=-1
 last_change=$SECONDS
@@ -93,6 +97,8 @@ while kill -0 "$qemu" 2>/dev/null; do
     # guest prints, echoed by a test, is prefixed and does not count.
     if grep -qE '^\[ *[0-9.]+\] .*(soft lockup|hard LOCKUP|self-detected stall|rcu_sched detected stall)' "$log"; then
         hung="its kernel reported a lockup"
+    elif grep -qE '^nested-host: cpu[0-9]+ stopped' "$log"; then
+        hung="one of its CPUs stopped"
     elif [ $((SECONDS - last_change)) -ge "$silence" ]; then
         hung="its console was silent for $silence s"
     fi
