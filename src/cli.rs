@@ -78,7 +78,8 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<usize>,
 
-    /// Put devices on an emulated PCI bus instead of virtio-mmio.
+    /// Give the guest a PCI root complex (ECAM, a host bridge, ACPI); docs/pci.md says which
+    /// devices sit on it.
     #[arg(long)]
     pub enable_pci: bool,
 
@@ -112,17 +113,6 @@ fn parse_id(s: &str) -> Result<String, String> {
 }
 
 impl Cli {
-    /// Flags that ask for a protection or a device model ember does not have yet. Accepting
-    /// them would fail open (a custom seccomp filter silently not installed) or hand the
-    /// guest a different machine than asked for, so ember refuses to start instead.
-    pub fn missing_features(&self) -> Vec<&'static str> {
-        let mut flags = Vec::new();
-        if self.enable_pci {
-            flags.push("--enable-pci");
-        }
-        flags
-    }
-
     /// Flags accepted for compatibility whose effect ember does not implement yet but whose
     /// absence changes nothing the guest or the host's safety depends on; each is logged so
     /// an operator is not misled.
@@ -182,7 +172,7 @@ mod tests {
         assert_eq!(cli.id, "vm-1");
         assert_eq!(cli.level, Some(LogLevel::Debug));
         assert_eq!(cli.http_api_max_payload_size, 1000);
-        assert_eq!(cli.missing_features(), vec!["--enable-pci"]);
+        assert!(cli.enable_pci);
         assert!(cli.no_seccomp);
         assert!(!cli.not_yet_effective().contains(&"--no-seccomp"));
     }

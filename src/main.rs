@@ -75,17 +75,6 @@ fn run(cli: Cli, started: Instant) -> u8 {
     if let Err(e) = logger::configure(&flags_logger) {
         return fail(exit_code::BAD_CONFIGURATION, e);
     }
-    let missing = cli.missing_features();
-    if !missing.is_empty() {
-        return fail(
-            exit_code::BAD_CONFIGURATION,
-            format!(
-                "{} asks for a feature this version of ember does not have; \
-                 refusing to start rather than run without it",
-                missing.join(" and ")
-            ),
-        );
-    }
     for flag in cli.not_yet_effective() {
         log::warn!("{flag} is accepted but not yet effective in this version of ember");
     }
@@ -126,6 +115,7 @@ fn run(cli: Cli, started: Instant) -> u8 {
         }),
         api,
         seccomp,
+        enable_pci: cli.enable_pci,
     };
     let result = vmm::run_vmm(opts);
     if let Some(thread) = api_thread {

@@ -245,17 +245,6 @@ fn not_yet_effective_flags_are_accepted_and_logged() {
     );
 }
 
-/// A flag asking for a protection ember lacks must not be accepted and silently ignored:
-/// running without a filter the operator supplied would fail open.
-#[test]
-fn flags_for_missing_features_are_refused() {
-    let config = config_json(&probe_elf(), 1, 128, &probe_args(1, 128, ""));
-    let r = boot_config_with_flags(&config, &["--enable-pci"]);
-    // 3: a bad configuration, as for any other refused setting.
-    assert_fails(&r, 3, "--enable-pci asks for a feature");
-    assert!(r.stderr.contains("refusing to start"), "{}", r.stderr);
-}
-
 /// Reads and sets the host's pool of reserved 2 MiB pages.
 fn nr_hugepages() -> Option<u64> {
     std::fs::read_to_string("/proc/sys/vm/nr_hugepages")

@@ -40,4 +40,14 @@ pub enum PlatformDevice {
     },
     /// A virtio-mmio transport: its register window and its interrupt.
     VirtioMmio { base: u64, len: u64, irq: u32 },
+    /// The PCI root complex: bus 0's ECAM window and the windows BARs are placed in.
+    PciRoot(PciWindows),
+}
+
+/// Where a PCI root complex's guest-visible ranges are: (start, length) each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciWindows {
+    pub ecam: (u64, u64),
+    pub mmio32: (u64, u64),
+    pub mmio64: (u64, u64),
 }

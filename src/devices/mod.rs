@@ -2,5 +2,6 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;
 pub mod work_queue;

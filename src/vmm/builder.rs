@@ -9,7 +9,7 @@ use std::time::Instant;
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{self, BootSpec};
-use crate::config::boot_source::CMDLINE_MAX_LEN;
+use crate::config::boot_source::{CMDLINE_MAX_LEN, DEFAULT_BOOT_ARGS};
 use crate::config::drive::{CacheType, IoEngine};
 use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, NetConfig};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
@@ -81,6 +81,8 @@ pub struct BuildOptions {
     pub stop: StopSignal,
     /// The VM's id, from which interfaces without a `guest_mac` get a stable one.
     pub instance_id: String,
+    /// `--enable-pci`: a PCI root complex for the guest (docs/pci.md).
+    pub enable_pci: bool,
 }
 
 /// A VM with everything in place, vCPUs not yet running.
@@ -292,9 +294,21 @@ fn attach_nets(
     Ok(nets)
 }
 
-/// The guest's command line: the user's arguments, then ember's device words.
-fn compose_cmdline(boot: &BootSourceConfig, words: &[String]) -> Result<String, BuildError> {
-    let mut cmdline = boot.boot_args().to_owned();
+/// The guest's command line: the user's arguments, then ember's device words. The default
+/// arguments keep the guest off PCI (`pci=off`) only when there is no PCI bus.
+fn compose_cmdline(
+    boot: &BootSourceConfig,
+    enable_pci: bool,
+    words: &[String],
+) -> Result<String, BuildError> {
+    let mut cmdline = match (&boot.boot_args, enable_pci) {
+        (None, true) => DEFAULT_BOOT_ARGS
+            .split_whitespace()
+            .filter(|w| *w != "pci=off")
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => boot.boot_args().to_owned(),
+    };
     for w in words {
         cmdline.push(' ');
         cmdline.push_str(w);
@@ -353,6 +367,15 @@ pub fn build_microvm(
         devices.attach_ioapic(ioapic)?;
     }
     devices.attach_legacy(&vm, &stop, boot_timer_hook(opts.boot_timer_start))?;
+    if opts.enable_pci {
+        devices.attach_pci_root(machine.mem_size_bytes())?;
+        if !drives.is_empty() || !interfaces.is_empty() {
+            log::warn!(
+                "--enable-pci: the guest gets a PCI root complex, but block and network \
+                 devices stay on virtio-mmio in this version of ember"
+            );
+        }
+    }
     let (blocks, root_args) = attach_drives(&vm, &guest_memory, &mut devices, drives)?;
     let nets = attach_nets(
         &vm,
@@ -363,7 +386,7 @@ pub fn build_microvm(
     )?;
     let mut words = devices.cmdline_words().to_vec();
     words.extend(root_args);
-    let cmdline = compose_cmdline(boot, &words)?;
+    let cmdline = compose_cmdline(boot, opts.enable_pci, &words)?;
     let boot_state = arch::load_guest(
         &guest_memory,
         BootSpec {
@@ -404,4 +427,31 @@ pub fn build_microvm(
         vm,
         kvm,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot(args: Option<&str>) -> BootSourceConfig {
+        BootSourceConfig {
+            kernel_image_path: "vmlinux".into(),
+            initrd_path: None,
+            boot_args: args.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn default_command_line_drops_pci_off_only_with_a_pci_bus() {
+        let words = ["virtio_mmio.device=4K@0xd0000000:5".to_owned()];
+        let without = compose_cmdline(&boot(None), false, &words).unwrap();
+        assert!(without.split(' ').any(|w| w == "pci=off"), "{without}");
+        assert!(without.ends_with(" virtio_mmio.device=4K@0xd0000000:5"));
+        let with = compose_cmdline(&boot(None), true, &words).unwrap();
+        assert!(!with.contains("pci=off"), "{with}");
+        assert!(with.starts_with("reboot=k panic=1 nomodule"), "{with}");
+        // The user's own arguments are theirs, PCI or not.
+        let own = compose_cmdline(&boot(Some("console=ttyS0 pci=off")), true, &[]).unwrap();
+        assert_eq!(own, "console=ttyS0 pci=off");
+    }
 }

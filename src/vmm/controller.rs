@@ -66,6 +66,8 @@ pub struct Controller {
     prepare_failed: Option<MachineConfig>,
     /// Installed on the vmm thread (and each vCPU's) when the VM starts.
     seccomp: Arc<Filters>,
+    /// `--enable-pci`: the guest gets a PCI root complex.
+    enable_pci: bool,
 }
 
 impl Controller {
@@ -81,12 +83,19 @@ impl Controller {
             prepared: None,
             prepare_failed: None,
             seccomp: Arc::new(Filters::none()),
+            enable_pci: false,
         }
     }
 
     /// The seccomp filters the VM's threads run under once it starts.
     pub fn with_seccomp(mut self, filters: Filters) -> Self {
         self.seccomp = Arc::new(filters);
+        self
+    }
+
+    /// Whether the VM gets a PCI root complex (`--enable-pci`).
+    pub fn with_pci(mut self, enable: bool) -> Self {
+        self.enable_pci = enable;
         self
     }
 
@@ -415,6 +424,7 @@ impl Controller {
                 boot_timer_start: self.boot_timer_start,
                 stop: self.stop.clone(),
                 instance_id: self.instance_id.clone(),
+                enable_pci: self.enable_pci,
             },
         )?;
         let run_err = |what: &str, e: std::io::Error| ActionError::Run(format!("{what}: {e}"));

@@ -205,6 +205,8 @@ pub struct VmmOptions {
     pub api: Option<ApiEndpoint>,
     /// The filters for the vmm and vCPU threads.
     pub seccomp: crate::seccomp::Filters,
+    /// `--enable-pci`: the guest gets a PCI root complex.
+    pub enable_pci: bool,
 }
 
 /// Runs the vmm thread's loop until the microVM stops (or, before it starts, until a
@@ -236,7 +238,8 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
     };
 
     let mut controller = Controller::new(opts.instance_id, stop.clone(), opts.boot_timer_start)
-        .with_seccomp(opts.seccomp);
+        .with_seccomp(opts.seccomp)
+        .with_pci(opts.enable_pci);
     // With the API, the VM and its memory are made while the vmm thread is idle, once the
     // machine configuration has not changed for PREPARE_QUIET_TIME: a client changing it
     // request after request does not pay for VMs it never starts.

@@ -173,6 +173,29 @@ fn check_dsdt(boot: &Boot, addr: u64, len: u64, d: &mut Detail) -> bool {
 }
 
 #[inline(never)]
+/// The table with `sig` the XSDT lists, as (address, length), once the RSDP and XSDT are
+/// sound (the `acpi` check says why when they are not).
+pub fn find_table(boot: &Boot, sig: &[u8; 4], d: &mut Detail) -> Option<(u64, u64)> {
+    let rsdp = boot.info?.rsdp_addr();
+    if rsdp == 0 || !rsdp_at(rsdp) {
+        d.str(b"no RSDP");
+        return None;
+    }
+    let xsdt = phys::read_u64(rsdp + RSDP_XSDT);
+    let xsdt_len = table_len(xsdt, d)?;
+    let mut entry = xsdt + HEADER_LEN;
+    while entry + 8 <= xsdt + xsdt_len {
+        let table = phys::read_u64(entry);
+        let len = table_len(table, d)?;
+        if &signature(table) == sig {
+            return Some((table, len));
+        }
+        entry += 8;
+    }
+    d.str(b"no ").str(sig).str(b" in the XSDT");
+    None
+}
+
 pub fn check(boot: &Boot, d: &mut Detail) -> bool {
     let Some(want_cpus) = boot.cmdline.require_u64(b"probe.vcpus", d) else {
         return false;

@@ -22,6 +22,24 @@ pub fn inb(port: u16) -> u8 {
 }
 
 #[inline(always)]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for outb.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
+    };
+}
+
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for outb.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags))
+    };
+    value
+}
+
+#[inline(always)]
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: only called for architectural MSRs that exist in long mode.

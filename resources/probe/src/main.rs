@@ -30,6 +30,7 @@ mod memory;
 mod mptable;
 mod netcheck;
 mod paging;
+mod pci;
 mod phys;
 #[cfg(feature = "pvh")]
 mod pvh;
@@ -160,6 +161,11 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
     report.check(b"cpuid", |d| cpuid::check(&boot, d));
     report.check(b"mptable", |d| mptable::check(&boot, d));
     report.check(b"acpi", |d| acpi::check(&boot, d));
+    // Only when asked: a VM without --enable-pci has no PCI bus. After memory, whose map
+    // covers ECAM in the MMIO gap.
+    if boot.cmdline.get(b"probe.pci").is_some() {
+        report.check(b"pci", |d| pci::check(&boot, d));
+    }
     // Only when the test expects block or network devices or the VMM announces virtio
     // devices, so other boots keep their checks. Needs the memory check's map, which covers
     // the MMIO gap.

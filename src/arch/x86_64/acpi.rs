@@ -21,6 +21,11 @@ use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+use crate::arch::PciWindows;
+use crate::devices::pci::config_access::PORT_IO_LEN;
+
+/// The PC's configuration-space ports (CONFIG_ADDRESS, CONFIG_DATA).
+const PCI_CONFIG_PORT: u16 = 0xcf8;
 
 const OEM_ID: [u8; 6] = *b"EMBER ";
 const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
@@ -72,6 +77,10 @@ pub enum DsdtDevice {
     },
     /// A virtio-mmio transport (`LNRO0005`): its register window and its interrupt.
     VirtioMmio { base: u64, len: u64, irq: u32 },
+    /// A PCI Express host bridge (`PNP0A08`) with its windows; also makes the MCFG table
+    /// and a motherboard resource (`PNP0C02`) reserving ECAM, which Linux requires before
+    /// it uses ECAM.
+    PciRoot(PciWindows),
 }
 
 /// The I/O ports of the hardware-reduced power-management registers, and the values the
@@ -123,7 +132,7 @@ fn io_register(port: u16) -> GAS {
     )
 }
 
-fn fadt(dsdt_addr: u64, power: Option<PowerRegisters>) -> Vec<u8> {
+fn fadt(dsdt_addr: u64, power: Option<PowerRegisters>, has_pci: bool) -> Vec<u8> {
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -131,9 +140,11 @@ fn fadt(dsdt_addr: u64, power: Option<PowerRegisters>) -> Vec<u8> {
         // as devices, and ember has none.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
+    // MSI needs a PCI bus to exist; without one, saying so spares the guest looking.
+    let msi = if has_pci { 0 } else { IAPC_MSI_NOT_SUPPORTED };
     b.iapc_boot_arch = (IAPC_8042
         | IAPC_VGA_NOT_PRESENT
-        | IAPC_MSI_NOT_SUPPORTED
+        | msi
         | IAPC_PCIE_ASPM_CONTROLS
         | IAPC_CMOS_RTC_NOT_PRESENT)
         .into();
@@ -262,7 +273,63 @@ fn device_aml(index: usize, dev: &DsdtDevice, virtio_level: bool, out: &mut Vec<
             &[&aml::Name::new("_CCA".into(), &aml::ONE)],
             out,
         ),
+        DsdtDevice::PciRoot(w) => pci_root_aml(index, &w, out),
     }
+}
+
+/// The host bridge (segment 0, bus 0) and the motherboard resource that reserves its ECAM.
+fn pci_root_aml(index: usize, w: &PciWindows, out: &mut Vec<u8>) {
+    let last = |(start, len): (u64, u64)| start + len - 1;
+    // The 32-bit window and ECAM are below 4 GiB (layout.rs asserts it).
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PORT_IO_LEN as u8);
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        w.mmio32.0 as u32,
+        last(w.mmio32) as u32,
+        None,
+    );
+    let mmio64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        w.mmio64.0,
+        last(w.mmio64),
+        None,
+    );
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let cca = aml::Name::new("_CCA".into(), &aml::ONE);
+    named_device(
+        &format!("PCI{index}"),
+        &aml::EISAName::new("PNP0A08"),
+        Some(index),
+        &[&bus, &config_ports, &mmio32, &mmio64],
+        &[&cid, &adr, &seg, &bbn, &cca],
+        out,
+    );
+    named_device(
+        &format!("MRD{index}"),
+        &aml::EISAName::new("PNP0C02"),
+        Some(index),
+        &[&aml::Memory32Fixed::new(
+            false,
+            w.ecam.0 as u32,
+            w.ecam.1 as u32,
+        )],
+        &[],
+        out,
+    );
+}
+
+/// MCFG: where ECAM is for the PCI segments (one here, bus 0 only).
+fn mcfg(w: &PciWindows) -> Vec<u8> {
+    let mut t = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let last_bus = (w.ecam.1 >> 20).saturating_sub(1) as u8;
+    t.add_ecam(w.ecam.0, 0, 0, last_bus);
+    t.to_aml_vec()
 }
 
 fn dsdt(devices: &[DsdtDevice], s5_sleep_type: Option<u8>, virtio_level: bool) -> Vec<u8> {
@@ -303,11 +370,18 @@ pub fn build(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     let mut blobs = Vec::new();
     let s5 = config.power.map(|p| p.s5_sleep_type);
     let dsdt_addr = place(dsdt(config.devices, s5, !config.has_8259), &mut blobs);
-    let fadt_addr = place(fadt(dsdt_addr, config.power), &mut blobs);
+    let pci = config.devices.iter().find_map(|d| match d {
+        DsdtDevice::PciRoot(w) => Some(*w),
+        _ => None,
+    });
+    let fadt_addr = place(fadt(dsdt_addr, config.power, pci.is_some()), &mut blobs);
     let madt_addr = place(madt(config.vcpu_count, config.has_8259)?, &mut blobs);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(w) = pci {
+        xsdt.add_entry(place(mcfg(&w), &mut blobs));
+    }
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let xsdt_addr = place(xsdt_bytes, &mut blobs);
@@ -420,6 +494,80 @@ mod tests {
         for (a, b) in &t.blobs {
             assert!(*a >= ACPI_START && a + b.len() as u64 <= ACPI_END);
         }
+    }
+
+    const PCI: PciWindows = PciWindows {
+        ecam: (0xe000_0000, 1 << 20),
+        mmio32: (0xc000_0000, 0x1000_0000),
+        mmio64: (0x1_0000_0000, 64 << 30),
+    };
+
+    fn with_pci() -> AcpiTables {
+        build(&AcpiConfig {
+            vcpu_count: 1,
+            devices: &[DsdtDevice::PciRoot(PCI)],
+            power: POWER,
+            has_8259: false,
+        })
+        .unwrap()
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack.windows(needle.len()).position(|w| w == needle)
+    }
+
+    #[test]
+    fn pci_root_gets_mcfg_a_host_bridge_and_an_ecam_reservation() {
+        let t = with_pci();
+        let (mcfg_addr, m) = table(&t, b"MCFG");
+        assert_eq!(sum(m), 0);
+        // Header, 8 reserved bytes, then one 16-byte allocation.
+        assert_eq!(m.len(), 36 + 8 + 16);
+        assert_eq!(u64_at(m, 44), 0xe000_0000);
+        assert_eq!(
+            (u16::from_le_bytes([m[52], m[53]]), m[54], m[55]),
+            (0, 0, 0)
+        );
+        let (_, xsdt) = table(&t, b"XSDT");
+        assert!(
+            (36..xsdt.len())
+                .step_by(8)
+                .any(|o| u64_at(xsdt, o) == mcfg_addr)
+        );
+
+        let (_, d) = table(&t, b"DSDT");
+        let eisa = |id: &str| aml::EISAName::new(id).to_aml_vec();
+        let bridge = find(d, &eisa("PNP0A08")).expect("a PNP0A08 host bridge");
+        assert!(find(d, &eisa("PNP0A03")).is_some(), "PCI compatible ID");
+        // The bridge's _CRS: bus 0..0 (word address space, type 2), the config ports, the
+        // 32-bit window (dword memory, min and max) and the 64-bit one (qword memory).
+        let rest = &d[bridge..];
+        let bus = find(rest, &[0x88, 13, 0, 2]).expect("bus number range");
+        assert_eq!(&rest[bus + 8..bus + 12], &[0, 0, 0, 0]);
+        let io = find(rest, &[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c]).expect("0xCF8 ports");
+        assert_eq!(rest[io + 7], 8);
+        let m32 = find(rest, &[0x87, 23, 0, 0]).expect("32-bit window");
+        assert_eq!(u32_at(rest, m32 + 10), 0xc000_0000);
+        assert_eq!(u32_at(rest, m32 + 14), 0xcfff_ffff);
+        let m64 = find(rest, &[0x8a, 43, 0, 0]).expect("64-bit window");
+        assert_eq!(u64_at(rest, m64 + 14), 0x1_0000_0000);
+        assert_eq!(u64_at(rest, m64 + 22), 0x1_0000_0000 + (64 << 30) - 1);
+        // ECAM reserved as a motherboard resource.
+        let mrd = find(d, &eisa("PNP0C02")).expect("a PNP0C02 reservation");
+        let r = find(&d[mrd..], &[0x86, 9, 0]).expect("its Memory32Fixed") + mrd;
+        assert_eq!((u32_at(d, r + 4), u32_at(d, r + 8)), (0xe000_0000, 1 << 20));
+    }
+
+    #[test]
+    fn msi_is_announced_only_with_a_pci_bus() {
+        let boot_arch = |t: &AcpiTables| {
+            let (_, f) = table(t, b"FACP");
+            u16::from_le_bytes([f[109], f[110]])
+        };
+        assert_ne!(boot_arch(&sample()) & IAPC_MSI_NOT_SUPPORTED, 0);
+        assert_eq!(boot_arch(&with_pci()) & IAPC_MSI_NOT_SUPPORTED, 0);
+        let t = sample();
+        assert!(t.blobs.iter().all(|(_, b)| &b[..4] != b"MCFG"));
     }
 
     #[test]

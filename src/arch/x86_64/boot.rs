@@ -104,6 +104,7 @@ pub fn load_guest(mem: &GuestMemoryMmap, spec: BootSpec<'_>) -> Result<BootState
             PlatformDevice::VirtioMmio { base, len, irq } => {
                 dsdt.push(DsdtDevice::VirtioMmio { base, len, irq })
             }
+            PlatformDevice::PciRoot(windows) => dsdt.push(DsdtDevice::PciRoot(windows)),
             PlatformDevice::PowerManagement {
                 sleep_control,
                 sleep_status,

@@ -32,6 +32,18 @@ pub const HIGH_RAM_START: u64 = MMIO_GAP_END;
 /// The range the device manager hands virtio-mmio windows out of (4 KiB each).
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_END: u64 = 0xe000_0000;
+/// The PCI root complex (`--enable-pci`): the 32-bit window its functions' BARs are placed
+/// in (the part of the MMIO gap below the virtio-mmio windows), and ECAM for bus 0 right
+/// after the virtio-mmio windows. MCFG and the DSDT's host bridge describe both.
+pub const PCI_MMIO32_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO32_END: u64 = VIRTIO_MMIO_START;
+pub const PCI_ECAM_START: u64 = VIRTIO_MMIO_END;
+/// One bus: 32 devices x 8 functions x 4 KiB.
+pub const PCI_ECAM_LEN: u64 = 1 << 20;
+/// The 64-bit window for large BARs: from the first 1 GiB boundary above guest RAM (and
+/// never below 4 GiB), this long. 64 GiB holds any BAR an edge accelerator has while
+/// staying far below the 40 physical address bits of the smallest hosts.
+pub const PCI_MMIO64_LEN: u64 = 64 << 30;
 /// Interrupt lines the device manager hands to devices: the IOAPIC pins above the PC's
 /// fixed ones (0-4), up to the last of its 24 pins.
 pub const DEVICE_IRQ_FIRST: u32 = 5;
@@ -51,6 +63,9 @@ pub const PM_PORT_START: u64 = 0x600;
 
 // Device windows and the legacy devices stay clear of RAM and of each other.
 const _: () = assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && VIRTIO_MMIO_END <= IOAPIC_START);
+const _: () = assert!(PCI_MMIO32_END <= VIRTIO_MMIO_START);
+const _: () =
+    assert!(PCI_ECAM_START >= VIRTIO_MMIO_END && PCI_ECAM_START + PCI_ECAM_LEN <= IOAPIC_START);
 const _: () = assert!(DEVICE_IRQ_FIRST > COM1_IRQ && DEVICE_IRQ_FIRST > I8042_IRQ);
 /// KVM needs three pages for the TSS and one for the identity map of real-mode emulation,
 /// placed just below the BIOS area at the top of the 32-bit space where no RAM is.
@@ -74,6 +89,15 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// The PCI root's 64-bit window for `mem_bytes` of guest RAM: (start, length).
+pub fn pci_mmio64_window(mem_bytes: u64) -> (u64, u64) {
+    let ram_end = ram_ranges(mem_bytes)
+        .last()
+        .map_or(0, |&(start, len)| start + len);
+    let start = ram_end.max(HIGH_RAM_START).next_multiple_of(1 << 30);
+    (start, PCI_MMIO64_LEN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +110,15 @@ mod tests {
             ram_ranges(3584 << 20),
             vec![(0, MMIO_GAP_START), (HIGH_RAM_START, 512 << 20)]
         );
+    }
+
+    #[test]
+    fn pci_64_bit_window_sits_above_ram() {
+        assert_eq!(pci_mmio64_window(128 << 20), (4 << 30, 64 << 30));
+        // 3.5 GiB of RAM ends at 4.5 GiB: the window starts at the next GiB.
+        assert_eq!(pci_mmio64_window(3584 << 20).0, 5 << 30);
+        assert_eq!(pci_mmio64_window(4 << 30).0, 5 << 30);
+        assert_eq!(pci_mmio64_window(3 << 30).0, 4 << 30);
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod virtio_handler;
 
 #[cfg(target_arch = "x86_64")]
 mod legacy;
+#[cfg(target_arch = "x86_64")]
+mod pci;
 
 use std::sync::{Arc, Mutex};
 
@@ -70,6 +72,8 @@ pub struct DeviceManager {
     work: Arc<WorkQueue>,
     #[cfg(target_arch = "x86_64")]
     pub legacy: Option<LegacyDevices>,
+    /// The PCI root complex, with `--enable-pci`.
+    pci: Option<Arc<crate::devices::pci::PciRoot>>,
 }
 
 impl DeviceManager {
@@ -87,6 +91,7 @@ impl DeviceManager {
             ),
             #[cfg(target_arch = "x86_64")]
             legacy: None,
+            pci: None,
         })
     }
 
