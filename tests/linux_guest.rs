@@ -15,7 +15,8 @@ use common::linux::{LinuxVm, field, linux_test, number};
 use common::nested::LinuxImages;
 use common::*;
 
-/// What every guest's command line starts with. `pci=off`: ember has no PCI bus yet.
+/// What every guest's command line starts with. `pci=off`: without `--enable-pci` there is
+/// no PCI bus to probe.
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 /// Shell helpers the guests' scripts share: the total count of an interrupt line in
@@ -144,6 +145,63 @@ fn pvh_elf_boots_two_vcpus() {
         let dir = Scratch::new("linux-pvh");
         boot_and_check_machine(images, &dir, &images.vmlinux, "Pvh", 2, 512);
     });
+}
+
+/// What the guest's PCI core found, from sysfs and the kernel log.
+const PCI_REPORT: &str = r#"
+bridge=/sys/bus/pci/devices/0000:00:00.0
+echo "EMBER-TEST pci functions=$(ls /sys/bus/pci/devices | wc -l) bridge=$(cat $bridge/vendor):$(cat $bridge/device):$(cat $bridge/class) config_bytes=$(wc -c < $bridge/config)"
+dmesg | grep -iE "pci|ecam|mmconfig|_osc|msi" | sed 's/^/EMBER-TEST dmesg /'
+echo "EMBER-TEST iomem $(grep -iE 'pci|mmconfig|ecam' /proc/iomem | tr -s ' ' | tr '\n' ';')"
+echo "EMBER-TEST ioports $(grep -iE 'pci|cf8' /proc/ioports | tr -s ' ' | tr '\n' ';')"
+poweroff -f
+"#;
+
+/// With `--enable-pci` a stock kernel finds the root complex the way it finds one on a
+/// PC: the host bridge through ACPI (PNP0A08), configuration space through the MCFG's ECAM
+/// (reserved by a motherboard resource, or Linux would not trust it), the windows from
+/// `_CRS`.
+#[test]
+fn pci_root_complex_is_enumerated_through_acpi_and_ecam() {
+    linux_test(
+        "pci_root_complex_is_enumerated_through_acpi_and_ecam",
+        |images| {
+            let dir = Scratch::new("linux-pci");
+            let initrd = guest_initrd(images, &dir, PCI_REPORT);
+            let args = "console=ttyS0 reboot=k panic=1";
+            let mut vm = LinuxVm::boot_config_with_flags(
+                &dir,
+                &config(&images.bzimage, &initrd, 1, 256, args),
+                &["--enable-pci"],
+            );
+            let pci = vm.wait_for("EMBER-TEST pci");
+            vm.wait_for("EMBER-TEST ioports");
+            let all = vm
+                .console
+                .iter()
+                .filter(|l| l.contains("EMBER-TEST"))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert_eq!(field(&pci, "functions"), "1", "{all}");
+            assert_eq!(field(&pci, "bridge"), "0x1b36:0x0008:0x060000", "{all}");
+            // Extended configuration space (4 KiB) is only readable through ECAM.
+            assert_eq!(field(&pci, "config_bytes"), "4096", "{all}");
+            for needle in [
+                "PCI Root Bridge [PCI0] (domain 0000 [bus 00])",
+                "MMCONFIG at [mem 0xe0000000-0xe00fffff] reserved in ACPI motherboard resources",
+                "root bus resource [mem 0xc0000000-0xcfffffff window]",
+                // 256 MiB of RAM: the 64-bit window starts at 4 GiB.
+                "root bus resource [mem 0x100000000-0x10ffffffff window]",
+                "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+                "0cf8-0cff : PCI conf1",
+            ] {
+                assert!(all.contains(needle), "no {needle:?} in:\n{all}");
+            }
+            let (code, log) = vm.wait_exit();
+            assert_eq!(code, Some(0), "{log}");
+        },
+    );
 }
 
 #[test]

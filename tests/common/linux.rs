@@ -59,11 +59,19 @@ pub struct LinuxVm {
 impl LinuxVm {
     /// Boots `config` with `--no-api`.
     pub fn boot_config(dir: &Scratch, config: &serde_json::Value) -> Self {
+        Self::boot_config_with_flags(dir, config, &[])
+    }
+
+    /// Boots `config` with `--no-api` and `flags`.
+    pub fn boot_config_with_flags(
+        dir: &Scratch,
+        config: &serde_json::Value,
+        flags: &[&str],
+    ) -> Self {
         let path = dir.write("vm.json", config.to_string());
-        Self::spawn(
-            ember_command(&["--no-api", "--config-file", path.to_str().unwrap()]),
-            None,
-        )
+        let mut args = vec!["--no-api", "--config-file", path.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        Self::spawn(ember_command(&args), None)
     }
 
     /// Starts ember serving its API on a socket in `dir`; configure it through [`Self::api`].
