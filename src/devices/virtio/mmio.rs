@@ -3,19 +3,19 @@
 //! Queue notifications normally bypass it (one ioeventfd per queue on QueueNotify); a write
 //! that does reach it is forwarded to the queue's eventfd.
 //!
-//! Register accesses run on vCPU threads. A reset or a stopped queue may have to wait for
-//! host I/O in flight, so those run on the vmm thread through the [`WorkQueue`]; the vCPU
-//! waits, and the driver sees the effect complete when its write returns.
+//! Register accesses run on vCPU threads; what they do beyond decoding registers is shared
+//! with virtio-pci ([`TransportState`]).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_mmio as reg;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, VirtioInterruptType, status};
+use super::transport::{StatusWrite, TransportState};
+use super::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use crate::devices::bus::BusDevice;
 use crate::devices::legacy::Line;
 use crate::devices::work_queue::WorkQueue;
@@ -85,19 +85,9 @@ impl VirtioInterrupt for MmioInterrupt {
 }
 
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
+    state: TransportState,
     interrupt: Arc<MmioInterrupt>,
     queue_evts: Vec<EventFd>,
-    work: Arc<WorkQueue>,
-    queues: Vec<Queue>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
-    config_generation: u32,
-    activated: bool,
 }
 
 impl MmioTransport {
@@ -110,200 +100,27 @@ impl MmioTransport {
         queue_evts: Vec<EventFd>,
         work: Arc<WorkQueue>,
     ) -> Self {
-        let queues = Self::fresh_queues(&device);
         MmioTransport {
-            device,
-            mem,
+            state: TransportState::new(device, mem, work),
             interrupt,
             queue_evts,
-            work,
-            queues,
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            driver_features: 0,
-            status: 0,
-            config_generation: 0,
-            activated: false,
-        }
-    }
-
-    fn fresh_queues(device: &Arc<Mutex<dyn VirtioDevice>>) -> Vec<Queue> {
-        let dev = device.lock().unwrap_or_else(|e| e.into_inner());
-        dev.queue_max_sizes()
-            .iter()
-            // Sizes come from our own device models, which use powers of two up to 256.
-            .filter_map(|&max| Queue::new(max).ok())
-            .collect()
-    }
-
-    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_select as usize)
-    }
-
-    /// Queue registers may change only while the driver sets the device up.
-    fn queue_setup_allowed(&self) -> bool {
-        self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
-    }
-
-    /// Runs `f` on the device, on the vmm thread, and waits for it.
-    fn on_vmm_thread(&self, f: impl FnOnce(&mut dyn VirtioDevice) + Send + 'static) {
-        let device = self.device.clone();
-        self.work.run(move || {
-            let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut *dev);
-        });
-    }
-
-    /// Returns the transport and device to their initial state; the backend stays. The
-    /// device's part (waiting for its I/O) is done before the driver's write returns, so
-    /// Status reads 0 only once nothing touches guest memory any more.
-    fn reset(&mut self) {
-        if self.activated {
-            self.on_vmm_thread(|dev| dev.reset());
-        }
-        self.activated = false;
-        self.queues = Self::fresh_queues(&self.device);
-        self.queue_select = 0;
-        self.device_features_select = 0;
-        self.driver_features_select = 0;
-        self.driver_features = 0;
-        self.status = 0;
-        self.interrupt.clear();
-    }
-
-    fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        // A driver only ever adds bits; anything else is a driver bug, which the device
-        // answers by asking for a reset.
-        if value & self.status != self.status {
-            self.status |= status::DEVICE_NEEDS_RESET;
-            return;
-        }
-        let new = value & !self.status;
-        if new & status::FEATURES_OK != 0 {
-            let offered = self.device().device_features();
-            let ok = self.driver_features & !offered == 0
-                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
-            if !ok {
-                // Leaving FEATURES_OK clear tells the driver the features were refused.
-                self.status |= value & !status::FEATURES_OK;
-                return;
-            }
-        }
-        if new & status::DRIVER_OK != 0 && !self.activate() {
-            self.status |= (value & !status::DRIVER_OK) | status::DEVICE_NEEDS_RESET;
-            return;
-        }
-        self.status |= value;
-    }
-
-    fn activate(&mut self) -> bool {
-        if self.status & status::FEATURES_OK == 0 {
-            return false;
-        }
-        if let Some(i) = self
-            .queues
-            .iter()
-            .position(|q| q.ready() && !q.is_valid(&self.mem))
-        {
-            METRICS.vmm.guest_errors.inc();
-            crate::rate_limited_log!(
-                log::Level::Debug,
-                "virtio: queue {i} set up with invalid addresses or size"
-            );
-            return false;
-        }
-        // The device gets its own copies; the transport keeps its view for the registers.
-        let queues: Vec<Queue> = self
-            .queues
-            .iter()
-            .filter_map(|q| Queue::try_from(q.state()).ok())
-            .collect();
-        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        let result =
-            self.device()
-                .activate(self.mem.clone(), self.driver_features, queues, interrupt);
-        match result {
-            Ok(()) => {
-                self.activated = true;
-                true
-            }
-            Err(e) => {
-                METRICS.vmm.guest_errors.inc();
-                crate::rate_limited_log!(
-                    log::Level::Debug,
-                    "virtio: cannot activate the device: {e}"
-                );
-                false
-            }
-        }
-    }
-
-    /// QueueReady: 1 during set-up makes the queue usable; 0 at any time stops it (virtio
-    /// 1.2, 4.2.2.2: "to stop using the queue the driver MUST write zero ... and MUST read
-    /// the value back"), and reads back 0 once the device no longer uses it.
-    fn set_queue_ready(&mut self, value: u32) {
-        let index = self.queue_select as usize;
-        let running = self.activated;
-        let Some(q) = self.selected_queue() else {
-            return;
-        };
-        if value == 0 {
-            let was_ready = q.ready();
-            q.set_ready(false);
-            if running && was_ready {
-                self.on_vmm_thread(move |dev| dev.stop_queue(index));
-            }
-        } else if value == 1 && !running {
-            q.set_ready(true);
-        }
-    }
-
-    /// Status as the driver reads it: what it set, plus DEVICE_NEEDS_RESET when the
-    /// transport refused a step or the running device gave up on a queue.
-    fn device_status(&self) -> u32 {
-        if self.activated && self.device().needs_reset() {
-            self.status | status::DEVICE_NEEDS_RESET
-        } else {
-            self.status
         }
     }
 
     fn read_reg(&mut self, offset: u32) -> u32 {
+        let s = &self.state;
+        let selected = s.queue(s.queue_select as usize);
         match offset {
             reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
             reg::VIRTIO_MMIO_VERSION => VERSION,
-            reg::VIRTIO_MMIO_DEVICE_ID => self.device().device_type(),
+            reg::VIRTIO_MMIO_DEVICE_ID => s.device().device_type(),
             reg::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
-            reg::VIRTIO_MMIO_DEVICE_FEATURES => {
-                let f = self.device().device_features();
-                match self.device_features_select {
-                    0 => f as u32,
-                    1 => (f >> 32) as u32,
-                    _ => 0,
-                }
-            }
-            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => self
-                .queues
-                .get(self.queue_select as usize)
-                .map_or(0, |q| u32::from(q.max_size())),
-            reg::VIRTIO_MMIO_QUEUE_READY => self
-                .queues
-                .get(self.queue_select as usize)
-                .map_or(0, |q| u32::from(q.ready())),
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => s.device_features_word(),
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => selected.map_or(0, |q| u32::from(q.max_size())),
+            reg::VIRTIO_MMIO_QUEUE_READY => selected.map_or(0, |q| u32::from(q.ready())),
             reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            reg::VIRTIO_MMIO_STATUS => self.device_status(),
-            reg::VIRTIO_MMIO_CONFIG_GENERATION => self
-                .config_generation
-                .wrapping_add(self.device().config_generation()),
+            reg::VIRTIO_MMIO_STATUS => s.device_status(),
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => s.config_generation(),
             _ => {
                 METRICS.vmm.guest_errors.inc();
                 crate::rate_limited_log!(
@@ -316,29 +133,14 @@ impl MmioTransport {
     }
 
     fn write_reg(&mut self, offset: u32, value: u32) {
-        let setup = self.queue_setup_allowed();
+        let s = &mut self.state;
         match offset {
-            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = value,
-            reg::VIRTIO_MMIO_DRIVER_FEATURES => {
-                if self.status & status::FEATURES_OK == 0 {
-                    let v = u64::from(value);
-                    match self.driver_features_select {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
-                        1 => {
-                            self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
-            reg::VIRTIO_MMIO_QUEUE_NUM if setup => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(value as u16);
-                }
-            }
-            reg::VIRTIO_MMIO_QUEUE_READY => self.set_queue_ready(value),
+            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => s.device_features_select = value,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES => s.set_driver_features_word(value),
+            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => s.driver_features_select = value,
+            reg::VIRTIO_MMIO_QUEUE_SEL => s.queue_select = value,
+            reg::VIRTIO_MMIO_QUEUE_NUM => s.with_queue_in_setup(|q| q.set_size(value as u16)),
+            reg::VIRTIO_MMIO_QUEUE_READY => s.set_queue_ready(value),
             reg::VIRTIO_MMIO_QUEUE_NOTIFY => {
                 // Only reached when no ioeventfd took the write (an index without a queue,
                 // or no ioeventfd): forward it.
@@ -347,24 +149,28 @@ impl MmioTransport {
                 }
             }
             reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
-            reg::VIRTIO_MMIO_STATUS => self.set_status(value),
-            reg::VIRTIO_MMIO_QUEUE_DESC_LOW if setup => {
-                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
+            reg::VIRTIO_MMIO_STATUS => {
+                if s.set_status(value, self.interrupt.clone()) == StatusWrite::Reset {
+                    self.interrupt.clear();
+                }
             }
-            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH if setup => {
-                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => {
+                s.with_queue_in_setup(|q| q.set_desc_table_address(Some(value), None))
             }
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW if setup => {
-                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                s.with_queue_in_setup(|q| q.set_desc_table_address(None, Some(value)))
             }
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH if setup => {
-                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                s.with_queue_in_setup(|q| q.set_avail_ring_address(Some(value), None))
             }
-            reg::VIRTIO_MMIO_QUEUE_USED_LOW if setup => {
-                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                s.with_queue_in_setup(|q| q.set_avail_ring_address(None, Some(value)))
             }
-            reg::VIRTIO_MMIO_QUEUE_USED_HIGH if setup => {
-                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW => {
+                s.with_queue_in_setup(|q| q.set_used_ring_address(Some(value), None))
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                s.with_queue_in_setup(|q| q.set_used_ring_address(None, Some(value)))
             }
             _ => {
                 METRICS.vmm.guest_errors.inc();
@@ -375,18 +181,12 @@ impl MmioTransport {
             }
         }
     }
-
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        if let Some(q) = self.selected_queue() {
-            f(q);
-        }
-    }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_START {
-            self.device().read_config(offset - CONFIG_START, data);
+            self.state.read_device_config(offset - CONFIG_START, data);
             return;
         }
         // Registers below the configuration space are 32 bits wide and aligned.
@@ -400,8 +200,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_START {
-            self.device().write_config(offset - CONFIG_START, data);
-            self.config_generation = self.config_generation.wrapping_add(1);
+            self.state.write_device_config(offset - CONFIG_START, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -420,8 +219,10 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::ActivateError;
+    use crate::devices::virtio::{VIRTIO_F_VERSION_1, status};
     use crate::vstate::kvm::KvmContext;
     use crate::vstate::vm::Vm;
+    use virtio_queue::Queue;
     use vm_memory::GuestAddress;
 
     /// A line that records what was done to it: +1 raised, -1 lowered.
@@ -647,7 +448,7 @@ mod tests {
         );
         // Queue registers are frozen after DRIVER_OK.
         w(&mut s.t, reg::VIRTIO_MMIO_QUEUE_NUM, 8);
-        assert_eq!(s.t.queues[0].size(), 16);
+        assert_eq!(s.t.state.queues[0].size(), 16);
     }
 
     #[test]

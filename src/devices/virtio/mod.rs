@@ -3,6 +3,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod transport;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
