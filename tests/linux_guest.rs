@@ -147,35 +147,52 @@ fn pvh_elf_boots_two_vcpus() {
     });
 }
 
-/// What the guest's PCI core found, from sysfs and the kernel log.
+/// What the guest's PCI core found, from sysfs and the kernel log, then a round trip
+/// through the virtio-pci disk at 00:01.0.
 const PCI_REPORT: &str = r#"
 bridge=/sys/bus/pci/devices/0000:00:00.0
+disk=/sys/bus/pci/devices/0000:00:01.0
 echo "EMBER-TEST pci functions=$(ls /sys/bus/pci/devices | wc -l) bridge=$(cat $bridge/vendor):$(cat $bridge/device):$(cat $bridge/class) config_bytes=$(wc -c < $bridge/config)"
-dmesg | grep -iE "pci|ecam|mmconfig|_osc|msi" | sed 's/^/EMBER-TEST dmesg /'
+echo "EMBER-TEST disk id=$(cat $disk/vendor):$(cat $disk/device):$(cat $disk/class) driver=$(basename $(readlink $disk/driver)) msix=$(cat $disk/msi_bus 2>/dev/null)"
+dmesg | grep -iE "pci|ecam|mmconfig|_osc|msi|virtio" | sed 's/^/EMBER-TEST dmesg /'
 echo "EMBER-TEST iomem $(grep -iE 'pci|mmconfig|ecam' /proc/iomem | tr -s ' ' | tr '\n' ';')"
 echo "EMBER-TEST ioports $(grep -iE 'pci|cf8' /proc/ioports | tr -s ' ' | tr '\n' ';')"
+echo "EMBER-TEST vda head=$(head -c 16 /dev/vda)"
+echo "EMBER-TEST-WROTE-THROUGH-PCI" | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null
+echo "EMBER-TEST vda wrote=$?"
+grep virtio0 /proc/interrupts | tr -s ' ' | sed 's/^/EMBER-TEST interrupts /'
+echo "EMBER-TEST requests irqs=$(irqs virtio0-req)"
 poweroff -f
 "#;
 
 /// With `--enable-pci` a stock kernel finds the root complex the way it finds one on a
 /// PC: the host bridge through ACPI (PNP0A08), configuration space through the MCFG's ECAM
 /// (reserved by a motherboard resource, or Linux would not trust it), the windows from
-/// `_CRS`.
+/// `_CRS`; and the drive is a virtio-pci function its virtio-pci driver binds, with MSI-X
+/// interrupts, reading and writing the host file.
 #[test]
-fn pci_root_complex_is_enumerated_through_acpi_and_ecam() {
+fn pci_root_complex_and_a_virtio_pci_disk_with_msix() {
     linux_test(
-        "pci_root_complex_is_enumerated_through_acpi_and_ecam",
+        "pci_root_complex_and_a_virtio_pci_disk_with_msix",
         |images| {
             let dir = Scratch::new("linux-pci");
+            let mut disk = vec![0u8; 1 << 20];
+            disk[..16].copy_from_slice(b"EMBER-PCI-DISK..");
+            let disk_path = dir.write("disk.img", &disk);
             let initrd = guest_initrd(images, &dir, PCI_REPORT);
             let args = "console=ttyS0 reboot=k panic=1";
-            let mut vm = LinuxVm::boot_config_with_flags(
-                &dir,
-                &config(&images.bzimage, &initrd, 1, 256, args),
-                &["--enable-pci"],
-            );
+            let mut cfg = config(&images.bzimage, &initrd, 1, 256, args);
+            cfg["drives"] = serde_json::json!([
+                {"drive_id": "data", "path_on_host": disk_path, "is_root_device": false,
+                 "is_read_only": false},
+            ]);
+            let mut vm = LinuxVm::boot_config_with_flags(&dir, &cfg, &["--enable-pci"]);
             let pci = vm.wait_for("EMBER-TEST pci");
+            let disk_line = vm.wait_for("EMBER-TEST disk");
             vm.wait_for("EMBER-TEST ioports");
+            let head = vm.wait_for("EMBER-TEST vda head");
+            let wrote = vm.wait_for("EMBER-TEST vda wrote");
+            let requests = vm.wait_for("EMBER-TEST requests");
             let all = vm
                 .console
                 .iter()
@@ -183,7 +200,7 @@ fn pci_root_complex_is_enumerated_through_acpi_and_ecam() {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join("\n");
-            assert_eq!(field(&pci, "functions"), "1", "{all}");
+            assert_eq!(field(&pci, "functions"), "2", "{all}");
             assert_eq!(field(&pci, "bridge"), "0x1b36:0x0008:0x060000", "{all}");
             // Extended configuration space (4 KiB) is only readable through ECAM.
             assert_eq!(field(&pci, "config_bytes"), "4096", "{all}");
@@ -194,12 +211,32 @@ fn pci_root_complex_is_enumerated_through_acpi_and_ecam() {
                 // 256 MiB of RAM: the 64-bit window starts at 4 GiB.
                 "root bus resource [mem 0x100000000-0x10ffffffff window]",
                 "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+                "pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000",
                 "0cf8-0cff : PCI conf1",
             ] {
                 assert!(all.contains(needle), "no {needle:?} in:\n{all}");
             }
+            // The virtio-pci driver bound the function and virtio-blk read and wrote it.
+            assert_eq!(field(&disk_line, "id"), "0x1af4:0x1042:0x018000", "{all}");
+            assert_eq!(field(&disk_line, "driver"), "virtio-pci", "{all}");
+            assert!(head.contains("head=EMBER-PCI-DISK.."), "{all}");
+            assert_eq!(field(&wrote, "wrote"), "0", "{all}");
+            // Completions arrived as MSI-X messages on the request queue's vector.
+            assert!(number(&requests, "irqs") > 0, "{all}");
+            assert!(
+                all.lines()
+                    .any(|l| l.contains("EMBER-TEST interrupts") && l.contains("MSI")),
+                "{all}"
+            );
             let (code, log) = vm.wait_exit();
             assert_eq!(code, Some(0), "{log}");
+            assert!(log.contains("PCI 0000:00:01.0"), "{log}");
+            let after = std::fs::read(&disk_path).unwrap();
+            assert!(
+                after[512..].starts_with(b"EMBER-TEST-WROTE-THROUGH-PCI"),
+                "{:?}",
+                String::from_utf8_lossy(&after[512..560])
+            );
         },
     );
 }

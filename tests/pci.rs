@@ -31,14 +31,14 @@ fn without_enable_pci_there_is_no_pci_bus() {
 }
 
 #[test]
-fn enable_pci_with_virtio_devices_says_they_stay_on_mmio() {
+fn with_enable_pci_a_drive_is_a_pci_function_not_a_virtio_mmio_device() {
     let dir = Scratch::new("pci-blk");
     let disk = disk_image(&dir, "disk.img", 0, 64);
     let mut config: serde_json::Value = serde_json::from_str(&config_json(
         &probe_elf(),
         1,
         128,
-        &probe_args(1, 128, "probe.pci=1"),
+        &probe_args(1, 128, "probe.pci=2"),
     ))
     .unwrap();
     config["drives"] = serde_json::json!([{
@@ -49,10 +49,17 @@ fn enable_pci_with_virtio_devices_says_they_stay_on_mmio() {
     }]);
     let r = boot_config_with_flags(&config.to_string(), &["--enable-pci"]);
     assert!(
-        r.stderr
-            .contains("block and network devices stay on virtio-mmio"),
+        r.stderr.contains("drive \"rootfs\"")
+            && r.stderr
+                .contains("at PCI 0000:00:01.0, BAR 0 0x100000000, MSI-X"),
         "{}",
         r.stderr
     );
-    assert!(r.line_starting("PROBE pci ok").is_some(), "{}", r.stdout);
+    let pci = r.line_starting("PROBE pci ok").expect("a pci line");
+    assert!(pci.contains("functions=2"), "{pci}");
+    // No virtio-mmio device in the DSDT and none on the command line.
+    let acpi = r.line_starting("PROBE acpi ok").expect("an acpi line");
+    assert!(acpi.contains("virtio=0"), "{acpi}");
+    let cmdline = r.line_starting("PROBE cmdline ok").expect("a cmdline line");
+    assert!(!cmdline.contains("virtio_mmio"), "{cmdline}");
 }

@@ -230,13 +230,11 @@ fn attach_drives(
             }
         );
         let block = Arc::new(Mutex::new(block));
-        let slot = devices.attach_virtio(vm, mem, &drive.drive_id, block.clone())?;
+        let placement = devices.attach_virtio(vm, mem, &drive.drive_id, block.clone())?;
         log::info!(
-            "drive {:?}: {} ({summary}) at {:#x}, IRQ {}",
+            "drive {:?}: {} ({summary}) {placement}",
             drive.drive_id,
             drive.path_on_host.as_deref().unwrap_or(""),
-            slot.base,
-            slot.irq
         );
         blocks.push((drive.drive_id.clone(), block));
         if drive.is_root_device {
@@ -280,14 +278,12 @@ fn attach_nets(
             tx_rate_limiter: iface.tx_rate_limiter.clone(),
         })?;
         let device = Arc::new(Mutex::new(device));
-        let slot = devices.attach_virtio(vm, mem, &iface.iface_id, device.clone())?;
+        let placement = devices.attach_virtio(vm, mem, &iface.iface_id, device.clone())?;
         log::info!(
-            "network interface {:?}: TAP {}, MAC {} at {:#x}, IRQ {}",
+            "network interface {:?}: TAP {}, MAC {} {placement}",
             iface.iface_id,
             iface.host_dev_name,
             mac.map(|b| format!("{b:02x}")).join(":"),
-            slot.base,
-            slot.irq
         );
         nets.push((iface.iface_id.clone(), device));
     }
@@ -369,12 +365,6 @@ pub fn build_microvm(
     devices.attach_legacy(&vm, &stop, boot_timer_hook(opts.boot_timer_start))?;
     if opts.enable_pci {
         devices.attach_pci_root(machine.mem_size_bytes())?;
-        if !drives.is_empty() || !interfaces.is_empty() {
-            log::warn!(
-                "--enable-pci: the guest gets a PCI root complex, but block and network \
-                 devices stay on virtio-mmio in this version of ember"
-            );
-        }
     }
     let (blocks, root_args) = attach_drives(&vm, &guest_memory, &mut devices, drives)?;
     let nets = attach_nets(

@@ -1,5 +1,6 @@
 //! Thin owners of KVM objects: the system handle, the VM and its vCPUs.
 
+pub mod gsi_routes;
 pub mod kvm;
 pub mod vcpu;
 pub mod vm;

@@ -15,12 +15,13 @@ use vm_allocator::IdAllocator;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use kvm_bindings::{KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_msi, kvm_msi};
+use kvm_bindings::{KvmIrqRouting, kvm_msi};
 
 use crate::arch;
 use crate::config::Irqchip;
 use crate::devices::legacy::Line;
 use crate::devices::legacy::ioapic::{Ioapic, IoapicPin, MsiSink};
+use crate::vstate::gsi_routes::{GsiRoutes, GsiRoutesError, MsiMessage};
 use crate::vstate::kvm::KvmContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,11 @@ pub enum VmError {
     CreateVcpu(u8, kvm_ioctls::Error),
     #[error("cannot create an eventfd for {0}: {1}")]
     EventFd(&'static str, std::io::Error),
+    #[error("{what}: {source}")]
+    MsiGsi {
+        what: String,
+        source: GsiRoutesError,
+    },
     #[error("cannot connect {what} to interrupt {gsi}: {source}")]
     Irqfd {
         what: String,
@@ -64,6 +70,25 @@ pub enum VmError {
 pub struct VmShared {
     fd: VmFd,
     memory: Mutex<Vec<GuestMemoryMmap>>,
+    /// KVM's GSI routing table, which every route change replaces whole.
+    routes: Mutex<GsiRoutes>,
+}
+
+impl VmShared {
+    fn routes(&self) -> std::sync::MutexGuard<'_, GsiRoutes> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pushes `routes` (held locked by the caller, so two changes cannot interleave).
+    fn push_routes(&self, routes: &GsiRoutes) -> std::io::Result<()> {
+        let entries = routes.table();
+        let mut table = KvmIrqRouting::new(entries.len())
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        table.as_mut_slice().copy_from_slice(&entries);
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 pub struct Vm {
@@ -89,6 +114,7 @@ impl Vm {
             shared: Arc::new(VmShared {
                 fd,
                 memory: Mutex::new(Vec::new()),
+                routes: Mutex::new(GsiRoutes::split_irqchip()),
             }),
             ioapic: None,
             irqchip_created: false,
@@ -107,6 +133,10 @@ impl Vm {
     pub fn create_interrupt_controllers(&mut self, irqchip: Irqchip) -> Result<(), VmError> {
         arch::create_interrupt_controllers(&self.shared.fd, irqchip)?;
         self.irqchip_created = true;
+        #[cfg(target_arch = "x86_64")]
+        if irqchip == Irqchip::Kernel {
+            *self.shared.routes() = GsiRoutes::in_kernel_irqchip();
+        }
         if irqchip == Irqchip::Split {
             self.ioapic = Some(Arc::new(Mutex::new(Ioapic::new(
                 0,
@@ -199,6 +229,28 @@ impl Vm {
         })
     }
 
+    /// An MSI vector for a device: a GSI of its own with an irqfd on it. Its route (the
+    /// message the guest programs) is set with [`MsiVector::route`]; until then a trigger
+    /// delivers nothing.
+    pub fn msi_vector(&self, what: &str) -> Result<MsiVector, VmError> {
+        let gsi = self
+            .shared
+            .routes()
+            .allocate()
+            .map_err(|source| VmError::MsiGsi {
+                what: what.to_owned(),
+                source,
+            })?;
+        let irqfd = match self.irqfd(gsi, what) {
+            Ok(irqfd) => irqfd,
+            Err(e) => {
+                self.shared.routes().free(gsi);
+                return Err(e);
+            }
+        };
+        Ok(MsiVector { irqfd })
+    }
+
     /// A guest write of `datamatch` (any value when None) to MMIO address `addr` signals
     /// the returned eventfd inside KVM, without a VM exit.
     pub fn ioeventfd(
@@ -209,10 +261,37 @@ impl Vm {
     ) -> Result<IoEventFd, VmError> {
         let evt =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::EventFd("an ioeventfd", e))?;
+        self.handle().ioeventfd(&evt, addr, datamatch, what)
+    }
+
+    /// What a device needs to change its own registrations while the VM runs.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(self.shared.clone())
+    }
+}
+
+/// A device's hold on the VM, to move its registrations (a BAR the guest moved).
+#[derive(Clone)]
+pub struct VmHandle(Arc<VmShared>);
+
+impl VmHandle {
+    /// Like [`Vm::ioeventfd`], for an eventfd the caller already has (and keeps waiting
+    /// on): the same eventfd can be registered at a new address when the old registration
+    /// is dropped.
+    pub fn ioeventfd(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: Option<u32>,
+        what: &str,
+    ) -> Result<IoEventFd, VmError> {
+        let evt = evt
+            .try_clone()
+            .map_err(|e| VmError::EventFd("an ioeventfd", e))?;
         let at = IoEventAddress::Mmio(addr);
         let r = match datamatch {
-            Some(v) => self.shared.fd.register_ioevent(&evt, &at, v),
-            None => self.shared.fd.register_ioevent(&evt, &at, NoDatamatch),
+            Some(v) => self.0.fd.register_ioevent(&evt, &at, v),
+            None => self.0.fd.register_ioevent(&evt, &at, NoDatamatch),
         };
         r.map_err(|source| VmError::IoEvent {
             what: what.to_owned(),
@@ -220,7 +299,7 @@ impl Vm {
             source,
         })?;
         Ok(IoEventFd {
-            vm: self.shared.clone(),
+            vm: self.0.clone(),
             evt,
             addr,
             datamatch,
@@ -250,23 +329,13 @@ impl MsiSink for KvmMsiSink {
     }
 
     fn set_routes(&self, routes: &[(u32, u64, u32)]) -> std::io::Result<()> {
-        let mut table = KvmIrqRouting::new(routes.len())
-            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        for (entry, &(gsi, address, data)) in table.as_mut_slice().iter_mut().zip(routes) {
-            let (address_lo, address_hi) = halves(address);
-            entry.gsi = gsi;
-            entry.type_ = KVM_IRQ_ROUTING_MSI;
-            entry.u.msi = kvm_irq_routing_msi {
-                address_lo,
-                address_hi,
-                data,
-                ..Default::default()
-            };
-        }
-        self.0
-            .fd
-            .set_gsi_routing(&table)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        let pins: Vec<(u32, MsiMessage)> = routes
+            .iter()
+            .map(|&(gsi, address, data)| (gsi, MsiMessage { address, data }))
+            .collect();
+        let mut table = self.0.routes();
+        table.set_pin_messages(&pins);
+        self.0.push_routes(&table)
     }
 }
 
@@ -301,6 +370,53 @@ impl Drop for Irqfd {
     fn drop(&mut self) {
         // Fails only if the VM is already gone, which undid the registration anyway.
         let _ = self.vm.fd.unregister_irqfd(&self.evt, self.gsi);
+    }
+}
+
+/// An MSI or MSI-X vector: an irqfd on a GSI whose KVM route is the message the guest
+/// programmed. Dropping it disconnects the irqfd and removes the route.
+pub struct MsiVector {
+    irqfd: Irqfd,
+}
+
+impl MsiVector {
+    /// Routes the vector to `message`, or (None) nowhere, pushing KVM's table if this
+    /// changes it. Every route change replaces KVM's whole table, so vCPUs reprogramming
+    /// vectors are serialised on the table's lock.
+    pub fn route(&self, message: Option<MsiMessage>) -> std::io::Result<()> {
+        let vm = &self.irqfd.vm;
+        let mut routes = vm.routes();
+        if routes.set_msi(self.irqfd.gsi, message) {
+            vm.push_routes(&routes)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the message the vector is routed to.
+    pub fn trigger(&self) -> std::io::Result<()> {
+        self.irqfd.trigger()
+    }
+
+    pub fn gsi(&self) -> u32 {
+        self.irqfd.gsi
+    }
+
+    /// The irqfd, for a source that signals it itself (a VFIO device).
+    pub fn eventfd(&self) -> &EventFd {
+        self.irqfd.eventfd()
+    }
+}
+
+impl Drop for MsiVector {
+    fn drop(&mut self) {
+        let vm = &self.irqfd.vm;
+        let mut routes = vm.routes();
+        let had_route = routes.set_msi(self.irqfd.gsi, None);
+        routes.free(self.irqfd.gsi);
+        // Fails only if the VM is already gone.
+        if had_route {
+            let _ = vm.push_routes(&routes);
+        }
     }
 }
 
@@ -395,5 +511,34 @@ mod tests {
         drop(io);
         // ...and allowed once the first handle is gone.
         vm.ioeventfd(0xd000_0050, Some(0), "test").unwrap();
+    }
+
+    #[test]
+    fn msi_vectors_route_trigger_and_give_their_gsi_back() {
+        for irqchip in [Irqchip::Kernel, Irqchip::Split] {
+            let mut vm = vm();
+            vm.create_interrupt_controllers(irqchip).unwrap();
+            let a = vm.msi_vector("test").unwrap();
+            let b = vm.msi_vector("test").unwrap();
+            assert_eq!((a.gsi(), b.gsi()), (24, 25));
+            let m = MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x45,
+            };
+            // KVM takes the table with the pins' routes and both vectors'.
+            a.route(Some(m)).unwrap();
+            b.route(Some(MsiMessage { data: 0x46, ..m })).unwrap();
+            a.trigger().unwrap();
+            let routed: Vec<u32> = vm.shared.routes().table().iter().map(|e| e.gsi).collect();
+            assert!(routed.contains(&24) && routed.contains(&25), "{routed:?}");
+            a.route(None).unwrap();
+            drop(a);
+            let again = vm.msi_vector("test").unwrap();
+            assert_eq!(
+                again.gsi(),
+                24,
+                "{irqchip:?}: a dropped vector's GSI is reused"
+            );
+        }
     }
 }

@@ -34,7 +34,7 @@ BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
 
 # Modules each side loads (with their dependencies, which modules.dep resolves).
 OUTER_MODULES="kvm-amd virtio_pci 9pnet_virtio 9p tun"
-GUEST_MODULES="virtio_mmio virtio_blk virtio_net ext4 crc32c_generic"
+GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ext4 crc32c_generic"
 
 log() { printf 'nested-host build: %s\n' "$*" >&2; }
 die() {

@@ -132,7 +132,7 @@ mod tests {
     use crate::devices::pci::root::tests::Scratchpad;
 
     fn root_with_pad() -> Arc<PciRoot> {
-        let mut root = PciRoot::new();
+        let root = PciRoot::new();
         root.add(Arc::new(Mutex::new(Scratchpad::new(0xc000_0000))))
             .unwrap();
         Arc::new(root)

@@ -57,6 +57,11 @@ const BAR_PREFETCHABLE: u32 = 0b1000;
 const BAR_COUNT: usize = 6;
 
 /// Class codes ember's functions use (PCI Code and ID Assignment, chapter 1).
+pub const CLASS_MASS_STORAGE: u8 = 0x01;
+pub const SUBCLASS_OTHER_STORAGE: u8 = 0x80;
+pub const CLASS_NETWORK: u8 = 0x02;
+pub const SUBCLASS_ETHERNET: u8 = 0x00;
+pub const CLASS_OTHER: u8 = 0xff;
 pub const CLASS_BRIDGE: u8 = 0x06;
 pub const SUBCLASS_HOST_BRIDGE: u8 = 0x00;
 
@@ -363,6 +368,13 @@ impl ConfigSpace {
     /// Bytes of the space, for the device's own use (its capabilities' registers).
     pub fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         &self.bytes[offset..offset + len]
+    }
+
+    /// The function sets bytes of its own registers, whatever the guest may write there.
+    pub fn set_bytes(&mut self, offset: usize, data: &[u8]) {
+        if let Some(bytes) = self.bytes.get_mut(offset..offset + data.len()) {
+            bytes.copy_from_slice(data);
+        }
     }
 
     /// The guest reads `data.len()` bytes at `offset`. Outside the space, it reads ones.

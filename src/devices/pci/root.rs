@@ -28,6 +28,11 @@ pub enum PciRootError {
 pub trait PciDevice: Send {
     fn config(&self) -> &ConfigSpace;
     fn config_mut(&mut self) -> &mut ConfigSpace;
+    /// The guest reads configuration space; a function with registers that read through
+    /// to somewhere else (virtio's PCI configuration access window) overrides this.
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
     /// The guest writes configuration space; a function with registers that act (MSI-X
     /// enable, say) overrides this and then calls the plain write.
     fn write_config(&mut self, offset: usize, data: &[u8]) {
@@ -37,6 +42,10 @@ pub trait PciDevice: Send {
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset` into BAR `bar`.
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// The function's decoding memory BARs changed (moved, or decode turned on or off):
+    /// `bars` is where they decode now. A function with fast paths registered at a BAR's
+    /// address (ioeventfds, mapped memory) moves them here.
+    fn decoding_changed(&mut self, _bars: &[BarRegion]) {}
 }
 
 type SharedFunction = Arc<Mutex<dyn PciDevice>>;
@@ -50,7 +59,7 @@ struct Route {
 
 /// The root bus.
 pub struct PciRoot {
-    slots: Vec<Option<SharedFunction>>,
+    slots: RwLock<Vec<Option<SharedFunction>>>,
     /// Every memory BAR that decodes, refreshed after each configuration write (the only
     /// way a BAR moves or starts decoding).
     routes: RwLock<Vec<Route>>,
@@ -68,35 +77,43 @@ impl PciRoot {
         let mut slots: Vec<Option<SharedFunction>> = vec![None; SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
         PciRoot {
-            slots,
+            slots: RwLock::new(slots),
             routes: RwLock::new(Vec::new()),
         }
     }
 
     /// Puts `function` in the first free slot and returns the slot (its device number).
-    pub fn add(&mut self, function: SharedFunction) -> Result<u8, PciRootError> {
-        let slot = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PciRootError::BusFull)?;
-        self.slots[slot] = Some(function);
+    pub fn add(&self, function: SharedFunction) -> Result<u8, PciRootError> {
+        let slot = {
+            let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+            let slot = slots
+                .iter()
+                .position(Option::is_none)
+                .ok_or(PciRootError::BusFull)?;
+            slots[slot] = Some(function);
+            slot
+        };
         self.refresh_routes(slot);
         Ok(slot as u8)
     }
 
-    fn function(&self, bus: u8, device: u8, function: u8) -> Option<&SharedFunction> {
+    fn slot(&self, slot: usize) -> Option<SharedFunction> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.get(slot)?.clone()
+    }
+
+    fn function(&self, bus: u8, device: u8, function: u8) -> Option<SharedFunction> {
         if bus != 0 || function != 0 {
             return None;
         }
-        self.slots.get(usize::from(device))?.as_ref()
+        self.slot(usize::from(device))
     }
 
     /// Reads configuration space; a function that does not exist reads all ones, which is
     /// how software finds the bus's functions (vendor ID 0xffff).
     pub fn config_read(&self, bus: u8, device: u8, function: u8, offset: usize, data: &mut [u8]) {
         match self.function(bus, device, function) {
-            Some(f) => lock(f).config().read(offset, data),
+            Some(f) => lock(&f).read_config(offset, data),
             None => data.fill(0xff),
         }
     }
@@ -104,24 +121,37 @@ impl PciRoot {
     /// Writes configuration space; to a function that does not exist it goes nowhere.
     pub fn config_write(&self, bus: u8, device: u8, function: u8, offset: usize, data: &[u8]) {
         if let Some(f) = self.function(bus, device, function) {
-            lock(f).write_config(offset, data);
+            lock(&f).write_config(offset, data);
             self.refresh_routes(usize::from(device));
         }
     }
 
+    /// Re-reads where `slot`'s memory BARs decode and tells the function when that
+    /// changed.
     fn refresh_routes(&self, slot: usize) {
-        let regions = match &self.slots[slot] {
-            Some(f) => lock(f).config().decoding_bars(),
-            None => Vec::new(),
+        let Some(f) = self.slot(slot) else {
+            return;
         };
-        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
-        routes.retain(|r| r.slot != slot);
-        routes.extend(
-            regions
-                .into_iter()
-                .filter(|r| r.kind != BarKind::Io)
-                .map(|region| Route { region, slot }),
-        );
+        let regions: Vec<BarRegion> = lock(&f)
+            .config()
+            .decoding_bars()
+            .into_iter()
+            .filter(|r| r.kind != BarKind::Io)
+            .collect();
+        let changed = {
+            let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+            let before: Vec<BarRegion> = routes
+                .iter()
+                .filter(|r| r.slot == slot)
+                .map(|r| r.region)
+                .collect();
+            routes.retain(|r| r.slot != slot);
+            routes.extend(regions.iter().map(|&region| Route { region, slot }));
+            before != regions
+        };
+        if changed {
+            lock(&f).decoding_changed(&regions);
+        }
     }
 
     /// The function, BAR and offset a memory access at `addr` reaches, if any.
@@ -130,7 +160,7 @@ impl PciRoot {
         let r = routes
             .iter()
             .find(|r| r.region.contains(addr, len as u64))?;
-        let f = self.slots[r.slot].clone()?;
+        let f = self.slot(r.slot)?;
         Some((f, r.region.index, addr - r.region.addr))
     }
 
@@ -299,7 +329,7 @@ pub(crate) mod tests {
 
     #[test]
     fn functions_fill_free_slots_until_the_bus_is_full() {
-        let mut root = PciRoot::new();
+        let root = PciRoot::new();
         for want in 1..SLOTS {
             let slot = root
                 .add(Arc::new(Mutex::new(Scratchpad::new(0xc000_0000))))
@@ -314,7 +344,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bar_accesses_follow_the_bar_when_the_guest_moves_it() {
-        let mut root = PciRoot::new();
+        let root = PciRoot::new();
         let pad = Arc::new(Mutex::new(Scratchpad::new(0xc000_0000)));
         let slot = root.add(pad.clone()).unwrap();
         let root = Arc::new(root);

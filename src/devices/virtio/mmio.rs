@@ -218,11 +218,10 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::ActivateError;
+    use crate::devices::virtio::test_utils::{FakeDevice, run_work_on_a_thread};
     use crate::devices::virtio::{VIRTIO_F_VERSION_1, status};
     use crate::vstate::kvm::KvmContext;
     use crate::vstate::vm::Vm;
-    use virtio_queue::Queue;
     use vm_memory::GuestAddress;
 
     /// A line that records what was done to it: +1 raised, -1 lowered.
@@ -259,59 +258,6 @@ mod tests {
         assert_eq!(*line.0.lock().unwrap(), vec![1, 1, -1, 1, -1]);
     }
 
-    /// A device that records what the transport told it.
-    #[derive(Default)]
-    struct FakeDevice {
-        activated_with: Option<(u64, usize)>,
-        resets: usize,
-        stopped: Vec<usize>,
-        config: [u8; 8],
-        /// Which thread ran the last reset or queue stop.
-        io_thread: Option<std::thread::ThreadId>,
-        /// The device gave up on its queues until reset.
-        broken: bool,
-    }
-
-    impl VirtioDevice for FakeDevice {
-        fn device_type(&self) -> u32 {
-            2
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16]
-        }
-        fn device_features(&self) -> u64 {
-            (1 << VIRTIO_F_VERSION_1) | (1 << 5)
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            super::super::read_config_bytes(&self.config, offset, data);
-        }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(
-            &mut self,
-            _mem: GuestMemoryMmap,
-            features: u64,
-            queues: Vec<Queue>,
-            _interrupt: Arc<dyn VirtioInterrupt>,
-        ) -> Result<(), ActivateError> {
-            self.activated_with = Some((features, queues.len()));
-            Ok(())
-        }
-        fn reset(&mut self) {
-            self.resets += 1;
-            self.activated_with = None;
-            self.broken = false;
-            self.io_thread = Some(std::thread::current().id());
-        }
-        fn needs_reset(&self) -> bool {
-            self.broken
-        }
-        fn process_queue(&mut self, _index: usize) {}
-        fn stop_queue(&mut self, index: usize) {
-            self.stopped.push(index);
-            self.io_thread = Some(std::thread::current().id());
-        }
-    }
-
     /// The transport with a fake device, the queue's eventfd, and a thread standing in for
     /// the vmm thread (it runs the work queue until the test ends).
     struct Setup {
@@ -323,10 +269,7 @@ mod tests {
     }
 
     fn transport() -> Setup {
-        let dev = Arc::new(Mutex::new(FakeDevice {
-            config: 0x1234u64.to_le_bytes(),
-            ..Default::default()
-        }));
+        let dev = Arc::new(Mutex::new(FakeDevice::new(&[16])));
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
         vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
@@ -334,22 +277,7 @@ mod tests {
         let irq = Arc::new(MmioInterrupt::new(Box::new(vm.irqfd(5, "test").unwrap())));
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let work = Arc::new(WorkQueue::new().unwrap());
-        let runner = work.clone();
-        let vmm = std::thread::spawn(move || {
-            loop {
-                let mut p = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(runner.eventfd()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                if unsafe { libc::poll(&mut p, 1, 5000) } <= 0 {
-                    return;
-                }
-                runner.run_pending();
-            }
-        });
-        let vmm_id = vmm.thread().id();
+        let vmm_id = run_work_on_a_thread(work.clone());
         let t = MmioTransport::new(dev.clone(), mem, irq, vec![evt.try_clone().unwrap()], work);
         Setup {
             t,

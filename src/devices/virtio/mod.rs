@@ -3,6 +3,9 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
+#[cfg(test)]
+pub mod test_utils;
 pub mod transport;
 
 use std::os::fd::RawFd;

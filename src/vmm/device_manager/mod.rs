@@ -26,9 +26,10 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::mmio::{MMIO_WINDOW, MmioInterrupt, MmioTransport, NOTIFY_OFFSET};
 use crate::devices::work_queue::WorkQueue;
 use crate::metrics::{DeviceGroup, DeviceRegistration, METRICS};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{IoEventFd, Vm, VmError};
 use resources::{DeviceResources, DeviceSlot, ResourceError};
 use virtio_handler::VirtioHandler;
+use vmm_sys_util::eventfd::EventFd;
 
 #[cfg(target_arch = "x86_64")]
 pub use legacy::LegacyDevices;
@@ -45,6 +46,9 @@ pub enum DeviceManagerError {
     Bus(#[from] BusError),
     #[error("cannot create {0}: {1}")]
     Io(&'static str, std::io::Error),
+    #[cfg(target_arch = "x86_64")]
+    #[error("{0}")]
+    Pci(pci::PciAttachError),
     #[error("cannot duplicate an eventfd for {0}: {1}")]
     EventFd(String, std::io::Error),
 }
@@ -54,7 +58,10 @@ struct AttachedVirtio {
     /// How logs name it: `drive "rootfs"`.
     label: String,
     device: Arc<Mutex<dyn VirtioDevice>>,
-    slot: DeviceSlot,
+    placement: VirtioPlacement,
+    /// The mmio transport's queue notifications; a PCI function keeps its own, as they
+    /// move with its BAR.
+    _notifications: Vec<IoEventFd>,
     /// Keeps the device's own metrics in the flushes while it is attached.
     _metrics: Option<DeviceRegistration>,
 }
@@ -72,8 +79,29 @@ pub struct DeviceManager {
     work: Arc<WorkQueue>,
     #[cfg(target_arch = "x86_64")]
     pub legacy: Option<LegacyDevices>,
-    /// The PCI root complex, with `--enable-pci`.
-    pci: Option<Arc<crate::devices::pci::PciRoot>>,
+    /// The PCI root complex with `--enable-pci`, where virtio devices then go.
+    #[cfg(target_arch = "x86_64")]
+    pci: Option<pci::PciBus>,
+}
+
+/// Where a virtio device sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioPlacement {
+    /// A virtio-mmio window and its interrupt line.
+    Mmio(DeviceSlot),
+    /// A PCI function on bus 0 (device number) with BAR 0 where ember placed it.
+    Pci { device: u8, bar: u64 },
+}
+
+impl std::fmt::Display for VirtioPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VirtioPlacement::Mmio(slot) => write!(f, "at {:#x}, IRQ {}", slot.base, slot.irq),
+            VirtioPlacement::Pci { device, bar } => {
+                write!(f, "at PCI 0000:00:{device:02x}.0, BAR 0 {bar:#x}, MSI-X")
+            }
+        }
+    }
 }
 
 impl DeviceManager {
@@ -91,43 +119,70 @@ impl DeviceManager {
             ),
             #[cfg(target_arch = "x86_64")]
             legacy: None,
+            #[cfg(target_arch = "x86_64")]
             pci: None,
         })
     }
 
-    /// Attaches `device` on a virtio-mmio transport of its own: a 4 KiB window and an
-    /// interrupt line, one ioeventfd per queue on QueueNotify (matching the queue index),
-    /// the interrupt through an irqfd, the `virtio_mmio.device=` word and the firmware
-    /// table entry, an event-loop handler, and its metrics (`<kind>_<id>`). `id` is the
-    /// client's name for it (`drive_id`), which logs and metrics use.
+    /// Attaches `device` with its transport: a PCI function when the VM has a PCI root
+    /// complex, else virtio-mmio (see [`Self::connect_mmio`]); then an event-loop handler
+    /// for its queue notifications and its metrics (`<kind>_<id>`). `id` is the client's
+    /// name for it (`drive_id`), which logs and metrics use.
     pub fn attach_virtio(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
         id: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
-    ) -> Result<DeviceSlot, DeviceManagerError> {
-        let slot = self.resources.allocate(MMIO_WINDOW)?;
-        let label = {
+    ) -> Result<VirtioPlacement, DeviceManagerError> {
+        let (label, queues) = {
             let dev = device.lock().unwrap_or_else(|e| e.into_inner());
-            format!("{} {id:?}", kind_label(dev.device_type()))
+            (
+                format!("{} {id:?}", kind_label(dev.device_type())),
+                dev.queue_max_sizes().len(),
+            )
         };
-        match self.connect_mmio(vm, mem, &label, device.clone(), slot) {
-            Ok(()) => {}
-            Err(e) => {
-                self.resources.free(slot);
-                return Err(e);
-            }
+        // The handler waits on these; the transport gets copies to forward notify writes
+        // that KVM did not take.
+        let mut evts = Vec::with_capacity(queues);
+        let mut transport_evts = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            let evt = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| DeviceManagerError::Io("a queue notification eventfd", e))?;
+            transport_evts.push(
+                evt.try_clone()
+                    .map_err(|e| DeviceManagerError::EventFd(label.clone(), e))?,
+            );
+            evts.push(evt);
         }
-        self.cmdline.push(format!(
-            "virtio_mmio.device=4K@{:#x}:{}",
-            slot.base, slot.irq
-        ));
-        self.platform.push(PlatformDevice::VirtioMmio {
-            base: slot.base,
-            len: slot.len,
-            irq: slot.irq,
-        });
+        #[cfg(target_arch = "x86_64")]
+        let on_pci = self.pci.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let on_pci = false;
+        let (placement, notifications) = if on_pci {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let placement =
+                    self.connect_pci(vm, mem, &label, device.clone(), transport_evts)?;
+                (placement, Vec::new())
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!()
+        } else {
+            let slot = self.resources.allocate(MMIO_WINDOW)?;
+            match self.connect_mmio(vm, mem, &label, device.clone(), slot, &evts, transport_evts) {
+                Ok(regs) => (VirtioPlacement::Mmio(slot), regs),
+                Err(e) => {
+                    self.resources.free(slot);
+                    return Err(e);
+                }
+            }
+        };
+        self.handlers.push(Arc::new(Mutex::new(VirtioHandler::new(
+            label.clone(),
+            device.clone(),
+            evts,
+        ))));
         let metrics = device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -142,12 +197,18 @@ impl DeviceManager {
         self.virtio.push(AttachedVirtio {
             label,
             device,
-            slot,
+            placement,
+            _notifications: notifications,
             _metrics: metrics,
         });
-        Ok(slot)
+        Ok(placement)
     }
 
+    /// virtio-mmio: a 4 KiB window and an interrupt line, an ioeventfd per queue on
+    /// QueueNotify (matching the queue index), the interrupt through the VM's interrupt
+    /// controller, the `virtio_mmio.device=` word and the firmware table entry. Returns the
+    /// notification registrations.
+    #[allow(clippy::too_many_arguments)]
     fn connect_mmio(
         &mut self,
         vm: &Vm,
@@ -155,26 +216,22 @@ impl DeviceManager {
         id: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
         slot: DeviceSlot,
-    ) -> Result<(), DeviceManagerError> {
-        let queues = device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_max_sizes()
-            .len();
-        let mut notifications = Vec::with_capacity(queues);
-        let mut transport_evts = Vec::with_capacity(queues);
-        for index in 0..queues {
-            let evt = vm.ioeventfd(slot.base + NOTIFY_OFFSET, Some(index as u32), id)?;
-            transport_evts.push(
-                evt.eventfd()
-                    .try_clone()
-                    .map_err(|e| DeviceManagerError::EventFd(id.to_owned(), e))?,
-            );
-            notifications.push(evt);
+        evts: &[EventFd],
+        transport_evts: Vec<EventFd>,
+    ) -> Result<Vec<IoEventFd>, DeviceManagerError> {
+        let handle = vm.handle();
+        let mut registrations = Vec::with_capacity(evts.len());
+        for (index, evt) in evts.iter().enumerate() {
+            registrations.push(handle.ioeventfd(
+                evt,
+                slot.base + NOTIFY_OFFSET,
+                Some(index as u32),
+                id,
+            )?);
         }
         let interrupt = Arc::new(MmioInterrupt::new(vm.interrupt_line(slot.irq, id)?));
         let transport = MmioTransport::new(
-            device.clone(),
+            device,
             mem.clone(),
             interrupt,
             transport_evts,
@@ -182,12 +239,16 @@ impl DeviceManager {
         );
         self.mmio_bus
             .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
-        self.handlers.push(Arc::new(Mutex::new(VirtioHandler::new(
-            id.to_owned(),
-            device,
-            notifications,
-        ))));
-        Ok(())
+        self.cmdline.push(format!(
+            "virtio_mmio.device=4K@{:#x}:{}",
+            slot.base, slot.irq
+        ));
+        self.platform.push(PlatformDevice::VirtioMmio {
+            base: slot.base,
+            len: slot.len,
+            irq: slot.irq,
+        });
+        Ok(registrations)
     }
 
     /// Kernel command-line words that announce the devices, in attach order.
@@ -221,7 +282,7 @@ impl DeviceManager {
     pub fn describe(&self) -> Vec<String> {
         self.virtio
             .iter()
-            .map(|v| format!("{} at {:#x}, IRQ {}", v.label, v.slot.base, v.slot.irq))
+            .map(|v| format!("{} {}", v.label, v.placement))
             .collect()
     }
 }
@@ -293,8 +354,12 @@ mod tests {
             .unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut dm = DeviceManager::new().unwrap();
-        let a = dm.attach_virtio(&vm, &mem, "a", TwoQueues::new()).unwrap();
-        let b = dm.attach_virtio(&vm, &mem, "b", TwoQueues::new()).unwrap();
+        let mmio = |p: VirtioPlacement| match p {
+            VirtioPlacement::Mmio(slot) => slot,
+            other => panic!("{other:?}"),
+        };
+        let a = mmio(dm.attach_virtio(&vm, &mem, "a", TwoQueues::new()).unwrap());
+        let b = mmio(dm.attach_virtio(&vm, &mem, "b", TwoQueues::new()).unwrap());
         assert_eq!((a.base, a.irq), (VIRTIO_MMIO_START, DEVICE_IRQ_FIRST));
         assert_eq!(
             (b.base, b.irq),
@@ -333,5 +398,58 @@ mod tests {
         drop(dm);
         let flushed = METRICS.flush_json();
         assert!(flushed.get("twoqueues_a").is_none(), "{flushed:?}");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn with_a_pci_bus_virtio_devices_become_functions_whose_notifications_follow_bar_0() {
+        let mut vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
+        vm.create_interrupt_controllers(crate::config::Irqchip::Split)
+            .unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut dm = DeviceManager::new().unwrap();
+        dm.attach_pci_root(1 << 20).unwrap();
+        // Ids of their own: the metrics registry is shared with the other tests.
+        let a = dm
+            .attach_virtio(&vm, &mem, "pci-a", TwoQueues::new())
+            .unwrap();
+        let b = dm
+            .attach_virtio(&vm, &mem, "pci-b", TwoQueues::new())
+            .unwrap();
+        let bar = 1 << 32;
+        assert_eq!(a, VirtioPlacement::Pci { device: 1, bar });
+        assert_eq!(
+            b,
+            VirtioPlacement::Pci {
+                device: 2,
+                bar: bar + crate::devices::virtio::pci::BAR_SIZE
+            }
+        );
+        // No command-line words and no virtio-mmio entries: PCI enumeration finds them.
+        assert!(dm.cmdline_words().is_empty());
+        assert_eq!(dm.platform_devices().len(), 1);
+        assert_eq!(dm.take_handlers().len(), 2);
+        let root = dm.pci.as_ref().unwrap().root.clone();
+        let mut id = [0u8; 4];
+        root.config_read(0, 1, 0, 0, &mut id);
+        assert_eq!(id, [0xf4, 0x1a, 0x41, 0x10], "0x1040 + type 1");
+        // KVM refuses a second ioeventfd at an address that has one.
+        let notify = |base: u64| base + 0x3000 + 4;
+        let taken = |addr: u64| vm.ioeventfd(addr, None, "probe").is_err();
+        assert!(!taken(notify(bar)), "no notifications before memory decode");
+        root.config_write(0, 1, 0, 4, &2u16.to_le_bytes());
+        assert!(
+            taken(notify(bar)),
+            "decode on: queue 1's notification is in KVM"
+        );
+        // The guest moves BAR 0: the notifications move with it.
+        let moved = bar + (1 << 20);
+        root.config_write(0, 1, 0, 0x10, &(moved as u32 | 4).to_le_bytes());
+        root.config_write(0, 1, 0, 0x14, &((moved >> 32) as u32).to_le_bytes());
+        assert!(!taken(notify(bar)));
+        assert!(taken(notify(moved)));
+        // Decode off: none left.
+        root.config_write(0, 1, 0, 4, &0u16.to_le_bytes());
+        assert!(!taken(notify(moved)));
     }
 }

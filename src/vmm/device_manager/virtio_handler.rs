@@ -8,24 +8,21 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::devices::virtio::VirtioDevice;
-use crate::vstate::vm::IoEventFd;
+use vmm_sys_util::eventfd::EventFd;
 
 pub struct VirtioHandler {
     /// The device's id, for log lines.
     id: String,
     device: Arc<Mutex<dyn VirtioDevice>>,
-    /// Queue i's notification eventfd is `queue_evts[i]`.
-    queue_evts: Vec<IoEventFd>,
+    /// Queue i's notification eventfd is `queue_evts[i]` (KVM signals it through an
+    /// ioeventfd registration the transport's owner keeps).
+    queue_evts: Vec<EventFd>,
     /// The device's own sources as registered with the loop.
     sources: Vec<(RawFd, EventSet)>,
 }
 
 impl VirtioHandler {
-    pub fn new(
-        id: String,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        queue_evts: Vec<IoEventFd>,
-    ) -> Self {
+    pub fn new(id: String, device: Arc<Mutex<dyn VirtioDevice>>, queue_evts: Vec<EventFd>) -> Self {
         VirtioHandler {
             id,
             device,
@@ -39,9 +36,7 @@ impl VirtioHandler {
     }
 
     fn queue_of(&self, fd: RawFd) -> Option<usize> {
-        self.queue_evts
-            .iter()
-            .position(|e| e.eventfd().as_raw_fd() == fd)
+        self.queue_evts.iter().position(|e| e.as_raw_fd() == fd)
     }
 }
 
@@ -53,7 +48,7 @@ impl MutEventSubscriber for VirtioHandler {
             match self.queue_of(fd) {
                 Some(index) => {
                     // A read error only means the counter was already drained.
-                    let _ = self.queue_evts[index].eventfd().read();
+                    let _ = self.queue_evts[index].read();
                     device.process_queue(index);
                 }
                 None => device.process_event(fd, events.event_set()),
@@ -67,7 +62,7 @@ impl MutEventSubscriber for VirtioHandler {
 
     fn init(&mut self, ops: &mut EventOps) {
         for evt in &self.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt.eventfd(), EventSet::IN)) {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 log::error!("{}: cannot watch a queue notification: {e}", self.id);
             }
         }
