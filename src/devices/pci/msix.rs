@@ -232,14 +232,15 @@ impl Msix {
     }
 }
 
+/// A vector sink that records what it was told, for tests of MSI-X users.
 #[cfg(test)]
-mod tests {
+pub mod recorder {
     use super::*;
     use std::sync::{Arc, Mutex};
 
     /// What happened to one vector: its routes and how many messages it sent.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<(Vec<Option<MsiMessage>>, usize)>>);
+    pub struct Recorder(Arc<Mutex<(Vec<Option<MsiMessage>>, usize)>>);
 
     impl VectorSink for Recorder {
         fn route(&self, message: Option<MsiMessage>) -> std::io::Result<()> {
@@ -253,13 +254,23 @@ mod tests {
     }
 
     impl Recorder {
-        fn sent(&self) -> usize {
+        pub fn sent(&self) -> usize {
             self.0.lock().unwrap().1
         }
-        fn last_route(&self) -> Option<MsiMessage> {
+        /// Every route the vector was given, in order.
+        pub fn routes(&self) -> Vec<Option<MsiMessage>> {
+            self.0.lock().unwrap().0.clone()
+        }
+        pub fn last_route(&self) -> Option<MsiMessage> {
             self.0.lock().unwrap().0.last().copied().flatten()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recorder::Recorder;
+    use super::*;
 
     fn msix(n: usize) -> (Msix, Vec<Recorder>) {
         let recs: Vec<Recorder> = (0..n).map(|_| Recorder::default()).collect();
@@ -316,7 +327,7 @@ mod tests {
         // Disabled: nothing is routed or sent.
         assert!(!m.trigger(1));
         assert_eq!(recs[1].sent(), 0);
-        assert!(recs[1].0.lock().unwrap().0.is_empty());
+        assert!(recs[1].routes().is_empty());
         // Unaligned and odd-sized accesses go nowhere.
         m.write_table(17, &[1, 2, 3, 4]);
         m.write_table(16, &[1, 2]);

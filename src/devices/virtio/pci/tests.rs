@@ -4,32 +4,12 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::devices::pci::msix::recorder::Recorder as Vector;
 use crate::devices::virtio::test_utils::{FakeDevice, run_work_on_a_thread};
 use crate::devices::virtio::{VIRTIO_F_VERSION_1, status};
 use crate::vstate::gsi_routes::MsiMessage;
 
 const BAR: u64 = 0x1_0000_0000;
-
-/// One vector's record: its routes and how many messages it sent.
-#[derive(Clone, Default)]
-struct Vector(Arc<Mutex<(Vec<Option<MsiMessage>>, usize)>>);
-
-impl VectorSink for Vector {
-    fn route(&self, message: Option<MsiMessage>) -> std::io::Result<()> {
-        self.0.lock().unwrap().0.push(message);
-        Ok(())
-    }
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.lock().unwrap().1 += 1;
-        Ok(())
-    }
-}
-
-impl Vector {
-    fn sent(&self) -> usize {
-        self.0.lock().unwrap().1
-    }
-}
 
 struct Setup {
     f: VirtioPciFunction,
@@ -196,9 +176,8 @@ fn a_running_device_interrupts_through_its_queues_vectors() {
     assert_eq!(read(&mut s.f, ISR, 1), u64::from(ISR_CONFIG));
     assert_eq!(read(&mut s.f, ISR, 1), 0, "reading acknowledges");
     // Vector routes carry what the table says.
-    let routes = s.vectors[2].0.lock().unwrap().0.clone();
     assert_eq!(
-        routes.last().copied().flatten(),
+        s.vectors[2].last_route(),
         Some(MsiMessage {
             address: 0xfee0_0000,
             data: 0x42
