@@ -1,9 +1,13 @@
 //! The nested host itself (tools/nested-host/run.sh): the real-Linux tests trust its exit
 //! code, so it must pass a script's exit code through, and tell a hung nested host (which
-//! says nothing about the script, and which the tests retry once) from a failed script.
+//! says nothing about the script, and which the tests run again) from a failed script.
+
+mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+
+use common::nested::guest_faulted_before_init;
 
 fn run(script: &str, env: &[(&str, &str)]) -> Output {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -65,4 +69,31 @@ fn a_silent_nested_host_is_reported_as_a_hang() {
     let out = run("sleep 120\n", &[("NESTED_SILENCE_S", "6")]);
     assert_eq!(out.status.code(), Some(126), "{}", text(&out));
     assert!(text(&out).contains("its console was silent for 6 s"));
+}
+
+/// The retry of a guest that triple-faulted early (an artefact of the emulated host) hinges
+/// on telling where the guest got to from the nested host's console.
+#[test]
+fn an_early_triple_fault_is_told_from_one_after_init() {
+    let fault = "vCPU 0: triple fault (KVM_EXIT_SHUTDOWN) at rip=0xfff0";
+    let boot = "guest| [    0.000000] Linux version 6.1.0-50-amd64 (debian-kernel)";
+    let init = "guest| EMBER-GUEST init uptime=9.61";
+    // The failure message quotes the awaited line; that is not the guest printing it.
+    let quoted = "ember's console closed before \"EMBER-GUEST init\" (exit Some(5))";
+    let early = [
+        boot,
+        "guest| [    2.07] smp: Brought up 1 node",
+        quoted,
+        fault,
+    ]
+    .join("\n");
+    assert!(guest_faulted_before_init(&early));
+    let late = [boot, init, "guest| EMBER-TEST cmdline", fault].join("\n");
+    assert!(!guest_faulted_before_init(&late));
+    // Two boots in one test: the first reached /init, the second faulted before its own.
+    let second_early = [boot, init, boot, fault].join("\n");
+    assert!(guest_faulted_before_init(&second_early));
+    // No triple fault: a failure of another kind, never retried as this one.
+    let no_fault = [boot, quoted].join("\n");
+    assert!(!guest_faulted_before_init(&no_fault));
 }
