@@ -215,7 +215,8 @@ metric_group!(
     PutRequestMetrics {
         counters: [actions_count, actions_fails, boot_source_count, boot_source_fails,
             drive_count, drive_fails, logger_count, logger_fails, machine_cfg_count,
-            machine_cfg_fails, metrics_count, metrics_fails, network_count, network_fails],
+            machine_cfg_fails, metrics_count, metrics_fails, network_count, network_fails,
+            vfio_count, vfio_fails],
     }
 );
 metric_group!(

@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use crate::config::drive::valid_id;
 use crate::config::{
     BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetConfig,
+    VfioConfig,
 };
 use crate::vmm::action::{DriveUpdate, NetUpdate, VmmAction};
 use crate::vmm::resources::MachineConfigUpdate;
@@ -24,6 +25,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/drives/{drive_id}"),
     ("PUT", "/network-interfaces/{iface_id}"),
     ("PATCH", "/network-interfaces/{iface_id}"),
+    ("PUT", "/vfio/{id}"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("GET", "/vm/config"),
@@ -166,6 +168,16 @@ pub fn route(method: &str, target: &str, bytes: &[u8]) -> Result<VmmAction, Rout
             PatchNetworkInterface(body_for_id(&endpoint, id, bytes, |n: &NetUpdate| {
                 &n.iface_id
             })?)
+        }
+        // `PUT /vfio/` with an empty id, as Firecracker answers it.
+        ("PUT", ["vfio"]) => {
+            return Err(RouteError::Body {
+                endpoint,
+                reason: crate::config::VfioConfigError::EmptyId.to_string(),
+            });
+        }
+        ("PUT", ["vfio", id]) => {
+            PutVfioDevice(body_for_id(&endpoint, id, bytes, |d: &VfioConfig| &d.id)?)
         }
         ("PUT", ["actions"]) => {
             let a: ActionBody = body(&endpoint, bytes)?;

@@ -7,6 +7,7 @@ pub mod logging;
 pub mod machine_config;
 pub mod net;
 pub mod rate_limiter;
+pub mod vfio;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,7 @@ pub use drive::{DriveConfig, DriveError};
 pub use logging::{LogLevel, LoggerConfig, MetricsConfig};
 pub use machine_config::{HugePages, Irqchip, MachineConfig, MachineConfigError};
 pub use net::{NetConfig, NetError};
+pub use vfio::{Sbdf, VfioConfig, VfioConfigError};
 
 /// The config file (`--config-file`) and `GET /vm/config` shape.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -32,6 +34,10 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetConfig>,
+    /// Host PCI functions passed through (an ember extension of Firecracker's config
+    /// file; the API resource is `PUT /vfio/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vfio: Vec<VfioConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<LoggerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,6 +80,8 @@ pub enum ConfigError {
     Drive(#[from] DriveError),
     #[error("{0}")]
     Net(#[from] NetError),
+    #[error("{0}")]
+    Vfio(#[from] VfioConfigError),
     #[error("config key {0:?} is not supported by ember yet")]
     Unsupported(&'static str),
 }
@@ -115,6 +123,7 @@ impl VmConfig {
         self.machine_config.validate()?;
         drive::validate_drives(&self.drives)?;
         net::validate_interfaces(&self.network_interfaces)?;
+        vfio::validate_devices(&self.vfio)?;
         Ok(())
     }
 }

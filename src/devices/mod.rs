@@ -3,5 +3,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod vfio;
 pub mod virtio;
 pub mod work_queue;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::rate_limiter::RateLimiterConfig;
 use crate::config::{
     BootSourceConfig, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
-    NetConfig, VmConfig,
+    NetConfig, VfioConfig, VmConfig,
 };
 use crate::vmm::builder::BuildError;
 use crate::vmm::resources::MachineConfigUpdate;
@@ -68,6 +68,7 @@ pub enum VmmAction {
     PatchDrive(DriveUpdate),
     PutNetworkInterface(NetConfig),
     PatchNetworkInterface(NetUpdate),
+    PutVfioDevice(VfioConfig),
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
     InstanceStart,

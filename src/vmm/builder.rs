@@ -11,7 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::arch::{self, BootSpec};
 use crate::config::boot_source::{CMDLINE_MAX_LEN, DEFAULT_BOOT_ARGS};
 use crate::config::drive::{CacheType, IoEngine};
-use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, NetConfig};
+use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, NetConfig, VfioConfig};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
 use crate::devices::virtio::net::{self, Net, NetError};
 use crate::exit_code;
@@ -55,6 +55,7 @@ pub enum BuildError {
 impl BuildError {
     /// The exit code this failure gives (see `exit_code`).
     pub fn exit_code(&self) -> u8 {
+        use super::device_manager::pci::VfioAttachError;
         use super::device_manager::resources::ResourceError;
         match self {
             BuildError::BootFile(_)
@@ -64,10 +65,14 @@ impl BuildError {
             | BuildError::Devices(DeviceManagerError::Resources(
                 ResourceError::NoIrq { .. } | ResourceError::NoMmioWindow { .. },
             ))
+            | BuildError::Devices(DeviceManagerError::Vfio(VfioAttachError::NeedsPci(_)))
             | BuildError::CmdlineTooLong { .. } => exit_code::BAD_CONFIGURATION,
-            BuildError::Kvm(_) | BuildError::Memory(_) | BuildError::TooManyVcpus { .. } => {
-                exit_code::HOST_UNSUITABLE
-            }
+            BuildError::Kvm(_)
+            | BuildError::Memory(_)
+            | BuildError::TooManyVcpus { .. }
+            | BuildError::Devices(DeviceManagerError::Vfio(
+                VfioAttachError::Host { .. } | VfioAttachError::Dma(_),
+            )) => exit_code::HOST_UNSUITABLE,
             _ => exit_code::VMM_ERROR,
         }
     }
@@ -324,6 +329,7 @@ pub fn build_microvm(
     machine: &MachineConfig,
     drives: &[DriveConfig],
     interfaces: &[NetConfig],
+    vfio: &[VfioConfig],
     prepared: Option<PreparedVm>,
     opts: BuildOptions,
 ) -> Result<MicroVm, BuildError> {
@@ -374,6 +380,7 @@ pub fn build_microvm(
         interfaces,
         &opts.instance_id,
     )?;
+    devices.attach_vfio(&vm, &guest_memory, vfio)?;
     let mut words = devices.cmdline_words().to_vec();
     words.extend(root_args);
     let cmdline = compose_cmdline(boot, opts.enable_pci, &words)?;

@@ -239,6 +239,10 @@ impl Controller {
                 self.pre_boot("PUT /network-interfaces")?;
                 empty(self.resources.put_network_interface(n).map_err(Into::into))
             }
+            PutVfioDevice(d) => {
+                self.pre_boot("PUT /vfio")?;
+                empty(self.resources.put_vfio_device(d).map_err(Into::into))
+            }
             PatchNetworkInterface(u) => {
                 self.post_boot("PATCH /network-interfaces")?;
                 empty(self.patch_network_interface(u))
@@ -419,6 +423,7 @@ impl Controller {
             &self.resources.machine_config,
             &self.resources.drives,
             &self.resources.network_interfaces,
+            &self.resources.vfio,
             self.prepared.take(),
             BuildOptions {
                 boot_timer_start: self.boot_timer_start,
@@ -640,6 +645,7 @@ fn request_counters(
         PatchDrive(_) => (&patch.drive_count, Some(&patch.drive_fails)),
         PutNetworkInterface(_) => (&put.network_count, Some(&put.network_fails)),
         PatchNetworkInterface(_) => (&patch.network_count, Some(&patch.network_fails)),
+        PutVfioDevice(_) => (&put.vfio_count, Some(&put.vfio_fails)),
         PutLogger(_) => (&put.logger_count, Some(&put.logger_fails)),
         PutMetrics(_) => (&put.metrics_count, Some(&put.metrics_fails)),
         InstanceStart | SendCtrlAltDel | FlushMetrics => {

@@ -190,6 +190,7 @@ pub fn config_actions(config: VmConfig) -> Vec<VmmAction> {
             .into_iter()
             .map(VmmAction::PutNetworkInterface),
     );
+    actions.extend(config.vfio.into_iter().map(VmmAction::PutVfioDevice));
     actions.push(VmmAction::InstanceStart);
     actions
 }

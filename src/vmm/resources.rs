@@ -7,9 +7,10 @@ use serde::Deserialize;
 use crate::config::drive::validate_drives;
 use crate::config::machine_config::{CpuTemplate, Irqchip};
 use crate::config::net::validate_interfaces;
+use crate::config::vfio::validate_devices;
 use crate::config::{
     BootSourceConfig, ConfigError, DriveConfig, HugePages, LoggerConfig, MachineConfig,
-    MetricsConfig, NetConfig, VmConfig,
+    MetricsConfig, NetConfig, VfioConfig, VmConfig,
 };
 
 /// The `PATCH /machine-config` body: any subset of the fields.
@@ -31,6 +32,7 @@ pub struct VmResources {
     pub machine_config: MachineConfig,
     pub drives: Vec<DriveConfig>,
     pub network_interfaces: Vec<NetConfig>,
+    pub vfio: Vec<VfioConfig>,
     pub logger: Option<LoggerConfig>,
     pub metrics: Option<MetricsConfig>,
 }
@@ -79,26 +81,22 @@ impl VmResources {
 
     /// Inserts a drive, or replaces the one with the same id.
     pub fn put_drive(&mut self, drive: DriveConfig) -> Result<(), ConfigError> {
-        let mut next = self.drives.clone();
-        match next.iter_mut().find(|d| d.drive_id == drive.drive_id) {
-            Some(slot) => *slot = drive,
-            None => next.push(drive),
-        }
-        validate_drives(&next)?;
-        self.drives = next;
-        Ok(())
+        put_by_id(&mut self.drives, drive, |d| &d.drive_id, validate_drives)
     }
 
     /// Inserts a network interface, or replaces the one with the same id.
     pub fn put_network_interface(&mut self, iface: NetConfig) -> Result<(), ConfigError> {
-        let mut next = self.network_interfaces.clone();
-        match next.iter_mut().find(|n| n.iface_id == iface.iface_id) {
-            Some(slot) => *slot = iface,
-            None => next.push(iface),
-        }
-        validate_interfaces(&next)?;
-        self.network_interfaces = next;
-        Ok(())
+        put_by_id(
+            &mut self.network_interfaces,
+            iface,
+            |n| &n.iface_id,
+            validate_interfaces,
+        )
+    }
+
+    /// Inserts a passed-through device, or replaces the one with the same id.
+    pub fn put_vfio_device(&mut self, device: VfioConfig) -> Result<(), ConfigError> {
+        put_by_id(&mut self.vfio, device, |d| &d.id, validate_devices)
     }
 
     /// The configuration in the config file's shape (`GET /vm/config`).
@@ -108,11 +106,33 @@ impl VmResources {
             machine_config: self.machine_config.clone(),
             drives: self.drives.clone(),
             network_interfaces: self.network_interfaces.clone(),
+            vfio: self.vfio.clone(),
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
             ..Default::default()
         }
     }
+}
+
+/// Puts `item` in `list`, replacing the entry with the same id, if the list as a whole
+/// then passes `validate`; otherwise `list` stays as it was.
+fn put_by_id<T: Clone, E>(
+    list: &mut Vec<T>,
+    item: T,
+    id: impl Fn(&T) -> &String,
+    validate: impl Fn(&[T]) -> Result<(), E>,
+) -> Result<(), ConfigError>
+where
+    ConfigError: From<E>,
+{
+    let mut next = list.clone();
+    match next.iter_mut().find(|e| id(e) == id(&item)) {
+        Some(slot) => *slot = item,
+        None => next.push(item),
+    }
+    validate(&next)?;
+    *list = next;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
+use kvm_ioctls::{DeviceFd, IoEventAddress, NoDatamatch, VcpuFd, VmFd};
 use vm_allocator::IdAllocator;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use kvm_bindings::{KvmIrqRouting, kvm_msi};
@@ -42,6 +42,8 @@ pub enum VmError {
          slot added after KVM's irqchip costs milliseconds)"
     )]
     MemoryAfterIrqchip,
+    #[error("cannot create KVM's VFIO device: {0}")]
+    VfioDevice(kvm_ioctls::Error),
     #[error("cannot create vCPU {0}: {1}")]
     CreateVcpu(u8, kvm_ioctls::Error),
     #[error("cannot create an eventfd for {0}: {1}")]
@@ -70,11 +72,28 @@ pub enum VmError {
 pub struct VmShared {
     fd: VmFd,
     memory: Mutex<Vec<GuestMemoryMmap>>,
+    /// Memory slot numbers: guest RAM's, then device memory mapped while the VM runs.
+    slots: Mutex<IdAllocator>,
+    /// How many slots KVM offers.
+    nr_slots: usize,
     /// KVM's GSI routing table, which every route change replaces whole.
     routes: Mutex<GsiRoutes>,
 }
 
 impl VmShared {
+    fn slots(&self) -> std::sync::MutexGuard<'_, IdAllocator> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn allocate_slot(&self, needed: usize) -> Result<u32, VmError> {
+        self.slots()
+            .allocate_id()
+            .map_err(|_| VmError::TooManySlots {
+                needed,
+                available: self.nr_slots,
+            })
+    }
+
     fn routes(&self) -> std::sync::MutexGuard<'_, GsiRoutes> {
         self.routes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -98,9 +117,6 @@ pub struct Vm {
     /// Set once the interrupt controllers exist: memory comes first (see
     /// [`Vm::create_interrupt_controllers`]).
     irqchip_created: bool,
-    slots: IdAllocator,
-    /// How many slots KVM offers.
-    nr_slots: usize,
 }
 
 impl Vm {
@@ -110,19 +126,20 @@ impl Vm {
         arch::setup_vm(&fd)?;
         let nr_slots = kvm.kvm.get_nr_memslots();
         let last = u32::try_from(nr_slots).unwrap_or(u32::MAX).max(1) - 1;
+        let slots = IdAllocator::new(0, last).map_err(|_| VmError::TooManySlots {
+            needed: 1,
+            available: nr_slots,
+        })?;
         Ok(Vm {
             shared: Arc::new(VmShared {
                 fd,
                 memory: Mutex::new(Vec::new()),
+                slots: Mutex::new(slots),
+                nr_slots,
                 routes: Mutex::new(GsiRoutes::split_irqchip()),
             }),
             ioapic: None,
             irqchip_created: false,
-            slots: IdAllocator::new(0, last).map_err(|_| VmError::TooManySlots {
-                needed: 1,
-                available: nr_slots,
-            })?,
-            nr_slots,
         })
     }
 
@@ -182,13 +199,7 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner())
             .push(mem.clone());
         for region in mem.iter() {
-            let slot = self
-                .slots
-                .allocate_id()
-                .map_err(|_| VmError::TooManySlots {
-                    needed: mem.num_regions(),
-                    available: self.nr_slots,
-                })?;
+            let slot = self.shared.allocate_slot(mem.num_regions())?;
             let desc = kvm_userspace_memory_region {
                 slot,
                 guest_phys_addr: region.start_addr().0,
@@ -248,7 +259,10 @@ impl Vm {
                 return Err(e);
             }
         };
-        Ok(MsiVector { irqfd })
+        Ok(MsiVector {
+            irqfd,
+            connected: Mutex::new(true),
+        })
     }
 
     /// A guest write of `datamatch` (any value when None) to MMIO address `addr` signals
@@ -304,6 +318,92 @@ impl VmHandle {
             addr,
             datamatch,
         })
+    }
+}
+
+impl VmHandle {
+    /// Maps `mapping` (device memory: a passed-through BAR) into the guest at `gpa`, where
+    /// guest accesses reach it without a VM exit, until the returned slot is dropped. Unlike
+    /// guest RAM this happens while the VM runs (the guest places BARs): with the split
+    /// irqchip a slot change is cheap.
+    pub fn map_memory(
+        &self,
+        gpa: u64,
+        mapping: Arc<MmapRegion<()>>,
+    ) -> Result<MemorySlot, VmError> {
+        let slot = self.0.allocate_slot(1)?;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: mapping.size() as u64,
+            userspace_addr: mapping.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `mapping` stays mapped while the slot exists: the returned MemorySlot
+        // holds it and removes the slot before letting it go.
+        if let Err(source) = unsafe { self.0.fd.set_user_memory_region(desc) } {
+            let _ = self.0.slots().free_id(slot);
+            return Err(VmError::MemorySlot { slot, source });
+        }
+        Ok(MemorySlot {
+            vm: self.0.clone(),
+            slot,
+            gpa,
+            mapping,
+        })
+    }
+
+    /// KVM's VFIO pseudo-device, which tells KVM about passed-through groups (so it can
+    /// keep DMA coherent where the IOMMU does not).
+    pub fn create_vfio_device(&self) -> Result<DeviceFd, VmError> {
+        let mut device = kvm_bindings::kvm_create_device {
+            type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        self.0
+            .fd
+            .create_device(&mut device)
+            .map_err(VmError::VfioDevice)
+    }
+}
+
+/// Host memory mapped into the guest by [`VmHandle::map_memory`]; dropping it removes the
+/// slot, then unmaps the memory if nothing else holds it.
+pub struct MemorySlot {
+    vm: Arc<VmShared>,
+    slot: u32,
+    gpa: u64,
+    mapping: Arc<MmapRegion<()>>,
+}
+
+impl MemorySlot {
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    pub fn len(&self) -> u64 {
+        self.mapping.size() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapping.size() == 0
+    }
+}
+
+impl Drop for MemorySlot {
+    fn drop(&mut self) {
+        let desc = kvm_userspace_memory_region {
+            slot: self.slot,
+            guest_phys_addr: self.gpa,
+            memory_size: 0,
+            userspace_addr: self.mapping.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: a size of 0 deletes the slot; KVM no longer touches the mapping after.
+        // Fails only when the VM is gone, which removed the slot anyway.
+        let _ = unsafe { self.vm.fd.set_user_memory_region(desc) };
+        let _ = self.vm.slots().free_id(self.slot);
     }
 }
 
@@ -377,6 +477,11 @@ impl Drop for Irqfd {
 /// programmed. Dropping it disconnects the irqfd and removes the route.
 pub struct MsiVector {
     irqfd: Irqfd,
+    /// Whether the irqfd is connected to its GSI. A source that signals the eventfd itself
+    /// (a VFIO device) is held off while the guest masks the vector by disconnecting it:
+    /// the eventfd keeps counting, and KVM delivers what is pending when it is connected
+    /// again.
+    connected: Mutex<bool>,
 }
 
 impl MsiVector {
@@ -404,6 +509,24 @@ impl MsiVector {
     /// The irqfd, for a source that signals it itself (a VFIO device).
     pub fn eventfd(&self) -> &EventFd {
         self.irqfd.eventfd()
+    }
+
+    /// Connects the irqfd to its GSI or disconnects it (see [`MsiVector::connected`]).
+    /// Connecting an eventfd that was signalled meanwhile delivers that interrupt at once.
+    pub fn connect(&self, on: bool) -> std::io::Result<()> {
+        let mut connected = self.connected.lock().unwrap_or_else(|e| e.into_inner());
+        if *connected == on {
+            return Ok(());
+        }
+        let fd = &self.irqfd.vm.fd;
+        let r = if on {
+            fd.register_irqfd(&self.irqfd.evt, self.irqfd.gsi)
+        } else {
+            fd.unregister_irqfd(&self.irqfd.evt, self.irqfd.gsi)
+        };
+        r.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        *connected = on;
+        Ok(())
     }
 }
 
@@ -473,12 +596,12 @@ mod tests {
         ])
         .unwrap();
         vm.register_memory(&mem, false).unwrap();
-        assert!(vm.slots.is_allocated(0) && vm.slots.is_allocated(1));
-        assert!(!vm.slots.is_allocated(2));
+        assert!(vm.shared.slots().is_allocated(0) && vm.shared.slots().is_allocated(1));
+        assert!(!vm.shared.slots().is_allocated(2));
         let mem2 = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(2 << 30), 1 << 20)]).unwrap();
         vm.register_memory(&mem2, false).unwrap();
         assert!(
-            vm.slots.is_allocated(2),
+            vm.shared.slots().is_allocated(2),
             "a second registration takes the next slot"
         );
         assert_eq!(vm.shared.memory.lock().unwrap().len(), 2);
@@ -511,6 +634,28 @@ mod tests {
         drop(io);
         // ...and allowed once the first handle is gone.
         vm.ioeventfd(0xd000_0050, Some(0), "test").unwrap();
+    }
+
+    #[test]
+    fn device_memory_maps_at_run_time_and_its_slot_is_given_back() {
+        let mut vm = vm();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        vm.register_memory(&mem, false).unwrap();
+        vm.create_interrupt_controllers(Irqchip::Split).unwrap();
+        let bar = Arc::new(MmapRegion::<()>::new(0x2000).unwrap());
+        let handle = vm.handle();
+        let slot = handle.map_memory(0x1_0000_0000, bar.clone()).unwrap();
+        assert_eq!((slot.gpa(), slot.len()), (0x1_0000_0000, 0x2000));
+        assert!(vm.shared.slots().is_allocated(1));
+        // Overlapping guest RAM is refused, and the slot number is not lost.
+        assert!(handle.map_memory(0, bar.clone()).is_err());
+        assert!(!vm.shared.slots().is_allocated(2));
+        // Moved: dropped at the old address, mapped at the new one with the same number.
+        drop(slot);
+        assert!(!vm.shared.slots().is_allocated(1));
+        let moved = handle.map_memory(0x2_0000_0000, bar).unwrap();
+        assert!(vm.shared.slots().is_allocated(1));
+        drop(moved);
     }
 
     #[test]

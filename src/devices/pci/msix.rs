@@ -23,14 +23,21 @@ const VECTOR_MASKED: u32 = 1;
 
 /// Where one vector's messages go: a KVM route and irqfd in a VM, a recorder in tests.
 pub trait VectorSink: Send {
-    /// The message the vector sends from now on, or (None) none.
-    fn route(&self, message: Option<MsiMessage>) -> std::io::Result<()>;
+    /// The message the vector sends from now on, or (None) none, and whether the guest
+    /// masks it. Interrupts ember raises through [`VectorSink::trigger`] are held back
+    /// here while masked; a sink whose source signals it directly (a passed-through
+    /// device) must hold them back itself.
+    fn route(&self, message: Option<MsiMessage>, masked: bool) -> std::io::Result<()>;
     /// Sends the vector's message.
     fn trigger(&self) -> std::io::Result<()>;
+    /// Whether the sink holds an interrupt of its own source back (the PBA shows it).
+    fn pending(&self) -> bool {
+        false
+    }
 }
 
 impl VectorSink for crate::vstate::vm::MsiVector {
-    fn route(&self, message: Option<MsiMessage>) -> std::io::Result<()> {
+    fn route(&self, message: Option<MsiMessage>, _masked: bool) -> std::io::Result<()> {
         crate::vstate::vm::MsiVector::route(self, message)
     }
     fn trigger(&self) -> std::io::Result<()> {
@@ -102,15 +109,27 @@ impl Msix {
     pub fn set_control(&mut self, control: u16) {
         let enabled = control & CONTROL_ENABLE != 0;
         let function_masked = control & CONTROL_FUNCTION_MASK != 0;
-        let enable_changed = enabled != self.enabled;
+        let changed = enabled != self.enabled || function_masked != self.function_masked;
         self.enabled = enabled;
         self.function_masked = function_masked;
-        if enable_changed {
+        if changed {
             for v in 0..self.table.len() {
                 self.update_route(v);
             }
         }
         self.deliver_pending();
+    }
+
+    /// Message control as the guest reads it: table size, enable and function mask.
+    pub fn control(&self) -> u16 {
+        let mut control = self.vectors().saturating_sub(1);
+        if self.enabled {
+            control |= CONTROL_ENABLE;
+        }
+        if self.function_masked {
+            control |= CONTROL_FUNCTION_MASK;
+        }
+        control
     }
 
     pub fn enabled(&self) -> bool {
@@ -131,7 +150,7 @@ impl Msix {
 
     fn update_route(&self, vector: usize) {
         let message = self.enabled.then(|| self.message(vector));
-        if let Err(e) = self.sinks[vector].route(message) {
+        if let Err(e) = self.sinks[vector].route(message, self.masked(vector)) {
             log::error!("MSI-X: cannot route vector {vector}: {e}");
         }
     }
@@ -224,7 +243,10 @@ impl Msix {
         for (i, byte) in data.iter_mut().enumerate() {
             let first = (offset as usize + i) * 8;
             for bit in 0..8 {
-                if self.pending.get(first + bit).copied().unwrap_or(false) {
+                let v = first + bit;
+                let held = self.pending.get(v).copied().unwrap_or(false)
+                    || (v < self.table.len() && self.masked(v) && self.sinks[v].pending());
+                if held {
                     *byte |= 1 << bit;
                 }
             }
@@ -238,31 +260,42 @@ pub mod recorder {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// What happened to one vector: its routes and how many messages it sent.
+    /// What happened to one vector: its routes (with whether it was masked) and how many
+    /// messages it sent.
     #[derive(Clone, Default)]
-    pub struct Recorder(Arc<Mutex<(Vec<Option<MsiMessage>>, usize)>>);
+    pub struct Recorder(Arc<Mutex<Log>>);
+
+    #[derive(Default)]
+    struct Log {
+        routes: Vec<(Option<MsiMessage>, bool)>,
+        sent: usize,
+    }
 
     impl VectorSink for Recorder {
-        fn route(&self, message: Option<MsiMessage>) -> std::io::Result<()> {
-            self.0.lock().unwrap().0.push(message);
+        fn route(&self, message: Option<MsiMessage>, masked: bool) -> std::io::Result<()> {
+            self.0.lock().unwrap().routes.push((message, masked));
             Ok(())
         }
         fn trigger(&self) -> std::io::Result<()> {
-            self.0.lock().unwrap().1 += 1;
+            self.0.lock().unwrap().sent += 1;
             Ok(())
         }
     }
 
     impl Recorder {
         pub fn sent(&self) -> usize {
-            self.0.lock().unwrap().1
+            self.0.lock().unwrap().sent
         }
         /// Every route the vector was given, in order.
         pub fn routes(&self) -> Vec<Option<MsiMessage>> {
-            self.0.lock().unwrap().0.clone()
+            self.0.lock().unwrap().routes.iter().map(|r| r.0).collect()
         }
         pub fn last_route(&self) -> Option<MsiMessage> {
-            self.0.lock().unwrap().0.last().copied().flatten()
+            self.0.lock().unwrap().routes.last().and_then(|r| r.0)
+        }
+        /// Whether the vector was masked when it was last routed.
+        pub fn last_masked(&self) -> Option<bool> {
+            self.0.lock().unwrap().routes.last().map(|r| r.1)
         }
     }
 }

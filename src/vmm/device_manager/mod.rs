@@ -14,7 +14,7 @@ pub mod virtio_handler;
 #[cfg(target_arch = "x86_64")]
 mod legacy;
 #[cfg(target_arch = "x86_64")]
-mod pci;
+pub mod pci;
 
 use std::sync::{Arc, Mutex};
 
@@ -51,6 +51,9 @@ pub enum DeviceManagerError {
     Pci(pci::PciAttachError),
     #[error("cannot duplicate an eventfd for {0}: {1}")]
     EventFd(String, std::io::Error),
+    #[cfg(target_arch = "x86_64")]
+    #[error("{0}")]
+    Vfio(#[from] pci::VfioAttachError),
 }
 
 /// A virtio device as attached: what it is, where it sits.

@@ -12,9 +12,14 @@ use crate::arch::layout::{
     PCI_ECAM_LEN, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START, pci_mmio64_window,
 };
 use crate::arch::{PciWindows, PlatformDevice};
+use crate::config::VfioConfig;
+use crate::devices::pci::BarKind;
 use crate::devices::pci::config_access::{EcamWindow, PORT_IO_LEN, PortIoConfig};
 use crate::devices::pci::msix::VectorSink;
 use crate::devices::pci::root::{BarWindow, PciRoot};
+use crate::devices::vfio::{
+    GatedVector, HostContainer, PassthroughVector, VfioPciFunction, map_guest_memory,
+};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::pci::{BAR_SIZE, Notifications, VirtioPciFunction};
 use crate::vstate::vm::Vm;
@@ -25,6 +30,37 @@ use crate::vstate::vm::Vm;
 pub(super) struct PciBus {
     pub(super) root: Arc<PciRoot>,
     bars: AddressAllocator,
+    /// The 32-bit window, for passed-through BARs that only decode below 4 GiB.
+    bars32: AddressAllocator,
+    /// The IOMMU address space of the passed-through functions; after `root` so the
+    /// functions (which hold the container too) go first.
+    _vfio: Option<HostContainer>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioAttachError {
+    #[error(
+        "VFIO device {0:?}: passed-through functions sit on the PCI bus; start ember with \
+         --enable-pci"
+    )]
+    NeedsPci(String),
+    #[error("VFIO device {id:?}: {source}")]
+    Host {
+        id: String,
+        source: crate::devices::vfio::VfioHostError,
+    },
+    #[error("VFIO: {0}")]
+    Dma(std::io::Error),
+    #[error("VFIO device {id:?}: {source}")]
+    Function {
+        id: String,
+        source: crate::devices::vfio::VfioFunctionError,
+    },
+    #[error("VFIO device {id:?}: {source}")]
+    Bus {
+        id: String,
+        source: crate::devices::pci::PciRootError,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +95,8 @@ impl DeviceManager {
             PCI_ECAM_LEN,
         )?;
         let mmio32 = (PCI_MMIO32_START, PCI_MMIO32_END - PCI_MMIO32_START);
+        let bars32 = AddressAllocator::new(mmio32.0, mmio32.1)
+            .map_err(|e| DeviceManagerError::Pci(PciAttachError::BarSpace(e)))?;
         for (start, len) in [mmio32, mmio64] {
             self.mmio_bus.insert(
                 Arc::new(Mutex::new(BarWindow::new(root.clone(), start))),
@@ -71,7 +109,87 @@ impl DeviceManager {
             mmio32,
             mmio64,
         }));
-        self.pci = Some(PciBus { root, bars });
+        self.pci = Some(PciBus {
+            root,
+            bars,
+            bars32,
+            _vfio: None,
+        });
+        Ok(())
+    }
+
+    /// Passes `devices` through: opens them (each host problem named before anything is
+    /// mapped), maps guest RAM for their DMA, and puts each on the bus with its memory BARs
+    /// in the windows (32-bit BARs in the 32-bit one) and one MSI-X vector per vector it
+    /// has.
+    pub fn attach_vfio(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        devices: &[VfioConfig],
+    ) -> Result<(), DeviceManagerError> {
+        let Some(first) = devices.first() else {
+            return Ok(());
+        };
+        let Some(bus) = self.pci.as_mut() else {
+            return Err(VfioAttachError::NeedsPci(first.id.clone()).into());
+        };
+        let host = |id: &str| {
+            let id = id.to_owned();
+            move |source| VfioAttachError::Host { id, source }
+        };
+        let container = HostContainer::open(&vm.handle()).map_err(host(&first.id))?;
+        let mut opened = Vec::with_capacity(devices.len());
+        for d in devices {
+            opened.push((d, container.open_function(d.sbdf).map_err(host(&d.id))?));
+        }
+        map_guest_memory(&container, mem).map_err(VfioAttachError::Dma)?;
+        for (d, function) in opened {
+            let label = format!("VFIO device {:?} ({})", d.id, d.sbdf);
+            let (bars64, bars32) = (&mut bus.bars, &mut bus.bars32);
+            let place = |kind: BarKind, size: u64| {
+                let window = match kind {
+                    BarKind::Memory64 { .. } => &mut *bars64,
+                    _ => &mut *bars32,
+                };
+                window
+                    .allocate(size, size, AllocPolicy::FirstMatch)
+                    .map(|r| r.start())
+                    .map_err(|e| e.to_string())
+            };
+            let vectors = |n: usize| {
+                (0..n)
+                    .map(|_| {
+                        let vector = vm.msi_vector(&label).map_err(|e| e.to_string())?;
+                        let eventfd = vector.eventfd().try_clone().map_err(|e| e.to_string())?;
+                        Ok(PassthroughVector {
+                            sink: Box::new(GatedVector(vector)),
+                            eventfd,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            };
+            let function = VfioPciFunction::new(
+                &label,
+                Arc::new(function),
+                Box::new(vm.handle()),
+                place,
+                vectors,
+            )
+            .map_err(|source| VfioAttachError::Function {
+                id: d.id.clone(),
+                source,
+            })?;
+            let slot = bus
+                .root
+                .add(Arc::new(Mutex::new(function)))
+                .map_err(|source| VfioAttachError::Bus {
+                    id: d.id.clone(),
+                    source,
+                })?;
+            log::info!("{label} passed through as PCI 00:{slot:02x}.0");
+        }
+        bus._vfio = Some(container);
         Ok(())
     }
 
