@@ -8,6 +8,7 @@
 use crate::cmdline::Cmdline;
 use crate::line::{Detail, Line};
 use crate::report::Report;
+use crate::transport::Transport;
 use crate::virtio_blk::{
     self, Blk, DATA_SIZE, DATA_WORDS, ID_LEN, Request, S_IOERR, S_OK, SECTOR_SIZE,
 };
@@ -21,15 +22,15 @@ const SECTOR_WORDS: usize = SECTOR_SIZE / 8;
 const WRITE_FIRST: u64 = 1;
 const WRITE_SECTORS: u64 = (DATA_SIZE / SECTOR_SIZE) as u64;
 
-/// Runs the checks on block device `n` at `base`. The device is left running, as Linux
+/// Runs the checks on block device `n` behind `device`. The device is left running, as Linux
 /// leaves devices at a reboot: resetting it would be cleaner, but a VMM need not support
 /// a reset after DRIVER_OK (it may set DEVICE_NEEDS_RESET instead), and the probe would
 /// wait for it in vain. Each device has its own rings, so none sees another's requests.
 #[inline(never)]
-pub fn run(report: &mut Report, cmdline: &Cmdline, n: usize, base: u64) {
+pub fn run(report: &mut Report, cmdline: &Cmdline, n: usize, device: Transport) {
     let mut blk = None;
     report.check(name(n, b"init").as_bytes(), |d| {
-        blk = Blk::init(base, n, d);
+        blk = Blk::init(device, n, d);
         if let Some(blk) = &blk {
             d.str(b"cap=")
                 .dec(blk.capacity)

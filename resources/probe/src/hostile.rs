@@ -8,6 +8,7 @@ use core::sync::atomic::{Ordering, fence};
 use crate::line::{Detail, Line};
 use crate::serial;
 use crate::timeout::{self, Deadline};
+use crate::transport::Transport;
 use crate::virtio_blk::{self, Blk, Request, S_OK};
 use crate::virtio_mmio::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, Mmio};
 use crate::virtq::{MAX_SIZE, Virtq};
@@ -76,7 +77,7 @@ pub fn virtq(base: u64) {
 
     // `init` resets the device first (virtio 2.4), then sets it up on fresh rings.
     let mut d = Detail::new();
-    let recovered = match Blk::init(base, 0, &mut d) {
+    let recovered = match Blk::init(Transport::Mmio(Mmio::new(base)), 0, &mut d) {
         None => false,
         Some(mut blk) => {
             virtio_blk::fill_data(0, 16, 0);

@@ -8,6 +8,7 @@ use crate::acpi;
 use crate::cpu::{inl, outl};
 use crate::line::Detail;
 use crate::phys;
+use crate::virtio_pci::{DEVICE_BLOCK, PciTransport, VENDOR_VIRTIO};
 
 const CONFIG_ADDRESS: u16 = 0xcf8;
 const CONFIG_DATA: u16 = 0xcfc;
@@ -22,7 +23,8 @@ const VENDOR_NONE: u32 = 0xffff;
 const CLASS_HOST_BRIDGE: u32 = 0x06_00_00;
 const INTERRUPT_LINE: u64 = 0x3c;
 
-fn ecam_addr(ecam: u64, device: u64, register: u64) -> u64 {
+/// The address of `register` of device `device` on bus 0 through ECAM.
+pub fn ecam_addr(ecam: u64, device: u64, register: u64) -> u64 {
     ecam + (device << 15) + register
 }
 
@@ -34,16 +36,12 @@ fn port_read(device: u64, register: u64) -> u32 {
     inl(CONFIG_DATA)
 }
 
-pub fn check(boot: &Boot, d: &mut Detail) -> bool {
-    let Some(want) = boot.cmdline.require_u64(b"probe.pci", d) else {
-        return false;
-    };
-    let Some((mcfg, len)) = acpi::find_table(boot, b"MCFG", d) else {
-        return false;
-    };
+/// ECAM's base for segment 0 from bus 0, from the MCFG table; says in `d` why not.
+pub fn ecam(boot: &Boot, d: &mut Detail) -> Option<u64> {
+    let (mcfg, len) = acpi::find_table(boot, b"MCFG", d)?;
     if len < MCFG_FIRST + MCFG_ENTRY_LEN {
         d.str(b"MCFG has no allocation");
-        return false;
+        return None;
     }
     let entry = mcfg + MCFG_FIRST;
     let ecam = phys::read_u64(entry);
@@ -54,8 +52,18 @@ pub fn check(boot: &Boot, d: &mut Detail) -> bool {
             .dec(segment.into())
             .str(b" bus=")
             .dec(start_bus.into());
-        return false;
+        return None;
     }
+    Some(ecam)
+}
+
+pub fn check(boot: &Boot, d: &mut Detail) -> bool {
+    let Some(want) = boot.cmdline.require_u64(b"probe.pci", d) else {
+        return false;
+    };
+    let Some(ecam) = ecam(boot, d) else {
+        return false;
+    };
     let mut found = 0;
     for device in 0..SLOTS {
         let by_ecam = phys::read_u32(ecam_addr(ecam, device, 0));
@@ -92,6 +100,55 @@ pub fn check(boot: &Boot, d: &mut Detail) -> bool {
     if line != 0x0b {
         d.str(b" interrupt line written by ECAM reads ")
             .hex(line.into());
+        return false;
+    }
+    true
+}
+
+/// Where the probe moves virtio-pci functions' BAR 0: the start of the 32-bit window the
+/// DSDT's host bridge describes, one MiB apart (BAR 0 is 32 KiB). Firmware places BARs;
+/// the probe does too, so the VMM must follow a BAR the guest moves.
+const VIRTIO_BAR_BASE: u64 = 0xc000_0000;
+const VIRTIO_BAR_STRIDE: u64 = 1 << 20;
+/// The most virtio-pci block functions the probe drives.
+pub const MAX_BLK: usize = 4;
+
+/// The `virtio-pci` check (`probe.pciblk=N`): the virtio-pci block functions on bus 0, each
+/// set up (BAR moved, decode and bus master on, structures found, MSI-X vector 0 programmed
+/// masked and MSI-X enabled). Returns them in slot order.
+pub fn virtio_blk(
+    boot: &Boot,
+    found: &mut [Option<PciTransport>; MAX_BLK],
+    d: &mut Detail,
+) -> bool {
+    let Some(want) = boot.cmdline.require_u64(b"probe.pciblk", d) else {
+        return false;
+    };
+    let Some(ecam) = ecam(boot, d) else {
+        return false;
+    };
+    PciTransport::enable_local_apic();
+    let mut n = 0;
+    for device in 0..SLOTS {
+        let id = phys::read_u32(ecam_addr(ecam, device, 0));
+        if id & 0xffff != VENDOR_VIRTIO || id >> 16 != DEVICE_BLOCK || n == MAX_BLK {
+            continue;
+        }
+        let bar = VIRTIO_BAR_BASE + VIRTIO_BAR_STRIDE * n as u64;
+        d.str(b" 00:").hex2(device as u8).str(b".0");
+        let Some((transport, layout)) = PciTransport::setup(ecam, device, bar, d) else {
+            return false;
+        };
+        d.str(b" bar=")
+            .hex(layout.bar)
+            .str(b" vectors=")
+            .dec(layout.vectors.into());
+        found[n] = Some(transport);
+        n += 1;
+    }
+    d.str(b" blk=").dec(n as u64);
+    if n as u64 != want {
+        d.str(b" want ").dec(want);
         return false;
     }
     true

@@ -5,7 +5,8 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::line::Detail;
-use crate::virtio_mmio::{DRIVER_OK, FAILED, FEATURES_OK, Mmio};
+use crate::transport::Transport;
+use crate::virtio_mmio::{DRIVER_OK, FAILED, FEATURES_OK};
 use crate::virtq::{Buffer, MAX_SIZE, QueueError, Virtq};
 
 const F_RO: u64 = 1 << 5;
@@ -181,7 +182,7 @@ pub fn describe_status(d: &mut Detail, status: u8) {
 }
 
 pub struct Blk {
-    mmio: Mmio,
+    mmio: Transport,
     queue: Virtq,
     pub capacity: u64,
     pub read_only: bool,
@@ -197,11 +198,10 @@ pub struct Blk {
 }
 
 impl Blk {
-    /// Initialises the device at `base` (virtio 3.1.1) and sets up queue 0 (4.2.3.2). On
-    /// failure says why in `d` and marks the device FAILED, as 3.1.1 recommends.
-    /// `slot` (below MAX_QUEUES) picks the device's own rings.
-    pub fn init(base: u64, slot: usize, d: &mut Detail) -> Option<Blk> {
-        let mmio = Mmio::new(base);
+    /// Initialises the device behind `mmio` (virtio 3.1.1) and sets up queue 0. On failure
+    /// says why in `d` and marks the device FAILED, as 3.1.1 recommends. `slot` (below
+    /// MAX_QUEUES) picks the device's own rings.
+    pub fn init(mmio: Transport, slot: usize, d: &mut Detail) -> Option<Blk> {
         let mut status = 0;
         let blk = Self::handshake(mmio, slot, &mut status, d);
         if blk.is_none() {
@@ -211,7 +211,7 @@ impl Blk {
     }
 
     /// The steps of `init`; `status` tracks what the driver has set so far.
-    fn handshake(mmio: Mmio, slot: usize, status: &mut u32, d: &mut Detail) -> Option<Blk> {
+    fn handshake(mmio: Transport, slot: usize, status: &mut u32, d: &mut Detail) -> Option<Blk> {
         if !mmio.begin_init(status, d) {
             return None;
         }
@@ -248,7 +248,10 @@ impl Blk {
         let size = 1 << (31 - limit.leading_zeros());
         let queue = Virtq::new(slot, size);
         let (desc, driver, device) = queue.areas();
-        mmio.activate_queue(size, desc, driver, device);
+        if !mmio.activate_queue(size, desc, driver, device) {
+            d.str(b"queue 0 refused its MSI-X vector");
+            return None;
+        }
 
         let Some(capacity) = mmio.config_u64(CONFIG_CAPACITY) else {
             d.str(b"config generation keeps changing");
