@@ -150,6 +150,7 @@ impl Filters {
             kind: kind.name(),
             source,
         })?;
+        FILTERED.with(|f| f.set(true));
         log::debug!("seccomp filter installed on the {} thread", kind.name());
         Ok(())
     }
@@ -185,7 +186,14 @@ fn decode(mut bytes: &[u8]) -> Option<HashMap<String, BpfProgram>> {
     Some(map)
 }
 
+/// Whether the calling thread runs under a seccomp filter: code that would make calls the
+/// filters do not allow (a library's teardown) can leave that work to the kernel instead.
+pub fn thread_is_filtered() -> bool {
+    FILTERED.with(|f| f.get())
+}
+
 thread_local! {
+    static FILTERED: Cell<bool> = const { Cell::new(false) };
     /// The name of the thread, kept when its filter is installed, for the SIGSYS handler.
     static THREAD_NAME: Cell<([u8; 16], usize)> = const { Cell::new(([0; 16], 0)) };
 }

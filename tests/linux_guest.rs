@@ -729,3 +729,189 @@ poweroff -f
         },
     );
 }
+
+/// What the guest does with the two functions passed through to it: the NVMe controller's
+/// namespace written with 64 MiB and read back (DMA both ways through the IOMMU, completions
+/// as MSI-X), and the e1000e NIC's link brought up.
+const PASSTHROUGH_REPORT: &str = r#"
+modprobe nvme
+modprobe e1000e
+n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+for f in /sys/bus/pci/devices/*; do
+    echo "EMBER-TEST function $(basename $f) id=$(cat $f/vendor):$(cat $f/device):$(cat $f/class) driver=$(basename "$(readlink $f/driver)")"
+done
+echo "EMBER-TEST nvme sectors=$(cat /sys/block/nvme0n1/size 2>/dev/null)"
+head -c 1048576 /dev/urandom > /tmp/chunk
+i=0; while [ $i -lt 64 ]; do cat /tmp/chunk; i=$((i+1)); done > /tmp/data
+echo "EMBER-TEST nvme wrote md5=$(md5sum < /tmp/data | cut -d' ' -f1)"
+dd if=/tmp/data of=/dev/nvme0n1 bs=1M conv=fsync 2>/dev/null
+echo "EMBER-TEST nvme dd status=$?"
+rm -f /tmp/data
+echo 3 > /proc/sys/vm/drop_caches
+echo "EMBER-TEST nvme read md5=$(dd if=/dev/nvme0n1 bs=1M count=64 2>/dev/null | md5sum | cut -d' ' -f1)"
+grep nvme /proc/interrupts | tr -s ' ' | sed 's/^/EMBER-TEST interrupts /'
+echo "EMBER-TEST nvme irqs=$(irqs nvme0q1)"
+ip link set eth0 up
+n=0; while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+echo "EMBER-TEST nic carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null) driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)")"
+dmesg | grep -iE "e1000e|nvme" | sed 's/^/EMBER-TEST dmesg /'
+poweroff -f
+"#;
+
+/// The address of the nested host's first PCI function of `class` (sysfs's `0x010802`).
+fn host_function(class: &str) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.into_iter().find(|n| {
+        std::fs::read_to_string(format!("/sys/bus/pci/devices/{n}/class"))
+            .is_ok_and(|c| c.trim() == class)
+    })
+}
+
+/// Binds host function `sbdf` to vfio-pci the way docs/vfio.md tells operators to.
+fn bind_to_vfio_pci(sbdf: &str) {
+    let dev = format!("/sys/bus/pci/devices/{sbdf}");
+    std::fs::write(format!("{dev}/driver_override"), "vfio-pci").unwrap();
+    if std::path::Path::new(&format!("{dev}/driver")).exists() {
+        std::fs::write(format!("{dev}/driver/unbind"), sbdf).unwrap();
+    }
+    std::fs::write("/sys/bus/pci/drivers_probe", sbdf).unwrap();
+    let driver = std::fs::read_link(format!("{dev}/driver")).unwrap();
+    assert!(driver.ends_with("vfio-pci"), "{sbdf} bound to {driver:?}");
+}
+
+/// Inside the nested host (q35 with an emulated Intel IOMMU, NESTED_PASSTHROUGH_DISK): an
+/// NVMe controller and an e1000e NIC, refused while not bound to vfio-pci, then passed
+/// through to one guest whose own drivers use them.
+fn passthrough_inside(images: &LinuxImages) {
+    const NVME: &str = "0x010802";
+    const ETHERNET: &str = "0x020000";
+    let (Some(nvme), Some(nic)) = (host_function(NVME), host_function(ETHERNET)) else {
+        panic!(
+            "this host has no NVMe controller and Ethernet function to pass through (the \
+             nested host gets them from NESTED_PASSTHROUGH_DISK); functions: {:?}",
+            std::fs::read_dir("/sys/bus/pci/devices").map(|d| d.count())
+        );
+    };
+    let dir = Scratch::new("linux-vfio");
+    let initrd = guest_initrd(images, &dir, PASSTHROUGH_REPORT);
+    let mut cfg = config(
+        &images.bzimage,
+        &initrd,
+        1,
+        512,
+        "console=ttyS0 reboot=k panic=1",
+    );
+    cfg["vfio"] = serde_json::json!([
+        {"id": "nvme0", "sbdf": nvme},
+        {"id": "nic0", "sbdf": nic},
+    ]);
+    // No driver yet: refused before boot, naming the function and what to do.
+    let refused = boot_config_with_flags(&cfg.to_string(), &["--enable-pci"]);
+    assert_eq!(refused.code(), Some(4), "{refused:#?}");
+    assert!(
+        refused.stderr.contains(&format!(
+            "PCI function {nvme} is not bound to any driver: bind it to vfio-pci first"
+        )),
+        "{}",
+        refused.stderr
+    );
+    bind_to_vfio_pci(&nvme);
+    bind_to_vfio_pci(&nic);
+
+    let mut vm = LinuxVm::boot_config_with_flags(&dir, &cfg, &["--enable-pci"]);
+    let sectors = vm.wait_for("EMBER-TEST nvme sectors");
+    let wrote = vm.wait_for("EMBER-TEST nvme wrote");
+    let status = vm.wait_for("EMBER-TEST nvme dd status");
+    let read = vm.wait_for("EMBER-TEST nvme read");
+    let irqs = vm.wait_for("EMBER-TEST nvme irqs");
+    let carrier = vm.wait_for("EMBER-TEST nic carrier");
+    let all = vm
+        .console
+        .iter()
+        .filter(|l| l.contains("EMBER-TEST"))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    // The guest's own drivers bound both, at the slots after the host bridge.
+    assert!(
+        all.contains("function 0000:00:01.0 id=0x1b36:0x0010:0x010802 driver=nvme"),
+        "{all}"
+    );
+    assert!(
+        all.contains("function 0000:00:02.0 id=0x8086:0x10d3:0x020000 driver=e1000e"),
+        "{all}"
+    );
+    // The namespace is the host file: 128 MiB.
+    assert_eq!(number(&sectors, "sectors"), (128 << 20) / 512, "{all}");
+    assert_eq!(field(&status, "status"), "0", "{all}");
+    assert_eq!(field(&wrote, "md5"), field(&read, "md5"), "{all}");
+    // Completions arrived as MSI-X interrupts on an I/O queue's vector.
+    assert!(number(&irqs, "irqs") > 0, "{all}");
+    assert!(
+        all.lines()
+            .any(|l| l.contains("EMBER-TEST interrupts") && l.contains("MSI")),
+        "{all}"
+    );
+    assert_eq!(field(&carrier, "carrier"), "1", "{all}");
+    assert_eq!(field(&carrier, "driver"), "e1000e", "{all}");
+    let (code, log) = vm.wait_exit();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains(&format!(
+            "VFIO device \"nvme0\" ({nvme}) passed through as PCI 00:01.0"
+        )),
+        "{log}"
+    );
+}
+
+/// VFIO passthrough of real (emulated) PCIe functions through a real IOMMU: the nested host
+/// is a q35 machine with an Intel IOMMU, an NVMe controller backed by a file on this side
+/// and an e1000e NIC. After the run, the file holds what the guest wrote through the
+/// passed-through controller.
+#[test]
+fn vfio_passthrough_of_an_nvme_controller_and_an_e1000e_nic() {
+    const NAME: &str = "vfio_passthrough_of_an_nvme_controller_and_an_e1000e_nic";
+    if let Some(images) = common::nested::images_if_runnable_here() {
+        passthrough_inside(&images);
+        return;
+    }
+    let dir = Scratch::new("linux-vfio-outer");
+    let disk = dir.path("nvme.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(128 << 20))
+        .unwrap();
+    let console = common::nested::run_self_on_host(
+        &["--exact", NAME, "--nocapture", "--test-threads=1"],
+        &[],
+        &[("NESTED_PASSTHROUGH_DISK", disk.to_str().unwrap())],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        console.contains("test result: ok. 1 passed"),
+        "the nested host did not run {NAME}; its output is above"
+    );
+    let wrote = console
+        .lines()
+        .find(|l| l.contains("EMBER-TEST nvme wrote"))
+        .expect("the guest's md5 of what it wrote");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} '{}' | md5sum",
+            64 << 20,
+            disk.display()
+        ))
+        .output()
+        .unwrap();
+    let on_disk = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        on_disk.split_whitespace().next(),
+        Some(field(wrote, "md5")),
+        "the host file does not hold what the guest wrote"
+    );
+}

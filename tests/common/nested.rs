@@ -159,9 +159,19 @@ pub fn run_self(args: &[&str]) -> Result<String, String> {
 /// that hangs or dies by itself is started again, up to [`NESTED_HOST_ATTEMPTS`] times in
 /// all, and each retry is reported; a broken ember fails every attempt the same way.
 pub fn run_self_with_env(args: &[&str], env: &[(String, String)]) -> Result<String, String> {
+    run_self_on_host(args, env, &[])
+}
+
+/// As [`run_self_with_env`], with `host_env` set for tools/nested-host/run.sh (the nested
+/// host's own shape: `NESTED_PASSTHROUGH_DISK`, say).
+pub fn run_self_on_host(
+    args: &[&str],
+    env: &[(String, String)],
+    host_env: &[(&str, &str)],
+) -> Result<String, String> {
     let mut attempt = 1;
     loop {
-        match run_self_once(args, env) {
+        match run_self_once(args, env, host_env) {
             Err((code, why))
                 if attempt < NESTED_HOST_ATTEMPTS
                     && (code == NESTED_HOST_HUNG
@@ -226,7 +236,11 @@ pub fn guest_faulted_before_init(console: &str) -> bool {
     !reached_init
 }
 
-fn run_self_once(args: &[&str], env: &[(String, String)]) -> Result<String, (i32, String)> {
+fn run_self_once(
+    args: &[&str],
+    env: &[(String, String)],
+    host_env: &[(&str, &str)],
+) -> Result<String, (i32, String)> {
     let fail = |why: String| (-1, why);
     let _one_at_a_time = NESTED_HOST.lock().unwrap_or_else(|e| e.into_inner());
     build_images().map_err(fail)?;
@@ -263,6 +277,7 @@ fn run_self_once(args: &[&str], env: &[(String, String)]) -> Result<String, (i32
         .arg("--timeout")
         .arg(NESTED_HOST_TIMEOUT_S.to_string())
         .arg(&script)
+        .envs(host_env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .map_err(|e| fail(format!("cannot run tools/nested-host/run.sh: {e}")))?;

@@ -4,7 +4,7 @@
 #
 #   vmlinuz          the Debian kernel (bzImage): the outer host's kernel and the guests'
 #   vmlinux          the same kernel as an ELF, unpacked from the bzImage's payload
-#   outer.cpio       the outer host's initramfs: busybox, the kvm/kvm-amd/virtio/9p/tun
+#   outer.cpio       the outer host's initramfs: busybox, the kvm/kvm-amd/virtio/9p/tun/vfio
 #                    modules, the C libraries ember and the test binaries link, and its /init
 #   guest.cpio       the guests' initramfs: busybox, virtio/ext4 modules, and an /init that
 #                    runs the test's /test.sh (see guest-init)
@@ -33,8 +33,11 @@ KERNEL_VERSION=6.1.176-1
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
 
 # Modules each side loads (with their dependencies, which modules.dep resolves).
-OUTER_MODULES="kvm-amd virtio_pci 9pnet_virtio 9p tun"
+OUTER_MODULES="kvm-amd virtio_pci 9pnet_virtio 9p tun vfio-pci vfio_iommu_type1"
 GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ext4 crc32c_generic"
+# Staged in the guests' initramfs but loaded only by the tests that need them: the drivers
+# of the devices the passthrough tests hand a guest.
+GUEST_EXTRA_MODULES="nvme e1000e"
 
 log() { printf 'nested-host build: %s\n' "$*" >&2; }
 die() {
@@ -46,7 +49,7 @@ exec 9>"$out/.lock"
 flock 9
 
 stamp_input="$(
-    echo "$KERNEL_PACKAGE $KERNEL_VERSION $BUSYBOX_VERSION $OUTER_MODULES $GUEST_MODULES"
+    echo "$KERNEL_PACKAGE $KERNEL_VERSION $BUSYBOX_VERSION $OUTER_MODULES $GUEST_MODULES $GUEST_EXTRA_MODULES"
     cat "$here/build.sh" "$here/outer-init" "$here/guest-init"
     # The outer host runs ember and the test binaries with this host's C libraries.
     sha256sum /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/libc.so.6
@@ -151,7 +154,7 @@ make_cpio outer outer.cpio
 
 # The guests.
 stage_busybox guest
-stage_modules guest $GUEST_MODULES
+stage_modules guest $GUEST_MODULES $GUEST_EXTRA_MODULES
 echo "$GUEST_MODULES" >guest/etc/modules
 mkdir -p guest/newroot
 install -m 0755 "$here/guest-init" guest/init

@@ -14,7 +14,11 @@
 # Usage: tools/nested-host/run.sh [--timeout SECONDS] SCRIPT
 # Environment: NESTED_SMP (CPUs, default 2), NESTED_MEM_MIB (memory, default 2048),
 # NESTED_SILENCE_S (see 126 above), NESTED_CPU (QEMU's -cpu, default max,-xsave: see below),
-# NESTED_MONITOR (a path: QEMU's monitor listens there, for looking into a stuck host).
+# NESTED_MONITOR (a path: QEMU's monitor listens there, for looking into a stuck host),
+# NESTED_PASSTHROUGH_DISK (a raw image: the nested host becomes a q35 machine with an
+# emulated Intel IOMMU with interrupt remapping, booted with intel_iommu=on, and gets an
+# NVMe controller backed by that image and an e1000e NIC, for the VFIO passthrough tests;
+# neither is bound to a driver there until a test binds it to vfio-pci).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -66,12 +70,25 @@ fi
 # guests here save FPU state with FXSAVE, so they do not exercise CPUID leaf 0xd.
 cpu="${NESTED_CPU:-max,-xsave}"
 
+passthrough=()
+iommu_args=""
+if [ -n "${NESTED_PASSTHROUGH_DISK:-}" ]; then
+    [ -f "$NESTED_PASSTHROUGH_DISK" ] || { echo "nested-host: no image $NESTED_PASSTHROUGH_DISK" >&2; exit 2; }
+    passthrough=(
+        -M q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on
+        -drive "file=$NESTED_PASSTHROUGH_DISK,if=none,id=pt-disk,format=raw,cache=unsafe"
+        -device nvme,serial=ember-passthrough,drive=pt-disk
+        -netdev user,id=pt-net,restrict=on -device e1000e,netdev=pt-net
+    )
+    iommu_args=" intel_iommu=on"
+fi
+
 log="$(mktemp)"
 timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -accel tcg -cpu "$cpu" -smp "${NESTED_SMP:-2}" -m "${NESTED_MEM_MIB:-2048}" \
-    -nodefaults -no-reboot -display none -serial stdio "${monitor[@]}" \
+    -nodefaults -no-reboot -display none -serial stdio "${monitor[@]}" "${passthrough[@]}" \
     -kernel "$out/vmlinuz" -initrd "$out/outer.cpio" \
-    -append "console=ttyS0 quiet panic=-1 nested.share=$root nested.script=$script" \
+    -append "console=ttyS0 quiet panic=-1 nested.share=$root nested.script=$script$iommu_args" \
     -virtfs "local,path=$root,mount_tag=share,security_model=none,id=share" \
     </dev/null >"$log" 2>&1 &
 qemu=$!

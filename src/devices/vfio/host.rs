@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -181,7 +182,10 @@ impl HostContainer {
         }
         // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
         let file = Arc::new(unsafe { File::from_raw_fd(fd) });
-        Ok(HostFunction { device, file })
+        Ok(HostFunction {
+            device: ManuallyDrop::new(device),
+            file,
+        })
     }
 }
 
@@ -204,8 +208,22 @@ impl DmaMapper for HostContainer {
 
 /// One host function opened through VFIO. Dropping it releases the device to the host.
 pub struct HostFunction {
-    device: VfioDevice,
+    device: ManuallyDrop<VfioDevice>,
     file: Arc<File>,
+}
+
+impl Drop for HostFunction {
+    fn drop(&mut self) {
+        if crate::seccomp::thread_is_filtered() {
+            // The VM is over and ember is about to exit: the library's teardown (reading
+            // the group's sysfs link, unsetting the container) is not allowed on the
+            // jailed thread, and the kernel does the same when ember's descriptors close,
+            // resetting the function and handing it back to vfio-pci.
+            return;
+        }
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.device) };
+    }
 }
 
 impl VfioBackend for HostFunction {
