@@ -162,18 +162,25 @@ echo "EMBER-TEST-WROTE-THROUGH-PCI" | dd of=/dev/vda bs=512 seek=1 conv=sync,fsy
 echo "EMBER-TEST vda wrote=$?"
 grep virtio0 /proc/interrupts | tr -s ' ' | sed 's/^/EMBER-TEST interrupts /'
 echo "EMBER-TEST requests irqs=$(irqs virtio0-req)"
+net=/sys/bus/pci/devices/0000:00:02.0
+echo "EMBER-TEST net id=$(cat $net/vendor):$(cat $net/device):$(cat $net/class) driver=$(basename $(readlink $net/driver))"
+ip link set eth0 up
+ip addr add 172.16.1.2/30 dev eth0
+if ping -c 3 -W 5 172.16.1.1 >/dev/null; then echo "EMBER-TEST net ping ok"; else echo "EMBER-TEST net ping failed"; fi
+echo "EMBER-TEST net irqs=$(irqs virtio1-input)"
 poweroff -f
 "#;
 
 /// With `--enable-pci` a stock kernel finds the root complex the way it finds one on a
 /// PC: the host bridge through ACPI (PNP0A08), configuration space through the MCFG's ECAM
 /// (reserved by a motherboard resource, or Linux would not trust it), the windows from
-/// `_CRS`; and the drive is a virtio-pci function its virtio-pci driver binds, with MSI-X
-/// interrupts, reading and writing the host file.
+/// `_CRS`; the drive is a virtio-pci function its virtio-pci driver binds, with MSI-X
+/// interrupts, reading and writing the host file; and the network interface is another,
+/// which pings the host through its TAP.
 #[test]
-fn pci_root_complex_and_a_virtio_pci_disk_with_msix() {
+fn pci_root_complex_with_a_virtio_pci_disk_and_nic() {
     linux_test(
-        "pci_root_complex_and_a_virtio_pci_disk_with_msix",
+        "pci_root_complex_with_a_virtio_pci_disk_and_nic",
         |images| {
             let dir = Scratch::new("linux-pci");
             let mut disk = vec![0u8; 1 << 20];
@@ -186,6 +193,10 @@ fn pci_root_complex_and_a_virtio_pci_disk_with_msix() {
                 {"drive_id": "data", "path_on_host": disk_path, "is_root_device": false,
                  "is_read_only": false},
             ]);
+            persistent_tap("tap1", "172.16.1.1/30");
+            cfg["network-interfaces"] = serde_json::json!([
+                {"iface_id": "eth0", "host_dev_name": "tap1", "guest_mac": "06:00:ac:10:01:02"}
+            ]);
             let mut vm = LinuxVm::boot_config_with_flags(&dir, &cfg, &["--enable-pci"]);
             let pci = vm.wait_for("EMBER-TEST pci");
             let disk_line = vm.wait_for("EMBER-TEST disk");
@@ -193,6 +204,9 @@ fn pci_root_complex_and_a_virtio_pci_disk_with_msix() {
             let head = vm.wait_for("EMBER-TEST vda head");
             let wrote = vm.wait_for("EMBER-TEST vda wrote");
             let requests = vm.wait_for("EMBER-TEST requests");
+            let net = vm.wait_for("EMBER-TEST net id");
+            let ping = vm.wait_for("EMBER-TEST net ping");
+            let net_irqs = vm.wait_for("EMBER-TEST net irqs");
             let all = vm
                 .console
                 .iter()
@@ -200,7 +214,7 @@ fn pci_root_complex_and_a_virtio_pci_disk_with_msix() {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join("\n");
-            assert_eq!(field(&pci, "functions"), "2", "{all}");
+            assert_eq!(field(&pci, "functions"), "3", "{all}");
             assert_eq!(field(&pci, "bridge"), "0x1b36:0x0008:0x060000", "{all}");
             // Extended configuration space (4 KiB) is only readable through ECAM.
             assert_eq!(field(&pci, "config_bytes"), "4096", "{all}");
@@ -228,9 +242,15 @@ fn pci_root_complex_and_a_virtio_pci_disk_with_msix() {
                     .any(|l| l.contains("EMBER-TEST interrupts") && l.contains("MSI")),
                 "{all}"
             );
+            // The network interface: virtio-pci too, its frames both ways with MSI-X.
+            assert_eq!(field(&net, "id"), "0x1af4:0x1041:0x020000", "{all}");
+            assert_eq!(field(&net, "driver"), "virtio-pci", "{all}");
+            assert!(ping.contains("net ping ok"), "{all}");
+            assert!(number(&net_irqs, "irqs") > 0, "{all}");
             let (code, log) = vm.wait_exit();
             assert_eq!(code, Some(0), "{log}");
             assert!(log.contains("PCI 0000:00:01.0"), "{log}");
+            assert!(log.contains("PCI 0000:00:02.0"), "{log}");
             let after = std::fs::read(&disk_path).unwrap();
             assert!(
                 after[512..].starts_with(b"EMBER-TEST-WROTE-THROUGH-PCI"),
