@@ -752,7 +752,9 @@ poweroff -f
 
 /// What the guest does with the two functions passed through to it: the NVMe controller's
 /// namespace written with 64 MiB and read back (DMA both ways through the IOMMU, completions
-/// as MSI-X), and the e1000e NIC's link brought up.
+/// as MSI-X), and the e1000e NIC's link brought up (its interrupts MSI-X too). The e1000e's
+/// MSI mode is not used: QEMU's model does not deliver its MSI messages even to the nested
+/// host's own driver (docs/testing.md), so MSI passthrough is covered by unit tests.
 const PASSTHROUGH_REPORT: &str = r#"
 modprobe nvme
 modprobe e1000e
@@ -774,6 +776,7 @@ echo "EMBER-TEST nvme irqs=$(irqs nvme0q1)"
 ip link set eth0 up
 n=0; while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
 echo "EMBER-TEST nic carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null) driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)")"
+echo "EMBER-TEST nic irq kind=$(cat /sys/class/net/eth0/device/msi_irqs/* 2>/dev/null | sort -u | tr '\n' ',') irqs=$(irqs eth0)"
 dmesg | grep -iE "e1000e|nvme" | sed 's/^/EMBER-TEST dmesg /'
 poweroff -f
 "#;
@@ -850,13 +853,18 @@ fn passthrough_inside(images: &LinuxImages) {
     let read = vm.wait_for("EMBER-TEST nvme read");
     let irqs = vm.wait_for("EMBER-TEST nvme irqs");
     let carrier = vm.wait_for("EMBER-TEST nic carrier");
-    let all = vm
+    let nic_irq = vm.wait_for("EMBER-TEST nic irq");
+    let mut all = vm
         .console
         .iter()
-        .filter(|l| l.contains("EMBER-TEST"))
+        .filter(|l| l.contains("EMBER-TEST") || l.contains("e1000e") || l.contains("nvme"))
         .cloned()
         .collect::<Vec<_>>()
         .join("\n");
+    let (code, log) = vm.wait_exit();
+    all.push_str("\n--- ember's log ---\n");
+    all.push_str(&log);
+    assert_eq!(code, Some(0), "{all}");
     // The guest's own drivers bound both, at the slots after the host bridge.
     assert!(
         all.contains("function 0000:00:01.0 id=0x1b36:0x0010:0x010802 driver=nvme"),
@@ -879,8 +887,9 @@ fn passthrough_inside(images: &LinuxImages) {
     );
     assert_eq!(field(&carrier, "carrier"), "1", "{all}");
     assert_eq!(field(&carrier, "driver"), "e1000e", "{all}");
-    let (code, log) = vm.wait_exit();
-    assert_eq!(code, Some(0), "{log}");
+    // The NIC's interrupts (the link change among them) came as MSI-X.
+    assert_eq!(field(&nic_irq, "kind"), "msix,", "{all}");
+    assert!(number(&nic_irq, "irqs") > 0, "{all}");
     assert!(
         log.contains(&format!(
             "VFIO device \"nvme0\" ({nvme}) passed through as PCI 00:01.0"

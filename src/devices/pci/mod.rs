@@ -7,6 +7,7 @@
 
 pub mod config_access;
 pub mod config_space;
+pub mod msi;
 pub mod msix;
 pub mod root;
 

@@ -39,6 +39,11 @@ pub trait VfioBackend: Send + Sync {
     /// Enables MSI-X with vector `i` signalling `fds[i]`.
     fn enable_msix(&self, fds: &[&EventFd]) -> io::Result<()>;
     fn disable_msix(&self) -> io::Result<()>;
+    /// How many MSI vectors the function has (0: no MSI).
+    fn msi_vectors(&self) -> u32;
+    /// Enables MSI with vector `i` signalling `fds[i]`.
+    fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()>;
+    fn disable_msi(&self) -> io::Result<()>;
     /// Resets the function, if it can be reset.
     fn reset(&self);
 }

@@ -23,12 +23,15 @@ pub enum Call {
     MapBar(usize, u64, u64),
     EnableMsix(usize),
     DisableMsix,
+    EnableMsi(usize),
+    DisableMsi,
 }
 
 pub struct FakeFunction {
     pub config: Mutex<Vec<u8>>,
     pub bars: Vec<FakeBar>,
     pub msix_vectors: u32,
+    pub msi_vectors: u32,
     pub calls: Mutex<Vec<Call>>,
 }
 
@@ -48,8 +51,9 @@ impl FakeFunction {
     /// An NVMe-like function: vendor 0x1b36 device 0x0010 class 01:08:02; BAR 0 a 64-bit
     /// 16 KiB memory BAR with the MSI-X table at 0x2000 and PBA at 0x3000 (8 vectors);
     /// BAR 2 an I/O BAR; BAR 4 a 32-bit 64 KiB prefetchable BAR the kernel lets ember map
-    /// only from 0x4000 on (sparse); capabilities MSI-X at 0x40, MSI at 0x50, PCI Express
-    /// at 0x70; interrupt pin A; function 0 of a multi-function device.
+    /// only from 0x4000 on (sparse); capabilities MSI-X at 0x40, MSI at 0x50 (4 vectors, 64-bit,
+    /// per-vector masking), PCI Express at 0x70; interrupt pin A; function 0 of a
+    /// multi-function device.
     pub fn nvme_like() -> Self {
         let mut c = vec![0u8; 4096];
         c[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
@@ -69,8 +73,10 @@ impl FakeFunction {
         c[0x40..0x44].copy_from_slice(&[0x11, 0x50, 0x07, 0x00]);
         c[0x44..0x48].copy_from_slice(&0x2000u32.to_le_bytes());
         c[0x48..0x4c].copy_from_slice(&0x3000u32.to_le_bytes());
-        // MSI, then PCI Express (the end of the chain).
+        // MSI (four vectors asked, 64-bit, per-vector masking), then PCI Express (the end
+        // of the chain).
         c[0x50..0x52].copy_from_slice(&[0x05, 0x70]);
+        c[0x52..0x54].copy_from_slice(&0x0184u16.to_le_bytes());
         c[0x70..0x72].copy_from_slice(&[0x10, 0x00]);
         c[0x72] = 0x02;
         let bar = |size: u64, mappable: bool, sparse: Vec<(u64, u64)>| FakeBar {
@@ -92,6 +98,7 @@ impl FakeFunction {
                 bar(0, false, vec![]),
             ],
             msix_vectors: 8,
+            msi_vectors: 4,
             calls: Mutex::new(Vec::new()),
         }
     }
@@ -146,6 +153,20 @@ impl VfioBackend for FakeFunction {
 
     fn disable_msix(&self) -> io::Result<()> {
         self.record(Call::DisableMsix);
+        Ok(())
+    }
+
+    fn msi_vectors(&self) -> u32 {
+        self.msi_vectors
+    }
+
+    fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()> {
+        self.record(Call::EnableMsi(fds.len()));
+        Ok(())
+    }
+
+    fn disable_msi(&self) -> io::Result<()> {
+        self.record(Call::DisableMsi);
         Ok(())
     }
 

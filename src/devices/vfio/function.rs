@@ -9,9 +9,9 @@
 //! - MSI-X: the host kernel owns the physical vector table (it holds host interrupt
 //!   vectors); the guest programs an emulated table whose entries become KVM routes, and
 //!   the device's vectors signal the same eventfds KVM's irqfds wait on.
-//! - The capability chain skips MSI: ember emulates MSI-X only, so a guest driver never
-//!   enables the MSI capability behind ember's back. INTx is hidden too (interrupt pin 0):
-//!   ember's PCI root routes no legacy interrupts.
+//! - MSI, likewise: the guest programs an emulated capability at the device's offsets, its
+//!   vectors become KVM routes, and enabling it enables the device's MSI vectors on the host.
+//!   INTx is hidden (interrupt pin 0): ember's PCI root routes no legacy interrupts.
 
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{RegionInfo, VfioBackend};
 use crate::devices::pci::config_space::{BarKind, BarRegion, ConfigSpace, Identity};
+use crate::devices::pci::msi::{self, Msi};
 use crate::devices::pci::msix::{self, Msix, MsixLayout, VectorSink};
 use crate::devices::pci::root::PciDevice;
 
@@ -34,7 +35,6 @@ const INTERRUPT_PIN: usize = 0x3d;
 const COMMAND: usize = 0x04;
 const HEADER_END: usize = 0x40;
 const LEGACY_END: usize = 0x100;
-const CAP_ID_MSI: u8 = 0x05;
 /// More capabilities than fit in 192 bytes means a loop in a broken device's chain.
 const MAX_CAPABILITIES: usize = 48;
 
@@ -46,6 +46,8 @@ pub enum VfioFunctionError {
     BarSpace { index: usize, reason: String },
     #[error("BAR {index}: {0}", index = .1)]
     Config(crate::devices::pci::ConfigSpaceError, usize),
+    #[error("no interrupt vectors for it: {reason}")]
+    Vectors { reason: String },
     #[error("the MSI-X capability names BAR {0}, which the function does not have")]
     MsixBar(u8),
     #[error("the function has {have} MSI-X vectors, its capability says {said}")]
@@ -125,6 +127,15 @@ enum Source {
     Next(u8),
     /// The MSI-X capability's register at this offset inside it.
     Msix(usize),
+    /// The MSI capability's register at this offset inside it.
+    Msi(usize),
+}
+
+/// The device's MSI capability and ember's emulation of it.
+struct MsiCap {
+    offset: usize,
+    msi: Msi,
+    eventfds: Vec<EventFd>,
 }
 
 pub struct VfioPciFunction {
@@ -135,6 +146,7 @@ pub struct VfioPciFunction {
     chain: Vec<(usize, u8)>,
     first_capability: u8,
     msix: Option<MsixCap>,
+    msi: Option<MsiCap>,
     bars: Vec<Option<PassthroughBar>>,
     mapper: Box<dyn GuestMapper>,
 }
@@ -154,13 +166,14 @@ fn le32(b: &[u8]) -> u32 {
 impl VfioPciFunction {
     /// Reads the function's header and capabilities through `backend`, resets it, places
     /// each memory BAR where `place(kind, size)` says, and maps what the kernel lets ember
-    /// map (less the MSI-X table and PBA pages). `vectors(n)` gives the n MSI-X vectors.
+    /// map (less the MSI-X table and PBA pages). `vectors(n)` gives n vectors, once for
+    /// MSI-X and once for MSI.
     pub fn new(
         label: &str,
         backend: Arc<dyn VfioBackend>,
         mapper: Box<dyn GuestMapper>,
         mut place: impl FnMut(BarKind, u64) -> Result<u64, String>,
-        vectors: impl FnOnce(usize) -> Result<Vec<PassthroughVector>, String>,
+        mut vectors: impl FnMut(usize) -> Result<Vec<PassthroughVector>, String>,
     ) -> Result<Self, VfioFunctionError> {
         backend.reset();
         let mut raw = vec![0u8; LEGACY_END];
@@ -280,10 +293,7 @@ impl VfioPciFunction {
                         return Err(VfioFunctionError::MsixBar(bar));
                     }
                 }
-                let given = vectors(n).map_err(|reason| VfioFunctionError::BarSpace {
-                    index: usize::from(layout.table_bar),
-                    reason,
-                })?;
+                let given = vectors(n).map_err(|reason| VfioFunctionError::Vectors { reason })?;
                 if given.len() != n {
                     return Err(VfioFunctionError::MsixVectors {
                         have: given.len(),
@@ -301,9 +311,32 @@ impl VfioPciFunction {
             None => None,
         };
 
+        // MSI, if the device has it and the kernel offers its vectors; a capability ember
+        // does not emulate is left out of the chain, so no driver enables it behind ember.
+        let msi_offset = capabilities
+            .iter()
+            .find(|&&(_, id)| id == msi::CAPABILITY_ID)
+            .map(|&(offset, _)| offset);
+        let msi = match msi_offset {
+            Some(offset) if backend.msi_vectors() > 0 => {
+                let control = u16::from_le_bytes([raw[offset + 2], raw[offset + 3]]);
+                let asked = 1usize << ((control >> 1) & 0b111).min(5);
+                let n = asked.min(backend.msi_vectors() as usize);
+                let given = vectors(n).map_err(|reason| VfioFunctionError::Vectors { reason })?;
+                let (sinks, eventfds) = given.into_iter().map(|v| (v.sink, v.eventfd)).unzip();
+                Some(MsiCap {
+                    offset,
+                    msi: Msi::new(control, sinks),
+                    eventfds,
+                })
+            }
+            _ => None,
+        };
         let visible: Vec<usize> = capabilities
             .iter()
-            .filter(|&&(_, id)| id != CAP_ID_MSI)
+            .filter(|&&(offset, id)| {
+                id != msi::CAPABILITY_ID || Some(offset) == msi_offset && msi.is_some()
+            })
             .map(|&(offset, _)| offset)
             .collect();
         let chain = visible
@@ -318,6 +351,7 @@ impl VfioPciFunction {
             chain,
             first_capability: visible.first().copied().unwrap_or(0) as u8,
             msix,
+            msi,
             bars,
             mapper,
         })
@@ -342,6 +376,12 @@ impl VfioPciFunction {
             let inside = offset.wrapping_sub(m.offset);
             if (2..msix::CAPABILITY_LEN).contains(&inside) {
                 return Source::Msix(inside);
+            }
+        }
+        if let Some(m) = &self.msi {
+            let inside = offset.wrapping_sub(m.offset);
+            if (2..m.msi.len()).contains(&inside) {
+                return Source::Msi(inside);
             }
         }
         Source::Device
@@ -382,10 +422,14 @@ impl VfioPciFunction {
         let now = m.msix.enabled();
         let r = match (was, now) {
             (false, true) => {
+                log::info!("{}: the guest turned MSI-X on", self.label);
                 let fds: Vec<&EventFd> = m.eventfds.iter().collect();
                 self.backend.enable_msix(&fds)
             }
-            (true, false) => self.backend.disable_msix(),
+            (true, false) => {
+                log::info!("{}: the guest turned MSI-X off", self.label);
+                self.backend.disable_msix()
+            }
             _ => Ok(()),
         };
         if let Err(e) = r {
@@ -393,6 +437,30 @@ impl VfioPciFunction {
                 "{}: cannot turn MSI-X {} on the device: {e}",
                 self.label,
                 if now { "on" } else { "off" }
+            );
+        }
+    }
+
+    /// The guest wrote the MSI capability: the device's MSI vectors follow its enable bit.
+    fn write_msi(&mut self, inside: usize, value: u8) {
+        let Some(m) = self.msi.as_mut() else { return };
+        let r = match m.msi.write(inside, value) {
+            Some(true) => {
+                let n = m.msi.enabled_vectors().min(m.eventfds.len());
+                log::info!("{}: the guest turned MSI on ({n} vectors)", self.label);
+                let fds: Vec<&EventFd> = m.eventfds[..n].iter().collect();
+                self.backend.enable_msi(&fds)
+            }
+            Some(false) => {
+                log::info!("{}: the guest turned MSI off", self.label);
+                self.backend.disable_msi()
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = r {
+            log::error!(
+                "{}: cannot turn MSI on or off on the device: {e}",
+                self.label
             );
         }
     }
@@ -482,6 +550,9 @@ impl PciDevice for VfioPciFunction {
                 Source::Header => self.header.read(start, out),
                 Source::Next(next) => out[0] = next,
                 Source::Msix(inside) => out[0] = self.msix_register(inside),
+                Source::Msi(inside) => {
+                    out[0] = self.msi.as_ref().map_or(0, |m| m.msi.read(inside));
+                }
             }
         }
     }
@@ -510,6 +581,7 @@ impl PciDevice for VfioPciFunction {
                         self.write_msix_control(inside, bytes[0]);
                     }
                 }
+                Source::Msi(inside) => self.write_msi(inside, bytes[0]),
             }
         }
     }

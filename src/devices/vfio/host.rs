@@ -21,6 +21,7 @@ use crate::config::Sbdf;
 // Region and interrupt indexes of a vfio-pci device, and a region flag (linux/vfio.h).
 const BAR0_REGION_INDEX: u32 = 0;
 const CONFIG_REGION_INDEX: u32 = 7;
+const MSI_IRQ_INDEX: u32 = 1;
 const MSIX_IRQ_INDEX: u32 = 2;
 const REGION_FLAG_MMAP: u32 = 1 << 2;
 
@@ -295,6 +296,22 @@ impl VfioBackend for HostFunction {
 
     fn disable_msix(&self) -> io::Result<()> {
         self.device.disable_msix().map_err(io::Error::other)
+    }
+
+    fn msi_vectors(&self) -> u32 {
+        self.device
+            .get_irq_info(MSI_IRQ_INDEX)
+            .map_or(0, |irq| irq.count)
+    }
+
+    fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()> {
+        self.device
+            .enable_msi(fds.to_vec())
+            .map_err(io::Error::other)
+    }
+
+    fn disable_msi(&self) -> io::Result<()> {
+        self.device.disable_msi().map_err(io::Error::other)
     }
 
     fn reset(&self) {

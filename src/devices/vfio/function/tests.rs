@@ -45,14 +45,19 @@ struct Rig {
     f: VfioPciFunction,
     dev: Arc<FakeFunction>,
     slots: Slots,
+    /// MSI-X's vectors, then MSI's.
     vectors: Vec<Recorder>,
+    msi: Vec<Recorder>,
 }
 
 fn rig() -> Rig {
-    let dev = Arc::new(FakeFunction::nvme_like());
+    rig_with(FakeFunction::nvme_like())
+}
+
+fn rig_with(fake: FakeFunction) -> Rig {
+    let dev = Arc::new(fake);
     let slots = Slots::default();
-    let recorders: Vec<Recorder> = (0..8).map(|_| Recorder::default()).collect();
-    let given = recorders.clone();
+    let mut handed: Vec<Vec<Recorder>> = Vec::new();
     let f = VfioPciFunction::new(
         "nvme0",
         dev.clone(),
@@ -69,8 +74,9 @@ fn rig() -> Rig {
             BarKind::Io => panic!("I/O BARs are not placed"),
         },
         |n| {
-            assert_eq!(n, 8);
-            Ok(given
+            let recorders: Vec<Recorder> = (0..n).map(|_| Recorder::default()).collect();
+            handed.push(recorders.clone());
+            Ok(recorders
                 .into_iter()
                 .map(|r| PassthroughVector {
                     sink: Box::new(r),
@@ -80,11 +86,13 @@ fn rig() -> Rig {
         },
     )
     .unwrap();
+    let mut handed = handed.into_iter();
     Rig {
         f,
         dev,
         slots,
-        vectors: recorders,
+        vectors: handed.next().unwrap_or_default(),
+        msi: handed.next().unwrap_or_default(),
     }
 }
 
@@ -152,18 +160,68 @@ fn bars_are_ember_s_the_sizing_protocol_works_and_io_bars_are_hidden() {
     );
 }
 
-#[test]
-fn the_capability_chain_skips_msi() {
-    let Rig { mut f, .. } = rig();
+fn chain(f: &mut VfioPciFunction) -> Vec<(u8, u8)> {
     let mut chain = Vec::new();
-    let mut at = read8(&mut f, 0x34);
+    let mut at = read8(f, 0x34);
     while at != 0 {
-        chain.push((at, read8(&mut f, usize::from(at))));
-        at = read8(&mut f, usize::from(at) + 1);
+        chain.push((at, read8(f, usize::from(at))));
+        at = read8(f, usize::from(at) + 1);
     }
-    assert_eq!(chain, vec![(0x40, 0x11), (0x70, 0x10)]);
+    chain
+}
+
+#[test]
+fn the_capability_chain_shows_what_ember_emulates() {
+    let Rig {
+        mut f,
+        vectors,
+        msi,
+        ..
+    } = rig();
+    assert_eq!(
+        chain(&mut f),
+        vec![(0x40, 0x11), (0x50, 0x05), (0x70, 0x10)]
+    );
+    assert_eq!((vectors.len(), msi.len()), (8, 4));
     // The PCI Express capability's own registers come from the device.
     assert_eq!(read8(&mut f, 0x72), 0x02);
+    // Without MSI vectors from the kernel, MSI is left out of the chain.
+    let mut fake = FakeFunction::nvme_like();
+    fake.msi_vectors = 0;
+    let Rig { mut f, msi, .. } = rig_with(fake);
+    assert_eq!(chain(&mut f), vec![(0x40, 0x11), (0x70, 0x10)]);
+    assert!(msi.is_empty());
+}
+
+#[test]
+fn msi_is_emulated_at_the_device_s_offsets_and_enables_its_vectors() {
+    let Rig {
+        mut f, dev, msi, ..
+    } = rig();
+    // Message control: four vectors capable, 64-bit, per-vector masking, off.
+    assert_eq!(read32(&mut f, 0x50) >> 16, 0x0184);
+    dev.forget_calls();
+    write32(&mut f, 0x54, 0xfee0_2000);
+    write32(&mut f, 0x58, 0);
+    write16(&mut f, 0x5c, 0x0050);
+    write32(&mut f, 0x60, 0b10);
+    // Two vectors, enabled.
+    write16(&mut f, 0x52, 1 | (1 << 4));
+    assert_eq!(
+        dev.calls(),
+        vec![Call::EnableMsi(2)],
+        "only the enabled vectors"
+    );
+    assert_eq!(msi[0].last_route().map(|m| m.data), Some(0x50));
+    assert_eq!(msi[1].last_route().map(|m| m.data), Some(0x51));
+    assert_eq!(msi[1].last_masked(), Some(true));
+    assert_eq!(msi[0].last_masked(), Some(false));
+    assert_eq!(msi[2].last_route(), None);
+    assert_eq!(read32(&mut f, 0x50) >> 16, 0x0184 | 1 | (1 << 4));
+    dev.forget_calls();
+    write16(&mut f, 0x52, 0);
+    assert_eq!(dev.calls(), vec![Call::DisableMsi]);
+    assert_eq!(msi[0].last_route(), None);
 }
 
 #[test]
