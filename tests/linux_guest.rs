@@ -811,6 +811,19 @@ fn bind_to_vfio_pci(sbdf: &str) {
 /// NVMe controller and an e1000e NIC, refused while not bound to vfio-pci, then passed
 /// through to one guest whose own drivers use them.
 fn passthrough_inside(images: &LinuxImages) {
+    if std::env::var_os("EMBER_NESTED_HOST").is_none() {
+        // A real host (EMBER_LINUX_TESTS=direct): its NVMe and network functions are its
+        // own, never rebound here; only a function the operator bound to vfio-pci is used.
+        let Ok(sbdf) = std::env::var("EMBER_TEST_VFIO_DEVICE") else {
+            panic!(
+                "on a host with hardware virtualization this test needs EMBER_TEST_VFIO_DEVICE \
+                 naming a PCI function bound to vfio-pci (docs/vfio.md); it never rebinds the \
+                 host's own devices"
+            );
+        };
+        passthrough_named(images, &sbdf);
+        return;
+    }
     const NVME: &str = "0x010802";
     const ETHERNET: &str = "0x020000";
     let (Some(nvme), Some(nic)) = (host_function(NVME), host_function(ETHERNET)) else {
@@ -898,10 +911,52 @@ fn passthrough_inside(images: &LinuxImages) {
     );
 }
 
+/// On a real host: the function `sbdf` (bound to vfio-pci by the operator) is the guest's
+/// 00:01.0 with the host's vendor and device IDs, and ember releases it at exit.
+fn passthrough_named(images: &LinuxImages, sbdf: &str) {
+    let dir = Scratch::new("linux-vfio-named");
+    let initrd = guest_initrd(
+        images,
+        &dir,
+        r#"
+f=/sys/bus/pci/devices/0000:00:01.0
+echo "EMBER-TEST passed id=$(cat $f/vendor):$(cat $f/device) driver=$(basename "$(readlink $f/driver)")"
+poweroff -f
+"#,
+    );
+    let mut cfg = config(
+        &images.bzimage,
+        &initrd,
+        1,
+        512,
+        "console=ttyS0 reboot=k panic=1",
+    );
+    cfg["vfio"] = serde_json::json!([{"id": "dev0", "sbdf": sbdf}]);
+    let host = |what: &str| {
+        let path = format!("/sys/bus/pci/devices/{sbdf}/{what}");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_owned()
+    };
+    let want = format!("{}:{}", host("vendor"), host("device"));
+    let mut vm = LinuxVm::boot_config_with_flags(&dir, &cfg, &["--enable-pci"]);
+    let passed = vm.wait_for("EMBER-TEST passed");
+    let (code, log) = vm.wait_exit();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(field(&passed, "id"), want, "{passed}\n{log}");
+    let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{sbdf}/driver")).unwrap();
+    assert!(
+        driver.ends_with("vfio-pci"),
+        "back with vfio-pci after exit: {driver:?}"
+    );
+}
+
 /// VFIO passthrough of real (emulated) PCIe functions through a real IOMMU: the nested host
 /// is a q35 machine with an Intel IOMMU, an NVMe controller backed by a file on this side
 /// and an e1000e NIC. After the run, the file holds what the guest wrote through the
-/// passed-through controller.
+/// passed-through controller. On a host with hardware virtualization
+/// (`EMBER_LINUX_TESTS=direct`) it passes `EMBER_TEST_VFIO_DEVICE` through instead.
 #[test]
 fn vfio_passthrough_of_an_nvme_controller_and_an_e1000e_nic() {
     const NAME: &str = "vfio_passthrough_of_an_nvme_controller_and_an_e1000e_nic";
