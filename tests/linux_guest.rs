@@ -207,13 +207,7 @@ fn pci_root_complex_with_a_virtio_pci_disk_and_nic() {
             let net = vm.wait_for("EMBER-TEST net id");
             let ping = vm.wait_for("EMBER-TEST net ping");
             let net_irqs = vm.wait_for("EMBER-TEST net irqs");
-            let all = vm
-                .console
-                .iter()
-                .filter(|l| l.contains("EMBER-TEST"))
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let all = vm.lines_with(&["EMBER-TEST"]);
             assert_eq!(field(&pci, "functions"), "3", "{all}");
             assert_eq!(field(&pci, "bridge"), "0x1b36:0x0008:0x060000", "{all}");
             // Extended configuration space (4 KiB) is only readable through ECAM.
@@ -867,13 +861,7 @@ fn passthrough_inside(images: &LinuxImages) {
     let irqs = vm.wait_for("EMBER-TEST nvme irqs");
     let carrier = vm.wait_for("EMBER-TEST nic carrier");
     let nic_irq = vm.wait_for("EMBER-TEST nic irq");
-    let mut all = vm
-        .console
-        .iter()
-        .filter(|l| l.contains("EMBER-TEST") || l.contains("e1000e") || l.contains("nvme"))
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let mut all = vm.lines_with(&["EMBER-TEST", "e1000e", "nvme"]);
     let (code, log) = vm.wait_exit();
     all.push_str("\n--- ember's log ---\n");
     all.push_str(&log);

@@ -382,12 +382,8 @@ impl MemorySlot {
         self.gpa
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.mapping.size() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.mapping.size() == 0
     }
 }
 
@@ -645,7 +641,7 @@ mod tests {
         let bar = Arc::new(MmapRegion::<()>::new(0x2000).unwrap());
         let handle = vm.handle();
         let slot = handle.map_memory(0x1_0000_0000, bar.clone()).unwrap();
-        assert_eq!((slot.gpa(), slot.len()), (0x1_0000_0000, 0x2000));
+        assert_eq!((slot.gpa(), slot.size()), (0x1_0000_0000, 0x2000));
         assert!(vm.shared.slots().is_allocated(1));
         // Overlapping guest RAM is refused, and the slot number is not lost.
         assert!(handle.map_memory(0, bar.clone()).is_err());

@@ -175,6 +175,17 @@ impl LinuxVm {
         }
     }
 
+    /// The console lines so far that contain any of `needles`, one per line: what a
+    /// failed assertion shows.
+    pub fn lines_with(&self, needles: &[&str]) -> String {
+        self.console
+            .iter()
+            .filter(|l| needles.iter().any(|n| l.contains(n)))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Console lines that arrive within `quiet`: none expected while the guest is paused.
     pub fn lines_within(&mut self, quiet: Duration) -> Vec<String> {
         let deadline = Instant::now() + quiet;

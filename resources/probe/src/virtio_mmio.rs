@@ -7,6 +7,7 @@
 
 use crate::phys;
 use crate::timeout::{self, Deadline};
+use crate::transport::Transport;
 
 /// "virt" in little endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -48,15 +49,12 @@ pub const FAILED: u32 = 0x80;
 const INTERRUPT_USED_BUFFER: u32 = 1 << 0;
 const INTERRUPT_DEFINED: u32 = 0b11;
 
-/// How long a reset and an interrupt may take to show: about 0.4-2 s, far more than any
+/// How long an interrupt may take to show: about 0.4-2 s, far more than any
 /// device needs, short enough that a silent one does not stall the run.
-const RESET_TICKS: u64 = 1 << 31;
-const INTERRUPT_TICKS: u64 = 1 << 31;
+pub const INTERRUPT_TICKS: u64 = 1 << 31;
 /// Between two reads of a polled register: each is a VM exit of tens of microseconds, and
 /// back-to-back exits would keep the host busy for nothing.
-const POLL_GAP_TICKS: u64 = 1 << 17;
-/// Config space reads retried while ConfigGeneration keeps changing.
-const CONFIG_ATTEMPTS: u32 = 8;
+pub const POLL_GAP_TICKS: u64 = 1 << 17;
 
 #[derive(Clone, Copy)]
 pub struct Mmio {
@@ -86,32 +84,23 @@ impl Mmio {
         self.write(STATUS, status)
     }
 
-    /// The first steps of device initialisation (virtio 1.2, 3.1.1 steps 1-3): reset,
-    /// then ACKNOWLEDGE and DRIVER, recorded in `status`. On failure says why in `d`.
+    /// See [`Transport::begin_init`].
     pub fn begin_init(&self, status: &mut u32, d: &mut crate::line::Detail) -> bool {
-        if !self.reset() {
-            d.str(b"reset not completed: status=")
-                .hex(u64::from(self.status()));
-            return false;
-        }
-        for bit in [ACKNOWLEDGE, DRIVER] {
-            *status |= bit;
-            self.set_status(*status);
-        }
-        true
+        Transport::Mmio(*self).begin_init(status, d)
     }
 
-    /// Writing 0 resets the device; the reset is complete once Status reads 0 (virtio 2.4.2).
+    /// See [`Transport::reset`].
     pub fn reset(&self) -> bool {
-        self.write(STATUS, 0);
-        let mut deadline = Deadline::after(RESET_TICKS);
-        while self.read(STATUS) != 0 {
-            if deadline.expired() {
-                return false;
-            }
-            timeout::delay(POLL_GAP_TICKS);
-        }
-        true
+        Transport::Mmio(*self).reset()
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.read(CONFIG_GENERATION)
+    }
+
+    /// 32 bits of the device-specific configuration space at `offset`.
+    pub fn config_u32(&self, offset: u64) -> u32 {
+        self.read(CONFIG + offset)
     }
 
     /// All 64 feature bits the device offers: DeviceFeaturesSel must be written before each
@@ -175,20 +164,5 @@ impl Mmio {
             }
             timeout::delay(POLL_GAP_TICKS);
         }
-    }
-
-    /// A 64-bit config field at `offset` into the config space, read as two 32-bit halves
-    /// (the spec requires 32-bit accesses for it) between two reads of ConfigGeneration,
-    /// again if the generation changed in between: then the halves may not belong together.
-    pub fn config_u64(&self, offset: u64) -> Option<u64> {
-        for _ in 0..CONFIG_ATTEMPTS {
-            let generation = self.read(CONFIG_GENERATION);
-            let low = self.read(CONFIG + offset);
-            let high = self.read(CONFIG + offset + 4);
-            if self.read(CONFIG_GENERATION) == generation {
-                return Some((u64::from(high) << 32) | u64::from(low));
-            }
-        }
-        None
     }
 }

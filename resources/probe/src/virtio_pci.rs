@@ -12,7 +12,7 @@ use crate::line::Detail;
 use crate::pci::ecam_addr;
 use crate::phys;
 use crate::timeout::{self, Deadline};
-use crate::virtio_mmio::{ACKNOWLEDGE, DRIVER};
+use crate::virtio_mmio::{INTERRUPT_TICKS, POLL_GAP_TICKS};
 
 pub const VENDOR_VIRTIO: u32 = 0x1af4;
 /// Modern device IDs: 0x1040 plus the virtio device type (2, block).
@@ -63,11 +63,6 @@ pub const MSI_VECTOR: u32 = 0x40;
 const APIC_IRR: u64 = 0xfee0_0200 + 0x10 * (MSI_VECTOR as u64 / 32);
 const APIC_SVR: u64 = 0xfee0_00f0;
 const APIC_SOFTWARE_ENABLE: u32 = 1 << 8;
-
-const RESET_TICKS: u64 = 1 << 31;
-const INTERRUPT_TICKS: u64 = 1 << 31;
-const POLL_GAP_TICKS: u64 = 1 << 17;
-const CONFIG_ATTEMPTS: u32 = 8;
 
 /// Where the function's structures are, once its BAR is placed and decoding.
 #[derive(Clone, Copy)]
@@ -200,26 +195,6 @@ impl PciTransport {
         write_u8(self.common + DEVICE_STATUS, status as u8);
     }
 
-    /// Reset (writing 0, complete when status reads 0; 4.1.4.3.2), then ACKNOWLEDGE and
-    /// DRIVER, recorded in `status`.
-    pub fn begin_init(&self, status: &mut u32, d: &mut Detail) -> bool {
-        self.set_status(0);
-        let mut deadline = Deadline::after(RESET_TICKS);
-        while self.status() != 0 {
-            if deadline.expired() {
-                d.str(b"reset not completed: status=")
-                    .hex(u64::from(self.status()));
-                return false;
-            }
-            timeout::delay(POLL_GAP_TICKS);
-        }
-        for bit in [ACKNOWLEDGE, DRIVER] {
-            *status |= bit;
-            self.set_status(*status);
-        }
-        true
-    }
-
     pub fn device_features(&self) -> u64 {
         phys::write_u32(self.common + DEVICE_FEATURE_SELECT, 0);
         let low = phys::read_u32(self.common + DEVICE_FEATURE);
@@ -310,16 +285,13 @@ impl PciTransport {
         phys::read_u32(APIC_IRR) & (1 << (MSI_VECTOR % 32)) != 0
     }
 
-    pub fn config_u64(&self, offset: u64) -> Option<u64> {
-        for _ in 0..CONFIG_ATTEMPTS {
-            let generation = phys::read_u8(self.common + CONFIG_GENERATION);
-            let low = phys::read_u32(self.device_config + offset);
-            let high = phys::read_u32(self.device_config + offset + 4);
-            if phys::read_u8(self.common + CONFIG_GENERATION) == generation {
-                return Some((u64::from(high) << 32) | u64::from(low));
-            }
-        }
-        None
+    pub fn config_generation(&self) -> u32 {
+        phys::read_u8(self.common + CONFIG_GENERATION).into()
+    }
+
+    /// 32 bits of the device-specific configuration structure at `offset`.
+    pub fn config_u32(&self, offset: u64) -> u32 {
+        phys::read_u32(self.device_config + offset)
     }
 }
 

@@ -66,17 +66,13 @@ impl Msi {
     }
 
     /// The capability's length in configuration space for this layout.
-    pub fn len(&self) -> usize {
+    pub fn capability_len(&self) -> usize {
         let base = if self.wide { 14 } else { 10 };
         if self.per_vector_mask {
             base + 10
         } else {
             base
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     fn data_offset(&self) -> usize {
@@ -130,7 +126,7 @@ impl Msi {
     /// or off by it (the caller then enables or disables the function's vectors).
     pub fn write(&mut self, offset: usize, value: u8) -> Option<bool> {
         let mut r = self.registers();
-        if offset >= self.len() || offset < 2 {
+        if offset >= self.capability_len() || offset < 2 {
             return None;
         }
         r[offset] = value;
@@ -208,7 +204,7 @@ mod tests {
     fn a_64_bit_capability_with_masking_keeps_its_layout() {
         // Four vectors asked (MMC 2), 64-bit, per-vector masking.
         let (mut m, recs) = msi((2 << 1) | (1 << 7) | (1 << 8), 4);
-        assert_eq!(m.len(), 24);
+        assert_eq!(m.capability_len(), 24);
         assert_eq!(read16(&m, 2), (2 << 1) | (1 << 7) | (1 << 8));
         write32(&mut m, 4, 0xfee0_1003);
         write32(&mut m, 8, 0x1);
@@ -248,7 +244,7 @@ mod tests {
     fn a_32_bit_capability_without_masking_and_requests_beyond_it() {
         // One vector asked, 32-bit address, no masking.
         let (mut m, recs) = msi(0, 1);
-        assert_eq!(m.len(), 10);
+        assert_eq!(m.capability_len(), 10);
         write32(&mut m, 4, 0xfee0_0000);
         write16(&mut m, 8, 0x0031);
         // Eight vectors asked for: one is what there is.

@@ -83,8 +83,6 @@ struct MappedArea {
 }
 
 struct PassthroughBar {
-    kind: BarKind,
-    size: u64,
     areas: Vec<MappedArea>,
     /// Where the guest decodes the BAR, as last mapped.
     mapped_at: Option<u64>,
@@ -114,6 +112,21 @@ impl MsixCap {
             u64::from(self.layout.pba_offset),
             self.msix.pba_len(),
         )
+    }
+
+    /// Which structure an access to BAR `bar` at `offset` hits: (is it the table, the
+    /// offset inside it).
+    fn hit(&self, bar: usize, offset: u64, len: usize) -> Option<(bool, u64)> {
+        let inside = |(b, start, size): (usize, u64, u64)| {
+            (b == bar
+                && offset >= start
+                && offset.saturating_add(len as u64) <= start.saturating_add(size))
+            .then(|| offset - start)
+        };
+        if let Some(at) = inside(self.table()) {
+            return Some((true, at));
+        }
+        inside(self.pba()).map(|at| (false, at))
     }
 }
 
@@ -277,8 +290,6 @@ impl VfioPciFunction {
                 });
             }
             bars[index] = Some(PassthroughBar {
-                kind,
-                size,
                 areas,
                 mapped_at: None,
             });
@@ -380,7 +391,7 @@ impl VfioPciFunction {
         }
         if let Some(m) = &self.msi {
             let inside = offset.wrapping_sub(m.offset);
-            if (2..m.msi.len()).contains(&inside) {
+            if (2..m.msi.capability_len()).contains(&inside) {
                 return Source::Msi(inside);
             }
         }
@@ -482,7 +493,6 @@ impl VfioPciFunction {
             }
             bar.mapped_at = None;
             let Some(base) = at else { continue };
-            let mut complete = true;
             for area in &mut bar.areas {
                 match self.mapper.map(base + area.offset, area.memory.clone()) {
                     Ok(slot) => area.slot = Some(slot),
@@ -494,38 +504,11 @@ impl VfioPciFunction {
                             base,
                             area.offset
                         );
-                        complete = false;
                     }
                 }
             }
             bar.mapped_at = Some(base);
-            if !complete {
-                log::warn!("{}: BAR {index} partly trapped", self.label);
-            }
         }
-    }
-
-    /// Which MSI-X structure (table or PBA) an access to BAR `bar` at `offset` hits.
-    fn msix_structure(&self, bar: usize, offset: u64, len: usize) -> Option<(bool, u64)> {
-        let m = self.msix.as_ref()?;
-        let hit = |(b, start, size): (usize, u64, u64)| {
-            (b == bar
-                && offset >= start
-                && offset.saturating_add(len as u64) <= start.saturating_add(size))
-            .then(|| offset - start)
-        };
-        if let Some(at) = hit(m.table()) {
-            return Some((true, at));
-        }
-        hit(m.pba()).map(|at| (false, at))
-    }
-
-    /// BAR sizes and kinds, for tests and logs.
-    pub fn bar(&self, index: usize) -> Option<(BarKind, u64)> {
-        self.bars
-            .get(index)
-            .and_then(|b| b.as_ref())
-            .map(|b| (b.kind, b.size))
     }
 }
 
@@ -587,33 +570,34 @@ impl PciDevice for VfioPciFunction {
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        match self.msix_structure(bar, offset, data.len()) {
-            Some((true, at)) => self.msix_mut().read_table(at, data),
-            Some((false, at)) => self.msix_mut().read_pba(at, data),
-            None => self.backend.read_bar(bar, offset, data),
+        if let Some(m) = self.msix.as_ref()
+            && let Some((table, at)) = m.hit(bar, offset, data.len())
+        {
+            if table {
+                m.msix.read_table(at, data);
+            } else {
+                m.msix.read_pba(at, data);
+            }
+            return;
         }
+        self.backend.read_bar(bar, offset, data);
     }
 
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        match self.msix_structure(bar, offset, data.len()) {
-            Some((true, at)) => self.msix_mut().write_table(at, data),
+        if let Some(m) = self.msix.as_mut()
+            && let Some((table, at)) = m.hit(bar, offset, data.len())
+        {
             // The PBA is read-only.
-            Some((false, _)) => {}
-            None => self.backend.write_bar(bar, offset, data),
+            if table {
+                m.msix.write_table(at, data);
+            }
+            return;
         }
+        self.backend.write_bar(bar, offset, data);
     }
 
     fn decoding_changed(&mut self, bars: &[BarRegion]) {
         self.remap(bars);
-    }
-}
-
-impl VfioPciFunction {
-    fn msix_mut(&mut self) -> &mut Msix {
-        match self.msix.as_mut() {
-            Some(m) => &mut m.msix,
-            None => unreachable!("msix_structure found an MSI-X structure"),
-        }
     }
 }
 

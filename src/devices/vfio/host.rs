@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -172,17 +172,15 @@ impl HostContainer {
         let device = VfioDevice::new(&path, ops, false)
             .map_err(|source| VfioHostError::Container { sbdf, source })?;
         // mmap needs a File for the device fd; a duplicate keeps the device's own.
-        // SAFETY: dup returns a new fd this File then owns alone.
-        let fd = unsafe { libc::dup(device.as_raw_fd()) };
-        if fd < 0 {
-            return Err(VfioHostError::Device {
+        // SAFETY: the device's fd is open for as long as `device` lives, past this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|source| VfioHostError::Device {
                 sbdf,
                 what: "cannot duplicate its fd",
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
-        let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+                source,
+            })?;
+        let file = Arc::new(File::from(fd));
         Ok(HostFunction {
             device: ManuallyDrop::new(device),
             file,
