@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::nested::guest_faulted_before_init;
+use common::nested::guest_failed_before_init;
 
 fn run(script: &str, env: &[(&str, &str)]) -> Output {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -74,7 +74,7 @@ fn a_silent_nested_host_is_reported_as_a_hang() {
 /// The retry of a guest that triple-faulted early (an artefact of the emulated host) hinges
 /// on telling where the guest got to from the nested host's console.
 #[test]
-fn an_early_triple_fault_is_told_from_one_after_init() {
+fn an_early_triple_fault_or_stall_is_told_from_one_after_init() {
     let fault = "vCPU 0: triple fault (KVM_EXIT_SHUTDOWN) at rip=0xfff0";
     let boot = "guest| [    0.000000] Linux version 6.1.0-50-amd64 (debian-kernel)";
     let init = "guest| EMBER-GUEST init uptime=9.61";
@@ -87,13 +87,23 @@ fn an_early_triple_fault_is_told_from_one_after_init() {
         fault,
     ]
     .join("\n");
-    assert!(guest_faulted_before_init(&early));
+    assert!(guest_failed_before_init(&early));
     let late = [boot, init, "guest| EMBER-TEST cmdline", fault].join("\n");
-    assert!(!guest_faulted_before_init(&late));
+    assert!(!guest_failed_before_init(&late));
     // Two boots in one test: the first reached /init, the second faulted before its own.
     let second_early = [boot, init, boot, fault].join("\n");
-    assert!(guest_faulted_before_init(&second_early));
+    assert!(guest_failed_before_init(&second_early));
     // No triple fault: a failure of another kind, never retried as this one.
     let no_fault = [boot, quoted].join("\n");
-    assert!(!guest_faulted_before_init(&no_fault));
+    assert!(!guest_failed_before_init(&no_fault));
+    // A guest that went silent before /init is the emulated host's too; after it, not.
+    let stalled = format!(
+        "{}: {} (no console line for 60s)",
+        "thread 'serial' panicked at tests/common/linux.rs:160:51",
+        common::nested::GUEST_STALLED
+    );
+    assert!(guest_failed_before_init(&[boot, &stalled].join("\n")));
+    assert!(!guest_failed_before_init(
+        &[boot, init, &stalled].join("\n")
+    ));
 }

@@ -21,6 +21,12 @@ use super::{RUN_DEADLINE, Scratch, ember_command};
 /// in about 10 s inside the nested host; this leaves room for a loaded CI machine.
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(180);
 
+/// How long a guest that has not reached its /init yet may stay silent. A sound boot prints
+/// a kernel line every few seconds at most; the emulated host now and then leaves a guest
+/// re-emulating one instruction for good (docs/testing.md, "Known limits"), and such a
+/// boot is told apart with [`nested::GUEST_STALLED`] so the harness tries it again.
+const SILENT_BEFORE_INIT: Duration = Duration::from_secs(60);
+
 /// Runs a Linux guest test: `body` directly where Linux guests can run, otherwise this one
 /// test (`name`, the test function's name) inside a nested host.
 pub fn linux_test(name: &str, body: impl FnOnce(&LinuxImages)) {
@@ -54,6 +60,8 @@ pub struct LinuxVm {
     /// The API socket, when ember serves one.
     pub sock: Option<PathBuf>,
     started: Instant,
+    /// Whether the guest's current boot has reached its /init.
+    reached_init: bool,
 }
 
 impl LinuxVm {
@@ -126,6 +134,7 @@ impl LinuxVm {
             console: Vec::new(),
             sock,
             started: Instant::now(),
+            reached_init: false,
         }
     }
 
@@ -147,13 +156,29 @@ impl LinuxVm {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            let wait = if self.reached_init {
+                left
+            } else {
+                left.min(SILENT_BEFORE_INIT)
+            };
+            match self.lines.recv_timeout(wait) {
                 Ok(line) => {
+                    if line.starts_with("EMBER-GUEST init") {
+                        self.reached_init = true;
+                    } else if line.contains("] Linux version ") {
+                        self.reached_init = false;
+                    }
                     self.console.push(line.clone());
                     if line.contains(needle) {
                         return line;
                     }
                 }
+                Err(RecvTimeoutError::Timeout) if wait < left => panic!(
+                    "{} (no console line for {SILENT_BEFORE_INIT:?}) while waiting for {needle:?}:\n{}\n{}",
+                    nested::GUEST_STALLED,
+                    self.console.join("\n"),
+                    kvm_trace()
+                ),
                 Err(RecvTimeoutError::Timeout) => panic!(
                     "no console line with {needle:?} within {limit:?}:\n{}\n{}",
                     self.console.join("\n"),

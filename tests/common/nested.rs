@@ -140,10 +140,13 @@ static NESTED_HOST: Mutex<()> = Mutex::new(());
 /// the binary inside, so it is tried again.
 const NESTED_HOST_FAILED: i32 = 125;
 const NESTED_HOST_HUNG: i32 = 126;
-/// Not run.sh's: the guest triple-faulted before its /init ran. QEMU's emulation of nested
-/// SVM does this to a few boots in a hundred when the nested host is busy (docs/testing.md,
-/// "Known limits"); a broken ember faults on every boot, so the retries still catch it.
-const GUEST_FAULTED_EARLY: i32 = -2;
+/// Not run.sh's: the guest triple-faulted or stalled before its /init ran. QEMU's emulation
+/// of nested SVM does this to a few boots in a hundred when the nested host is busy
+/// (docs/testing.md, "Known limits"); a broken ember fails every boot, so the retries still
+/// catch it.
+const GUEST_FAILED_EARLY: i32 = -2;
+/// What a test inside says when its guest went silent before reaching /init.
+pub const GUEST_STALLED: &str = "the guest stalled before its /init";
 /// Attempts at one run when the emulated host fails by itself. Each such failure is rare
 /// (a few runs in a hundred, more under load); three attempts make a spurious red CI run
 /// unlikely while costing nothing when the first attempt is sound.
@@ -176,7 +179,7 @@ pub fn run_self_on_host(
                 if attempt < NESTED_HOST_ATTEMPTS
                     && (code == NESTED_HOST_HUNG
                         || code == NESTED_HOST_FAILED
-                        || code == GUEST_FAULTED_EARLY) =>
+                        || code == GUEST_FAILED_EARLY) =>
             {
                 eprintln!(
                     "nested host: attempt {attempt} failed in a way the emulated host causes by \
@@ -213,13 +216,13 @@ fn inner_panic(console: &str) -> String {
     format!("the failure inside:\n{}\n", shown.join("\n"))
 }
 
-/// Whether the guest that triple-faulted had not yet reached its `/init` in the boot that
-/// faulted. Only the lines the test echoed live as the guest wrote them (`guest| `) count:
+/// Whether the guest that triple-faulted or stalled had not yet reached its `/init` in the
+/// boot that failed. Only the lines the test echoed live as the guest wrote them (`guest| `) count:
 /// a failure message quotes the line it waited for ("console closed before \"EMBER-GUEST
 /// init\"") and must not pass for the guest having printed it. A test that boots twice
 /// counts from the last boot's first kernel line.
-pub fn guest_faulted_before_init(console: &str) -> bool {
-    if !console.contains("triple fault (KVM_EXIT_SHUTDOWN)") {
+pub fn guest_failed_before_init(console: &str) -> bool {
+    if !console.contains("triple fault (KVM_EXIT_SHUTDOWN)") && !console.contains(GUEST_STALLED) {
         return false;
     }
     let mut reached_init = false;
@@ -290,8 +293,8 @@ fn run_self_once(
     eprintln!("{errors}");
     if !out.status.success() {
         return Err((
-            if guest_faulted_before_init(&console) {
-                GUEST_FAULTED_EARLY
+            if guest_failed_before_init(&console) {
+                GUEST_FAILED_EARLY
             } else {
                 out.status.code().unwrap_or(-1)
             },
