@@ -771,9 +771,43 @@ ip link set eth0 up
 n=0; while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
 echo "EMBER-TEST nic carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null) driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)")"
 echo "EMBER-TEST nic irq kind=$(cat /sys/class/net/eth0/device/msi_irqs/* 2>/dev/null | sort -u | tr '\n' ',') irqs=$(irqs eth0)"
-dmesg | grep -iE "e1000e|nvme" | sed 's/^/EMBER-TEST dmesg /'
+rmmod e1000e
+"#;
+
+/// The e1000e driver in legacy interrupt mode (`IntMode=0`): INTx only, through the host
+/// bridge's `_PRT`. Bringing the link up takes a link-change interrupt; the pings (answered
+/// or not) add transmit completions, each one more INTx after an unmask.
+const INTX_REPORT: &str = r#"
+modprobe e1000e IntMode=0
+ip link set eth0 up
+n=0; while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+ip addr add 10.0.2.15/24 dev eth0
+ping -c 3 -W 1 10.0.2.2 >/dev/null 2>&1
+echo "EMBER-TEST intx carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null) msi=$(ls /sys/class/net/eth0/device/msi_irqs 2>/dev/null | wc -l) irqs=$(irqs eth0)"
+grep eth0 /proc/interrupts | tr -s ' ' | sed 's/^/EMBER-TEST intx interrupts /'
+dmesg | grep -iE "e1000e|nvme|PCI INT|GSI" | sed 's/^/EMBER-TEST dmesg /'
 poweroff -f
 "#;
+
+/// Checks [`INTX_REPORT`]'s lines: the link came up and the interrupts that took came as
+/// INTx through an I/O APIC pin, more than one (the line was unmasked after each).
+fn assert_intx_worked(vm: &mut LinuxVm) -> String {
+    let line = vm.wait_for("EMBER-TEST intx carrier");
+    let interrupts = vm.wait_for("EMBER-TEST intx interrupts");
+    let context = vm.lines_with(&["EMBER-TEST"]);
+    assert_eq!(field(&line, "carrier"), "1", "{context}");
+    assert_eq!(
+        field(&line, "msi"),
+        "0",
+        "no MSI or MSI-X vectors: {context}"
+    );
+    assert!(number(&line, "irqs") >= 2, "{context}");
+    assert!(
+        interrupts.contains("IO-APIC") && interrupts.contains("fasteoi"),
+        "a level-triggered I/O APIC line: {context}"
+    );
+    context
+}
 
 /// The address of the nested host's first PCI function of `class` (sysfs's `0x010802`).
 fn host_function(class: &str) -> Option<String> {
@@ -828,7 +862,7 @@ fn passthrough_inside(images: &LinuxImages) {
         );
     };
     let dir = Scratch::new("linux-vfio");
-    let initrd = guest_initrd(images, &dir, PASSTHROUGH_REPORT);
+    let initrd = guest_initrd(images, &dir, &format!("{PASSTHROUGH_REPORT}{INTX_REPORT}"));
     let mut cfg = config(
         &images.bzimage,
         &initrd,
@@ -861,6 +895,9 @@ fn passthrough_inside(images: &LinuxImages) {
     let irqs = vm.wait_for("EMBER-TEST nvme irqs");
     let carrier = vm.wait_for("EMBER-TEST nic carrier");
     let nic_irq = vm.wait_for("EMBER-TEST nic irq");
+    // Reloaded in legacy mode: MSI-X off, INTx back on at the host, through ember's I/O
+    // APIC (the split irqchip).
+    assert_intx_worked(&mut vm);
     let mut all = vm.lines_with(&["EMBER-TEST", "e1000e", "nvme"]);
     let (code, log) = vm.wait_exit();
     all.push_str("\n--- ember's log ---\n");
@@ -893,10 +930,40 @@ fn passthrough_inside(images: &LinuxImages) {
     assert!(number(&nic_irq, "irqs") > 0, "{all}");
     assert!(
         log.contains(&format!(
-            "VFIO device \"nvme0\" ({nvme}) passed through as PCI 00:01.0"
+            "VFIO device \"nvme0\" ({nvme}) passed through as PCI 00:01.0, INTA on GSI 20"
         )),
         "{log}"
     );
+    let nic_label = format!("VFIO device \"nic0\" ({nic})");
+    assert!(
+        log.contains(&format!(
+            "{nic_label} passed through as PCI 00:02.0, INTA on GSI 21"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("{nic_label}: the guest turned MSI-X off")),
+        "{log}"
+    );
+
+    // The NIC alone with KVM's irqchip: INTx through a resampling irqfd, ember not on the
+    // path.
+    let dir = Scratch::new("linux-vfio-intx");
+    let initrd = guest_initrd(images, &dir, INTX_REPORT);
+    let mut cfg = config(
+        &images.bzimage,
+        &initrd,
+        1,
+        256,
+        "console=ttyS0 reboot=k panic=1",
+    );
+    cfg["machine-config"]["irqchip"] = "kernel".into();
+    cfg["vfio"] = serde_json::json!([{"id": "nic0", "sbdf": nic}]);
+    let mut vm = LinuxVm::boot_config_with_flags(&dir, &cfg, &["--enable-pci"]);
+    let context = assert_intx_worked(&mut vm);
+    let (code, log) = vm.wait_exit();
+    assert_eq!(code, Some(0), "{context}\n{log}");
+    assert!(log.contains("INTA on GSI 20"), "{log}");
 }
 
 /// On a real host: the function `sbdf` (bound to vfio-pci by the operator) is the guest's

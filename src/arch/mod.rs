@@ -42,6 +42,19 @@ pub enum PlatformDevice {
     VirtioMmio { base: u64, len: u64, irq: u32 },
     /// The PCI root complex: bus 0's ECAM window and the windows BARs are placed in.
     PciRoot(PciWindows),
+    /// A function on the root's bus that raises INTx: which GSI its pin is wired to.
+    PciIntx(PciIntx),
+}
+
+/// How one slot's INTx pin reaches the interrupt controller: no bridges and no sharing,
+/// each function that uses INTx has a GSI of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIntx {
+    /// The device number on bus 0.
+    pub slot: u8,
+    /// The interrupt pin register's value: 1 = INTA# .. 4 = INTD#.
+    pub pin: u8,
+    pub gsi: u32,
 }
 
 /// Where a PCI root complex's guest-visible ranges are: (start, length) each.

@@ -20,7 +20,7 @@ use kvm_bindings::{KvmIrqRouting, kvm_msi};
 use crate::arch;
 use crate::config::Irqchip;
 use crate::devices::legacy::Line;
-use crate::devices::legacy::ioapic::{Ioapic, IoapicPin, MsiSink};
+use crate::devices::legacy::ioapic::{EventfdLevelSource, Ioapic, IoapicPin, MsiSink};
 use crate::vstate::gsi_routes::{GsiRoutes, GsiRoutesError, MsiMessage};
 use crate::vstate::kvm::KvmContext;
 
@@ -174,6 +174,52 @@ impl Vm {
         match &self.ioapic {
             Some(ioapic) => Ok(Box::new(IoapicPin::new(ioapic.clone(), gsi))),
             None => Ok(Box::new(self.irqfd(gsi, what)?)),
+        }
+    }
+
+    /// A level-triggered line that a source drives through eventfds, as the host kernel
+    /// drives a passed-through function's INTx: `trigger` asserts it, and the guest's EOI
+    /// releases it and signals `resample` (the source asserts again if it still needs
+    /// service). With the in-kernel irqchip KVM does both (a resampling irqfd); with the
+    /// split irqchip ember's I/O APIC does, from an event-loop subscriber.
+    pub fn level_irq(
+        &self,
+        gsi: u32,
+        trigger: &EventFd,
+        resample: &EventFd,
+        what: &str,
+    ) -> Result<LevelIrq, VmError> {
+        let clone = |e: &EventFd| {
+            e.try_clone()
+                .map_err(|e| VmError::EventFd("a level-triggered line", e))
+        };
+        match &self.ioapic {
+            Some(ioapic) => {
+                ioapic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_resample(gsi as usize, clone(resample)?);
+                Ok(LevelIrq::Split(Arc::new(Mutex::new(EventfdLevelSource {
+                    what: what.to_owned(),
+                    trigger: clone(trigger)?,
+                    pin: IoapicPin::new(ioapic.clone(), gsi),
+                }))))
+            }
+            None => {
+                self.shared
+                    .fd
+                    .register_irqfd_with_resample(trigger, resample, gsi)
+                    .map_err(|source| VmError::Irqfd {
+                        what: what.to_owned(),
+                        gsi,
+                        source,
+                    })?;
+                Ok(LevelIrq::Kernel(Irqfd {
+                    vm: self.shared.clone(),
+                    evt: clone(trigger)?,
+                    gsi,
+                }))
+            }
         }
     }
 
@@ -440,6 +486,14 @@ fn halves(address: u64) -> (u32, u32) {
     (address as u32, (address >> 32) as u32)
 }
 
+/// A line from [`Vm::level_irq`].
+pub enum LevelIrq {
+    /// KVM's resampling irqfd, unregistered when dropped.
+    Kernel(Irqfd),
+    /// ember's I/O APIC pin, raised by this subscriber on the event loop.
+    Split(Arc<Mutex<EventfdLevelSource>>),
+}
+
 /// A registered irqfd; dropping it disconnects it from the VM.
 pub struct Irqfd {
     vm: Arc<VmShared>,
@@ -570,6 +624,49 @@ mod tests {
 
     fn vm() -> Vm {
         Vm::new(&KvmContext::open().unwrap()).unwrap()
+    }
+
+    /// KVM's I/O APIC state: whether pin `gsi`'s input is asserted (its IRR bit).
+    fn kernel_ioapic_irr(vm: &Vm, gsi: u32) -> bool {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.shared.fd.get_irqchip(&mut chip).unwrap();
+        // SAFETY: chip_id says the union holds the I/O APIC's state.
+        let ioapic = unsafe { chip.chip.ioapic };
+        ioapic.irr & (1 << gsi) != 0
+    }
+
+    #[test]
+    fn a_level_line_is_a_resampling_irqfd_or_a_pin_of_ember_s_ioapic() {
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // In-kernel irqchip: KVM asserts the pin itself (held in IRR while the guest has
+        // it masked, as a level does), and the registration goes when dropped.
+        let mut kernel = vm();
+        kernel
+            .create_interrupt_controllers(Irqchip::Kernel)
+            .unwrap();
+        let line = kernel.level_irq(21, &trigger, &resample, "test").unwrap();
+        assert!(matches!(line, LevelIrq::Kernel(_)));
+        assert!(!kernel_ioapic_irr(&kernel, 21));
+        trigger.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !kernel_ioapic_irr(&kernel, 21) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(kernel_ioapic_irr(&kernel, 21), "KVM asserted pin 21");
+        drop(line);
+        assert!(
+            kernel.level_irq(21, &trigger, &resample, "again").is_ok(),
+            "the first registration was removed"
+        );
+        // Split irqchip: a subscriber for the event loop drives ember's pin.
+        let mut split = vm();
+        split.create_interrupt_controllers(Irqchip::Split).unwrap();
+        let line = split.level_irq(21, &trigger, &resample, "test").unwrap();
+        assert!(matches!(line, LevelIrq::Split(_)));
     }
 
     #[test]

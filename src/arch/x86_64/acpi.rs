@@ -21,7 +21,7 @@ use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
-use crate::arch::PciWindows;
+use crate::arch::{PciIntx, PciWindows};
 use crate::devices::pci::config_access::PORT_IO_LEN;
 
 /// The PC's configuration-space ports (CONFIG_ADDRESS, CONFIG_DATA).
@@ -81,6 +81,8 @@ pub enum DsdtDevice {
     /// and a motherboard resource (`PNP0C02`) reserving ECAM, which Linux requires before
     /// it uses ECAM.
     PciRoot(PciWindows),
+    /// A PCI function's INTx wiring: an entry in the host bridge's `_PRT`.
+    PciIntx(PciIntx),
 }
 
 /// The I/O ports of the hardware-reduced power-management registers, and the values the
@@ -231,7 +233,13 @@ impl<T: Aml> ToAmlVec for T {
 
 /// The AML of one device; `index` numbers the devices of its kind. Virtio interrupts are
 /// level-triggered when `virtio_level` (see [`AcpiConfig::has_8259`]).
-fn device_aml(index: usize, dev: &DsdtDevice, virtio_level: bool, out: &mut Vec<u8>) {
+fn device_aml(
+    index: usize,
+    dev: &DsdtDevice,
+    virtio_level: bool,
+    intx: &[PciIntx],
+    out: &mut Vec<u8>,
+) {
     match *dev {
         DsdtDevice::Serial { port, irq } => named_device(
             &format!("COM{index}"),
@@ -273,12 +281,14 @@ fn device_aml(index: usize, dev: &DsdtDevice, virtio_level: bool, out: &mut Vec<
             &[&aml::Name::new("_CCA".into(), &aml::ONE)],
             out,
         ),
-        DsdtDevice::PciRoot(w) => pci_root_aml(index, &w, out),
+        DsdtDevice::PciRoot(w) => pci_root_aml(index, &w, intx, out),
+        // Inside the host bridge, as its `_PRT`.
+        DsdtDevice::PciIntx(_) => {}
     }
 }
 
 /// The host bridge (segment 0, bus 0) and the motherboard resource that reserves its ECAM.
-fn pci_root_aml(index: usize, w: &PciWindows, out: &mut Vec<u8>) {
+fn pci_root_aml(index: usize, w: &PciWindows, intx: &[PciIntx], out: &mut Vec<u8>) {
     let last = |(start, len): (u64, u64)| start + len - 1;
     // The 32-bit window and ECAM are below 4 GiB (layout.rs asserts it).
     let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
@@ -302,12 +312,13 @@ fn pci_root_aml(index: usize, w: &PciWindows, out: &mut Vec<u8>) {
     let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
     let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
     let cca = aml::Name::new("_CCA".into(), &aml::ONE);
+    let prt = aml::Name::new("_PRT".into(), &prt(intx));
     named_device(
         &format!("PCI{index}"),
         &aml::EISAName::new("PNP0A08"),
         Some(index),
         &[&bus, &config_ports, &mmio32, &mmio64],
-        &[&cid, &adr, &seg, &bbn, &cca],
+        &[&cid, &adr, &seg, &bbn, &cca, &prt],
         out,
     );
     named_device(
@@ -324,6 +335,20 @@ fn pci_root_aml(index: usize, w: &PciWindows, out: &mut Vec<u8>) {
     );
 }
 
+/// The host bridge's PCI routing table (ACPI 6.5, 6.2.13): one entry per function that
+/// uses INTx, {address: device in the high word and 0xFFFF for any function, pin: 0 =
+/// INTA#, source: 0 (a GSI, not a link device), source index: the GSI}. A GSI given this
+/// way is level-triggered and active low.
+fn prt(intx: &[PciIntx]) -> aml::PackageBuilder {
+    let mut table = aml::PackageBuilder::new();
+    for i in intx {
+        let address = (u32::from(i.slot) << 16) | 0xffff;
+        let pin = u32::from(i.pin.saturating_sub(1));
+        table.add_element(&aml::Package::new(vec![&address, &pin, &aml::ZERO, &i.gsi]));
+    }
+    table
+}
+
 /// MCFG: where ECAM is for the PCI segments (one here, bus 0 only).
 fn mcfg(w: &PciWindows) -> Vec<u8> {
     let mut t = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -335,13 +360,20 @@ fn mcfg(w: &PciWindows) -> Vec<u8> {
 fn dsdt(devices: &[DsdtDevice], s5_sleep_type: Option<u8>, virtio_level: bool) -> Vec<u8> {
     let mut body = Vec::new();
     let mut children = Vec::new();
+    let intx: Vec<PciIntx> = devices
+        .iter()
+        .filter_map(|d| match d {
+            DsdtDevice::PciIntx(i) => Some(*i),
+            _ => None,
+        })
+        .collect();
     for (i, d) in devices.iter().enumerate() {
         // Names are unique per kind: COM0, V000, V001, ...
         let index = devices[..i]
             .iter()
             .filter(|o| std::mem::discriminant(*o) == std::mem::discriminant(d))
             .count();
-        device_aml(index, d, virtio_level, &mut children);
+        device_aml(index, d, virtio_level, &intx, &mut children);
     }
     let devices_aml = RawAml(children);
     aml::Scope::new("_SB_".into(), vec![&devices_aml]).to_aml_bytes(&mut body);
@@ -608,6 +640,31 @@ mod tests {
         // No 8259s with the split irqchip; the in-kernel one has them.
         assert_eq!(u32_at(m, 40), 0);
         assert_eq!(u32_at(&madt(3, true).unwrap(), 40), MADT_PCAT_COMPAT);
+    }
+
+    #[test]
+    fn the_host_bridge_routes_each_intx_function_to_its_own_gsi() {
+        let intx = |slot, pin, gsi| DsdtDevice::PciIntx(PciIntx { slot, pin, gsi });
+        let d = dsdt(
+            &[intx(3, 1, 20), DsdtDevice::PciRoot(PCI), intx(31, 4, 23)],
+            None,
+            true,
+        );
+        // Name(_PRT, Package(2) {Package(4) {0x0003FFFF, 0, Zero, 20}, Package(4)
+        // {0x001FFFFF, 3, Zero, 23}}): NameOp, the name, PackageOp, its length, 2 elements;
+        // each entry: PackageOp, length, 4 elements, DWordPrefix address, the pin (ZeroOp
+        // or BytePrefix 3), ZeroOp for the source, BytePrefix GSI.
+        let mut expected = vec![0x08, b'_', b'P', b'R', b'T', 0x12, 27, 2];
+        expected.extend_from_slice(&[0x12, 11, 4, 0x0c, 0xff, 0xff, 3, 0, 0x00, 0x00, 0x0a, 20]);
+        expected.extend_from_slice(&[
+            0x12, 12, 4, 0x0c, 0xff, 0xff, 31, 0, 0x0a, 3, 0x00, 0x0a, 23,
+        ]);
+        let at = find(&d, &expected).expect("the _PRT with both entries");
+        let bridge = find(&d, &aml::EISAName::new("PNP0A08").to_aml_vec()).unwrap();
+        assert!(at > bridge, "inside the host bridge");
+        // No INTx functions: an empty table, still present.
+        let none = dsdt(&[DsdtDevice::PciRoot(PCI)], None, true);
+        assert!(find(&none, &[0x08, b'_', b'P', b'R', b'T', 0x12, 2, 0]).is_some());
     }
 
     #[test]

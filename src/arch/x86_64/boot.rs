@@ -105,6 +105,7 @@ pub fn load_guest(mem: &GuestMemoryMmap, spec: BootSpec<'_>) -> Result<BootState
                 dsdt.push(DsdtDevice::VirtioMmio { base, len, irq })
             }
             PlatformDevice::PciRoot(windows) => dsdt.push(DsdtDevice::PciRoot(windows)),
+            PlatformDevice::PciIntx(intx) => dsdt.push(DsdtDevice::PciIntx(intx)),
             PlatformDevice::PowerManagement {
                 sleep_control,
                 sleep_status,

@@ -48,6 +48,11 @@ pub const PCI_MMIO64_LEN: u64 = 64 << 30;
 /// fixed ones (0-4), up to the last of its 24 pins.
 pub const DEVICE_IRQ_FIRST: u32 = 5;
 pub const DEVICE_IRQ_LAST: u32 = 23;
+/// With the PCI root complex, the last four of those are PCI INTx lines (as a PC's PIRQ
+/// lines sit at 16-23): level-triggered, active low, never an ISA IRQ, and described to the
+/// guest by the host bridge's `_PRT`. Virtio devices on the PCI bus use MSI-X instead.
+pub const PCI_INTX_GSI_FIRST: u32 = 20;
+pub const PCI_INTX_GSI_LAST: u32 = 23;
 
 /// The PC's legacy devices: the console UART (COM1), the i8042 keyboard controller.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -67,6 +72,11 @@ const _: () = assert!(PCI_MMIO32_END <= VIRTIO_MMIO_START);
 const _: () =
     assert!(PCI_ECAM_START >= VIRTIO_MMIO_END && PCI_ECAM_START + PCI_ECAM_LEN <= IOAPIC_START);
 const _: () = assert!(DEVICE_IRQ_FIRST > COM1_IRQ && DEVICE_IRQ_FIRST > I8042_IRQ);
+const _: () = assert!(
+    PCI_INTX_GSI_FIRST >= 16
+        && PCI_INTX_GSI_FIRST <= PCI_INTX_GSI_LAST
+        && PCI_INTX_GSI_LAST <= DEVICE_IRQ_LAST
+);
 /// KVM needs three pages for the TSS and one for the identity map of real-mode emulation,
 /// placed just below the BIOS area at the top of the 32-bit space where no RAM is.
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;

@@ -13,6 +13,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::devices::bus::BusDevice;
 use crate::metrics::METRICS;
 
@@ -58,6 +61,10 @@ pub struct Ioapic {
     redirection: [u64; PINS],
     /// Whether each pin's input is asserted (a level-triggered source holding it high).
     level: [bool; PINS],
+    /// Pins whose source cannot be read back (a passed-through function's INTx): the
+    /// guest's EOI releases the line and signals the eventfd, and the source asserts again
+    /// if it still needs service.
+    resample: Vec<Option<EventFd>>,
     sink: Box<dyn MsiSink>,
 }
 
@@ -69,7 +76,16 @@ impl Ioapic {
             select: 0,
             redirection: [MASKED; PINS],
             level: [false; PINS],
+            resample: (0..PINS).map(|_| None).collect(),
             sink,
+        }
+    }
+
+    /// Makes `pin` a resampled line: each EOI of its interrupt lowers it and signals
+    /// `resample`.
+    pub fn set_resample(&mut self, pin: usize, resample: EventFd) {
+        if let Some(r) = self.resample.get_mut(pin) {
+            *r = Some(resample);
         }
     }
 
@@ -107,6 +123,12 @@ impl Ioapic {
                 continue;
             }
             self.redirection[pin] &= !REMOTE_IRR;
+            if let Some(resample) = &self.resample[pin] {
+                self.level[pin] = false;
+                if resample.write(1).is_err() {
+                    METRICS.vmm.interrupt_errors.inc();
+                }
+            }
             if self.level[pin] && entry & TRIGGER_LEVEL != 0 {
                 self.deliver(pin);
             }
@@ -278,6 +300,31 @@ impl super::Line for IoapicPin {
     }
 }
 
+/// A level-triggered source that signals an eventfd when it asserts its line (the host
+/// kernel's trigger for a passed-through function's INTx), raising an I/O APIC pin from
+/// the event loop; the pin's resample eventfd ([`Ioapic::set_resample`]) tells the source
+/// when the guest is done.
+pub struct EventfdLevelSource {
+    pub what: String,
+    pub trigger: EventFd,
+    pub pin: IoapicPin,
+}
+
+impl MutEventSubscriber for EventfdLevelSource {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // A read error only means the counter was already drained.
+        if self.trigger.read().is_ok() {
+            let _ = super::Line::raise(&self.pin);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.trigger, EventSet::IN)) {
+            log::error!("{}: cannot watch its interrupt line: {e}", self.what);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,6 +442,43 @@ mod tests {
         );
         // Raised again: a new interrupt.
         io.raise(5);
+        assert_eq!(sent.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_resampled_pin_is_released_at_eoi_and_its_source_told() {
+        let (mut io, sent, _) = ioapic();
+        program(&mut io, 20, 0x48, true, false, 0);
+        let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        io.set_resample(20, resample.try_clone().unwrap());
+        io.raise(20);
+        assert_eq!(sent.lock().unwrap().len(), 1);
+        assert!(
+            resample.read().is_err(),
+            "nothing to resample before the EOI"
+        );
+        // The EOI lowers the line (its source cannot be asked) and tells the source, which
+        // asserts again only if it still needs service: no second message on its own.
+        io.end_of_interrupt(0x48);
+        assert_eq!(resample.read().unwrap(), 1);
+        assert_eq!(sent.lock().unwrap().len(), 1);
+        // The source asserts again: a new interrupt.
+        io.raise(20);
+        assert_eq!(sent.lock().unwrap().len(), 2);
+        // Through the event loop's path: the trigger eventfd raises the pin.
+        let io = Arc::new(Mutex::new(io));
+        io.lock().unwrap().end_of_interrupt(0x48);
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let source = Arc::new(Mutex::new(EventfdLevelSource {
+            what: "test".into(),
+            trigger: trigger.try_clone().unwrap(),
+            pin: IoapicPin::new(io.clone(), 20),
+        }));
+        let mut event_loop =
+            event_manager::EventManager::<Arc<Mutex<EventfdLevelSource>>>::new().unwrap();
+        event_manager::SubscriberOps::add_subscriber(&mut event_loop, source);
+        trigger.write(1).unwrap();
+        event_loop.run_with_timeout(1000).unwrap();
         assert_eq!(sent.lock().unwrap().len(), 3);
     }
 

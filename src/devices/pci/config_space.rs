@@ -233,6 +233,12 @@ impl ConfigSpace {
         self.bytes[INTERRUPT_PIN] = pin;
     }
 
+    /// The interrupt line register's value at reset: which interrupt INTx reaches, as
+    /// firmware leaves it for the OS (software may overwrite it; it is a scratch register).
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        self.bytes[INTERRUPT_LINE] = line;
+    }
+
     /// The command register as the guest last set it.
     pub fn command(&self) -> u16 {
         self.read_u16(COMMAND)

@@ -44,6 +44,13 @@ pub trait VfioBackend: Send + Sync {
     /// Enables MSI with vector `i` signalling `fds[i]`.
     fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()>;
     fn disable_msi(&self) -> io::Result<()>;
+    /// Whether the function has an INTx line the kernel offers.
+    fn intx_available(&self) -> bool;
+    /// Enables INTx: each time the function asserts it, the kernel masks it on the host and
+    /// signals `trigger`; signalling `resample` unmasks it. The kernel takes one interrupt
+    /// kind at a time: INTx must be off while MSI or MSI-X is on.
+    fn enable_intx(&self, trigger: &EventFd, resample: &EventFd) -> io::Result<()>;
+    fn disable_intx(&self) -> io::Result<()>;
     /// Resets the function, if it can be reset.
     fn reset(&self);
 }

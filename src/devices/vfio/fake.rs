@@ -25,6 +25,16 @@ pub enum Call {
     DisableMsix,
     EnableMsi(usize),
     DisableMsi,
+    EnableIntx,
+    DisableIntx,
+}
+
+/// The interrupt kind the fake has on, held to the kernel's rule of one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqKind {
+    Intx,
+    Msi,
+    Msix,
 }
 
 pub struct FakeFunction {
@@ -32,6 +42,8 @@ pub struct FakeFunction {
     pub bars: Vec<FakeBar>,
     pub msix_vectors: u32,
     pub msi_vectors: u32,
+    pub intx: bool,
+    pub enabled: Mutex<Option<IrqKind>>,
     pub calls: Mutex<Vec<Call>>,
 }
 
@@ -46,6 +58,19 @@ impl FakeFunction {
 
     pub fn forget_calls(&self) {
         self.calls.lock().unwrap().clear();
+    }
+
+    /// What vfio-pci does: one interrupt kind at a time, EINVAL for another.
+    fn switch_irqs(&self, from: IrqKind, on: bool) -> io::Result<()> {
+        let mut enabled = self.enabled.lock().unwrap();
+        match (*enabled, on) {
+            (None, true) => *enabled = Some(from),
+            (Some(k), true) if k == from => {}
+            (Some(k), false) if k == from => *enabled = None,
+            // Turning off what is not on is refused too.
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+        Ok(())
     }
 
     /// An NVMe-like function: vendor 0x1b36 device 0x0010 class 01:08:02; BAR 0 a 64-bit
@@ -99,6 +124,8 @@ impl FakeFunction {
             ],
             msix_vectors: 8,
             msi_vectors: 4,
+            intx: true,
+            enabled: Mutex::new(None),
             calls: Mutex::new(Vec::new()),
         }
     }
@@ -147,11 +174,13 @@ impl VfioBackend for FakeFunction {
     }
 
     fn enable_msix(&self, fds: &[&EventFd]) -> io::Result<()> {
+        self.switch_irqs(IrqKind::Msix, true)?;
         self.record(Call::EnableMsix(fds.len()));
         Ok(())
     }
 
     fn disable_msix(&self) -> io::Result<()> {
+        self.switch_irqs(IrqKind::Msix, false)?;
         self.record(Call::DisableMsix);
         Ok(())
     }
@@ -161,12 +190,33 @@ impl VfioBackend for FakeFunction {
     }
 
     fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()> {
+        self.switch_irqs(IrqKind::Msi, true)?;
         self.record(Call::EnableMsi(fds.len()));
         Ok(())
     }
 
     fn disable_msi(&self) -> io::Result<()> {
+        self.switch_irqs(IrqKind::Msi, false)?;
         self.record(Call::DisableMsi);
+        Ok(())
+    }
+
+    fn intx_available(&self) -> bool {
+        self.intx
+    }
+
+    fn enable_intx(&self, _trigger: &EventFd, _resample: &EventFd) -> io::Result<()> {
+        if !self.intx {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.switch_irqs(IrqKind::Intx, true)?;
+        self.record(Call::EnableIntx);
+        Ok(())
+    }
+
+    fn disable_intx(&self) -> io::Result<()> {
+        self.switch_irqs(IrqKind::Intx, false)?;
+        self.record(Call::DisableIntx);
         Ok(())
     }
 

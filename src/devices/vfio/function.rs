@@ -1,7 +1,8 @@
 //! A host PCI function as the guest sees it: configuration space read from the device
 //! except what ember must own (the BARs, the command register's decode bits, the MSI-X
-//! capability, the capability chain and INTx), BARs mapped straight into the guest where
-//! the kernel allows it, and MSI-X emulated in front of the device's own vectors.
+//! capability, the capability chain and the interrupt line and pin), BARs mapped straight
+//! into the guest where the kernel allows it, and MSI-X emulated in front of the device's
+//! own vectors.
 //!
 //! Why each piece is shadowed:
 //! - BARs: the guest's addresses are guest physical, the device's are host physical; ember
@@ -11,7 +12,11 @@
 //!   the device's vectors signal the same eventfds KVM's irqfds wait on.
 //! - MSI, likewise: the guest programs an emulated capability at the device's offsets, its
 //!   vectors become KVM routes, and enabling it enables the device's MSI vectors on the host.
-//!   INTx is hidden (interrupt pin 0): ember's PCI root routes no legacy interrupts.
+//! - INTx: the line goes to a GSI of its own (the host bridge's `_PRT` says which, and the
+//!   interrupt line register holds it, as firmware leaves it). The host kernel masks the
+//!   line each time it fires and signals an eventfd; the guest's EOI signals the unmask
+//!   eventfd. The kernel takes one interrupt kind at a time, so INTx is off on the host
+//!   while the guest has MSI or MSI-X on, and back on when it turns them off.
 
 use std::sync::Arc;
 
@@ -52,6 +57,8 @@ pub enum VfioFunctionError {
     MsixBar(u8),
     #[error("the function has {have} MSI-X vectors, its capability says {said}")]
     MsixVectors { have: usize, said: u16 },
+    #[error("cannot turn its INTx line on: {0}")]
+    Intx(std::io::Error),
     #[error("cannot map BAR {index} (+{offset:#x}, {len:#x} bytes): {source}")]
     MapBar {
         index: usize,
@@ -151,6 +158,21 @@ struct MsiCap {
     eventfds: Vec<EventFd>,
 }
 
+/// Where a function's INTx goes: the GSI its pin is wired to, the eventfd the host kernel
+/// signals when the function asserts the line, and the one that unmasks it again (see
+/// `Vm::level_irq`).
+pub struct IntxLine {
+    pub gsi: u32,
+    pub trigger: EventFd,
+    pub resample: EventFd,
+}
+
+struct Intx {
+    line: IntxLine,
+    /// Whether INTx is on at the host (it is off while MSI or MSI-X is).
+    on: bool,
+}
+
 pub struct VfioPciFunction {
     label: String,
     backend: Arc<dyn VfioBackend>,
@@ -160,6 +182,7 @@ pub struct VfioPciFunction {
     first_capability: u8,
     msix: Option<MsixCap>,
     msi: Option<MsiCap>,
+    intx: Option<Intx>,
     bars: Vec<Option<PassthroughBar>>,
     mapper: Box<dyn GuestMapper>,
 }
@@ -180,13 +203,15 @@ impl VfioPciFunction {
     /// Reads the function's header and capabilities through `backend`, resets it, places
     /// each memory BAR where `place(kind, size)` says, and maps what the kernel lets ember
     /// map (less the MSI-X table and PBA pages). `vectors(n)` gives n vectors, once for
-    /// MSI-X and once for MSI.
+    /// MSI-X and once for MSI. `intx(pin)` wires the function's INTx pin, if it has one the
+    /// kernel offers; without a line (None) the guest sees no pin.
     pub fn new(
         label: &str,
         backend: Arc<dyn VfioBackend>,
         mapper: Box<dyn GuestMapper>,
         mut place: impl FnMut(BarKind, u64) -> Result<u64, String>,
         mut vectors: impl FnMut(usize) -> Result<Vec<PassthroughVector>, String>,
+        intx: impl FnOnce(u8) -> Option<IntxLine>,
     ) -> Result<Self, VfioFunctionError> {
         backend.reset();
         let mut raw = vec![0u8; LEGACY_END];
@@ -355,6 +380,26 @@ impl VfioPciFunction {
             .enumerate()
             .map(|(i, &offset)| (offset, visible.get(i + 1).copied().unwrap_or(0) as u8))
             .collect();
+
+        // INTx, on from the start as on a real board: a driver that never enables MSI
+        // uses it.
+        let pin = raw[INTERRUPT_PIN];
+        let intx = if (1..=4).contains(&pin) && backend.intx_available() {
+            intx(pin)
+        } else {
+            None
+        };
+        let intx = match intx {
+            Some(line) => {
+                backend
+                    .enable_intx(&line.trigger, &line.resample)
+                    .map_err(VfioFunctionError::Intx)?;
+                header.set_interrupt_pin(pin);
+                header.set_interrupt_line(line.gsi as u8);
+                Some(Intx { line, on: true })
+            }
+            None => None,
+        };
         Ok(VfioPciFunction {
             label: label.to_owned(),
             backend,
@@ -363,9 +408,34 @@ impl VfioPciFunction {
             first_capability: visible.first().copied().unwrap_or(0) as u8,
             msix,
             msi,
+            intx,
             bars,
             mapper,
         })
+    }
+
+    /// Turns INTx on or off at the host, if the function has it and it is not so already.
+    fn switch_intx(&mut self, on: bool) -> std::io::Result<()> {
+        let Some(intx) = self.intx.as_mut() else {
+            return Ok(());
+        };
+        if intx.on == on {
+            return Ok(());
+        }
+        if on {
+            self.backend
+                .enable_intx(&intx.line.trigger, &intx.line.resample)?;
+        } else {
+            self.backend.disable_intx()?;
+        }
+        intx.on = on;
+        Ok(())
+    }
+
+    /// Whether the guest has MSI or MSI-X on.
+    fn message_interrupts_on(&self) -> bool {
+        self.msix.as_ref().is_some_and(|m| m.msix.enabled())
+            || self.msi.as_ref().is_some_and(|m| m.msi.enabled())
     }
 
     fn source(&self, offset: usize) -> Source {
@@ -434,12 +504,23 @@ impl VfioPciFunction {
         let r = match (was, now) {
             (false, true) => {
                 log::info!("{}: the guest turned MSI-X on", self.label);
-                let fds: Vec<&EventFd> = m.eventfds.iter().collect();
-                self.backend.enable_msix(&fds)
+                self.switch_intx(false).and_then(|_| {
+                    let Some(m) = self.msix.as_ref() else {
+                        return Ok(());
+                    };
+                    let fds: Vec<&EventFd> = m.eventfds.iter().collect();
+                    self.backend.enable_msix(&fds)
+                })
             }
             (true, false) => {
                 log::info!("{}: the guest turned MSI-X off", self.label);
-                self.backend.disable_msix()
+                self.backend.disable_msix().and_then(|_| {
+                    if self.message_interrupts_on() {
+                        Ok(())
+                    } else {
+                        self.switch_intx(true)
+                    }
+                })
             }
             _ => Ok(()),
         };
@@ -459,12 +540,23 @@ impl VfioPciFunction {
             Some(true) => {
                 let n = m.msi.enabled_vectors().min(m.eventfds.len());
                 log::info!("{}: the guest turned MSI on ({n} vectors)", self.label);
-                let fds: Vec<&EventFd> = m.eventfds[..n].iter().collect();
-                self.backend.enable_msi(&fds)
+                self.switch_intx(false).and_then(|_| {
+                    let Some(m) = self.msi.as_ref() else {
+                        return Ok(());
+                    };
+                    let fds: Vec<&EventFd> = m.eventfds[..n].iter().collect();
+                    self.backend.enable_msi(&fds)
+                })
             }
             Some(false) => {
                 log::info!("{}: the guest turned MSI off", self.label);
-                self.backend.disable_msi()
+                self.backend.disable_msi().and_then(|_| {
+                    if self.message_interrupts_on() {
+                        Ok(())
+                    } else {
+                        self.switch_intx(true)
+                    }
+                })
             }
             None => Ok(()),
         };

@@ -21,6 +21,7 @@ use crate::config::Sbdf;
 // Region and interrupt indexes of a vfio-pci device, and a region flag (linux/vfio.h).
 const BAR0_REGION_INDEX: u32 = 0;
 const CONFIG_REGION_INDEX: u32 = 7;
+const INTX_IRQ_INDEX: u32 = 0;
 const MSI_IRQ_INDEX: u32 = 1;
 const MSIX_IRQ_INDEX: u32 = 2;
 const REGION_FLAG_MMAP: u32 = 1 << 2;
@@ -310,6 +311,34 @@ impl VfioBackend for HostFunction {
 
     fn disable_msi(&self) -> io::Result<()> {
         self.device.disable_msi().map_err(io::Error::other)
+    }
+
+    fn intx_available(&self) -> bool {
+        self.device
+            .get_irq_info(INTX_IRQ_INDEX)
+            .is_some_and(|irq| irq.count == 1)
+    }
+
+    fn enable_intx(&self, trigger: &EventFd, resample: &EventFd) -> io::Result<()> {
+        self.device
+            .enable_irq(INTX_IRQ_INDEX, vec![trigger])
+            .map_err(io::Error::other)?;
+        if let Err(e) = self
+            .device
+            .set_irq_resample_fd(INTX_IRQ_INDEX, vec![resample])
+        {
+            // Without its unmask eventfd the line would stay masked after the first
+            // interrupt: leave INTx off rather than half on.
+            let _ = self.device.disable_irq(INTX_IRQ_INDEX);
+            return Err(io::Error::other(e));
+        }
+        Ok(())
+    }
+
+    fn disable_intx(&self) -> io::Result<()> {
+        self.device
+            .disable_irq(INTX_IRQ_INDEX)
+            .map_err(io::Error::other)
     }
 
     fn reset(&self) {

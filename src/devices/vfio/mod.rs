@@ -23,7 +23,7 @@ use crate::vstate::gsi_routes::MsiMessage;
 use crate::vstate::vm::MsiVector;
 
 pub use backend::{DmaMapper, RegionInfo, VfioBackend, map_guest_memory};
-pub use function::{GuestMapper, PassthroughVector, VfioFunctionError, VfioPciFunction};
+pub use function::{GuestMapper, IntxLine, PassthroughVector, VfioFunctionError, VfioPciFunction};
 pub use host::{HostContainer, HostFunction, VfioHostError};
 
 /// An MSI-X vector of a passed-through function. The device signals the irqfd's eventfd

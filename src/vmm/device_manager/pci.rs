@@ -9,20 +9,21 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceManager, DeviceManagerError, VirtioPlacement};
 use crate::arch::layout::{
-    PCI_ECAM_LEN, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START, pci_mmio64_window,
+    PCI_ECAM_LEN, PCI_ECAM_START, PCI_INTX_GSI_FIRST, PCI_INTX_GSI_LAST, PCI_MMIO32_END,
+    PCI_MMIO32_START, pci_mmio64_window,
 };
-use crate::arch::{PciWindows, PlatformDevice};
+use crate::arch::{PciIntx, PciWindows, PlatformDevice};
 use crate::config::VfioConfig;
 use crate::devices::pci::BarKind;
 use crate::devices::pci::config_access::{EcamWindow, PORT_IO_LEN, PortIoConfig};
 use crate::devices::pci::msix::VectorSink;
 use crate::devices::pci::root::{BarWindow, PciRoot};
 use crate::devices::vfio::{
-    GatedVector, HostContainer, PassthroughVector, VfioPciFunction, map_guest_memory,
+    GatedVector, HostContainer, IntxLine, PassthroughVector, VfioPciFunction, map_guest_memory,
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::pci::{BAR_SIZE, Notifications, VirtioPciFunction};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{LevelIrq, Vm};
 
 /// The root complex and where its functions' BARs go (the 64-bit window: guests of any
 /// size have room there, and the 32-bit window stays free for passthrough devices whose
@@ -32,6 +33,10 @@ pub(super) struct PciBus {
     bars: AddressAllocator,
     /// The 32-bit window, for passed-through BARs that only decode below 4 GiB.
     bars32: AddressAllocator,
+    /// The INTx GSIs not yet wired to a function, lowest first.
+    intx_gsis: Vec<u32>,
+    /// The wired ones' connections to the interrupt controller.
+    intx_lines: Vec<LevelIrq>,
     /// The IOMMU address space of the passed-through functions; after `root` so the
     /// functions (which hold the container too) go first.
     _vfio: Option<HostContainer>,
@@ -94,6 +99,8 @@ impl DeviceManager {
             PCI_ECAM_START,
             PCI_ECAM_LEN,
         )?;
+        self.resources
+            .take_irqs(PCI_INTX_GSI_FIRST, PCI_INTX_GSI_LAST)?;
         let mmio32 = (PCI_MMIO32_START, PCI_MMIO32_END - PCI_MMIO32_START);
         let bars32 = AddressAllocator::new(mmio32.0, mmio32.1)
             .map_err(|e| DeviceManagerError::Pci(PciAttachError::BarSpace(e)))?;
@@ -113,6 +120,8 @@ impl DeviceManager {
             root,
             bars,
             bars32,
+            intx_gsis: (PCI_INTX_GSI_FIRST..=PCI_INTX_GSI_LAST).collect(),
+            intx_lines: Vec::new(),
             _vfio: None,
         });
         Ok(())
@@ -120,8 +129,8 @@ impl DeviceManager {
 
     /// Passes `devices` through: opens them (each host problem named before anything is
     /// mapped), maps guest RAM for their DMA, and puts each on the bus with its memory BARs
-    /// in the windows (32-bit BARs in the 32-bit one) and one MSI-X vector per vector it
-    /// has.
+    /// in the windows (32-bit BARs in the 32-bit one), one MSI-X vector per vector it has,
+    /// and its INTx pin on a GSI of its own while there is one.
     pub fn attach_vfio(
         &mut self,
         vm: &Vm,
@@ -146,7 +155,7 @@ impl DeviceManager {
         map_guest_memory(&container, mem).map_err(VfioAttachError::Dma)?;
         for (d, function) in opened {
             let label = format!("VFIO device {:?} ({})", d.id, d.sbdf);
-            let (bars64, bars32) = (&mut bus.bars, &mut bus.bars32);
+            let (bars64, bars32, gsis) = (&mut bus.bars, &mut bus.bars32, &mut bus.intx_gsis);
             let place = |kind: BarKind, size: u64| {
                 let window = match kind {
                     BarKind::Memory64 { .. } => &mut *bars64,
@@ -169,12 +178,20 @@ impl DeviceManager {
                     })
                     .collect::<Result<Vec<_>, String>>()
             };
+            let mut wired: Option<(u8, u32, LevelIrq)> = None;
+            let intx = |pin: u8| {
+                let line = wire_intx(vm, &label, gsis.first().copied())?;
+                gsis.remove(0);
+                wired = Some((pin, line.0.gsi, line.1));
+                Some(line.0)
+            };
             let function = VfioPciFunction::new(
                 &label,
                 Arc::new(function),
                 Box::new(vm.handle()),
                 place,
                 vectors,
+                intx,
             )
             .map_err(|source| VfioAttachError::Function {
                 id: d.id.clone(),
@@ -187,7 +204,21 @@ impl DeviceManager {
                     id: d.id.clone(),
                     source,
                 })?;
-            log::info!("{label} passed through as PCI 00:{slot:02x}.0");
+            match wired {
+                Some((pin, gsi, line)) => {
+                    log::info!(
+                        "{label} passed through as PCI 00:{slot:02x}.0, INT{} on GSI {gsi}",
+                        char::from(b'A' + pin - 1)
+                    );
+                    if let LevelIrq::Split(source) = &line {
+                        self.handlers.push(source.clone());
+                    }
+                    bus.intx_lines.push(line);
+                    self.platform
+                        .push(PlatformDevice::PciIntx(PciIntx { slot, pin, gsi }));
+                }
+                None => log::info!("{label} passed through as PCI 00:{slot:02x}.0"),
+            }
         }
         bus._vfio = Some(container);
         Ok(())
@@ -237,6 +268,42 @@ impl DeviceManager {
                 let _ = bus.bars.free(&range);
                 Err(DeviceManagerError::Pci(e))
             }
+        }
+    }
+}
+
+/// Connects a passed-through function's INTx to `gsi` (None: every INTx GSI is taken, and
+/// the guest sees no pin). A function without INTx still works through MSI or MSI-X.
+fn wire_intx(vm: &Vm, label: &str, gsi: Option<u32>) -> Option<(IntxLine, LevelIrq)> {
+    let Some(gsi) = gsi else {
+        log::warn!(
+            "{label}: no INTx line left (GSIs {PCI_INTX_GSI_FIRST}-{PCI_INTX_GSI_LAST} are \
+             taken): the guest sees no interrupt pin, so its driver must use MSI or MSI-X"
+        );
+        return None;
+    };
+    let wire = || -> Result<(IntxLine, LevelIrq), String> {
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string());
+        let (trigger, resample) = (eventfd()?, eventfd()?);
+        let level = vm
+            .level_irq(gsi, &trigger, &resample, label)
+            .map_err(|e| e.to_string())?;
+        Ok((
+            IntxLine {
+                gsi,
+                trigger,
+                resample,
+            },
+            level,
+        ))
+    };
+    match wire() {
+        Ok(wired) => Some(wired),
+        Err(e) => {
+            log::warn!(
+                "{label}: cannot wire its INTx line to GSI {gsi}: {e}; the guest sees no pin"
+            );
+            None
         }
     }
 }

@@ -14,6 +14,8 @@ pub enum ResourceError {
     NoMmioWindow { size: u64, start: u64, end: u64 },
     #[error("no interrupt line left for another device ({first}-{last} are all taken)")]
     NoIrq { first: u32, last: u32 },
+    #[error("interrupt lines {first}-{last} are already given to devices")]
+    IrqsTaken { first: u32, last: u32 },
 }
 
 /// One device's share: its MMIO window and its interrupt line.
@@ -63,6 +65,36 @@ impl DeviceResources {
             len: size,
             irq,
         })
+    }
+
+    /// Takes lines `first..=last` for a fixed use (the PCI root's INTx lines) so no device
+    /// is given one later. Fails if a device holds one of them already.
+    pub fn take_irqs(&mut self, first: u32, last: u32) -> Result<(), ResourceError> {
+        let wanted = (first..=last)
+            .filter(|&id| !self.irqs.is_allocated(id))
+            .count();
+        if wanted != (first..=last).count() {
+            return Err(ResourceError::IrqsTaken { first, last });
+        }
+        // The allocator hands out the lowest free line: take lines until the range is
+        // ours, then give the others back.
+        let mut others = Vec::new();
+        let mut got = 0;
+        while got < wanted {
+            match self.irqs.allocate_id() {
+                Ok(id) if (first..=last).contains(&id) => got += 1,
+                Ok(id) => others.push(id),
+                Err(_) => break,
+            }
+        }
+        for id in others {
+            let _ = self.irqs.free_id(id);
+        }
+        if got == wanted {
+            Ok(())
+        } else {
+            Err(ResourceError::IrqsTaken { first, last })
+        }
     }
 
     /// Gives a device's share back.
@@ -117,5 +149,26 @@ mod tests {
             Err(ResourceError::NoMmioWindow { .. })
         ));
         assert_eq!(r.allocate(0x1000).unwrap().irq, DEVICE_IRQ_FIRST);
+    }
+
+    #[test]
+    fn lines_taken_for_pci_intx_are_never_given_to_a_device() {
+        let mut r = DeviceResources::new();
+        let first = r.allocate(0x1000).unwrap();
+        r.take_irqs(20, 23).unwrap();
+        let mut given = vec![first.irq];
+        while let Ok(slot) = r.allocate(0x1000) {
+            given.push(slot.irq);
+        }
+        assert_eq!(given, (DEVICE_IRQ_FIRST..20).collect::<Vec<_>>());
+        // Held by a device already: refused.
+        let mut r = DeviceResources::new();
+        for _ in 0..16 {
+            r.allocate(0x1000).unwrap();
+        }
+        assert!(matches!(
+            r.take_irqs(20, 23),
+            Err(ResourceError::IrqsTaken { .. })
+        ));
     }
 }

@@ -6,7 +6,7 @@ use super::*;
 use crate::devices::pci::config_space::{COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE};
 use crate::devices::pci::msix::recorder::Recorder;
 use crate::devices::vfio::backend::map_guest_memory;
-use crate::devices::vfio::fake::{Call, FakeFunction, FakeIommu};
+use crate::devices::vfio::fake::{Call, FakeFunction, FakeIommu, IrqKind};
 use crate::vstate::gsi_routes::MsiMessage;
 
 /// Live guest mappings: (gpa, len), removed when their slot drops.
@@ -54,6 +54,18 @@ fn rig() -> Rig {
     rig_with(FakeFunction::nvme_like())
 }
 
+/// The GSI the rig wires INTx to.
+const INTX_GSI: u32 = 21;
+
+fn intx_line(pin: u8) -> Option<IntxLine> {
+    assert_eq!(pin, 1, "the fake's pin, INTA#");
+    Some(IntxLine {
+        gsi: INTX_GSI,
+        trigger: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        resample: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    })
+}
+
 fn rig_with(fake: FakeFunction) -> Rig {
     let dev = Arc::new(fake);
     let slots = Slots::default();
@@ -84,6 +96,7 @@ fn rig_with(fake: FakeFunction) -> Rig {
                 })
                 .collect())
         },
+        intx_line,
     )
     .unwrap();
     let mut handed = handed.into_iter();
@@ -127,10 +140,79 @@ fn the_function_is_reset_and_keeps_its_identity() {
         0x1100_1af4,
         "subsystem from the device"
     );
-    // One function in its slot, no ROM, no INTx: ember routes none of them.
+    // One function in its slot, no ROM: ember routes neither.
     assert_eq!(read8(&mut f, 0x0e) & 0x80, 0);
     assert_eq!(read32(&mut f, 0x30), 0);
-    assert_eq!(read8(&mut f, 0x3d), 0);
+    // INTA#, wired to its own GSI, and on at the host from the start.
+    assert_eq!(read8(&mut f, 0x3d), 1);
+    assert_eq!(read8(&mut f, 0x3c), INTX_GSI as u8);
+    assert_eq!(dev.calls().last(), Some(&Call::EnableIntx));
+}
+
+#[test]
+fn without_a_line_for_it_intx_is_hidden_and_left_off() {
+    for (kernel_offers, line) in [(false, true), (true, false)] {
+        let mut fake = FakeFunction::nvme_like();
+        fake.intx = kernel_offers;
+        let dev = Arc::new(fake);
+        let mut f = VfioPciFunction::new(
+            "x",
+            dev.clone(),
+            Box::new(Slots::default()),
+            |kind, _| match kind {
+                BarKind::Memory64 { .. } => Ok(BAR0_AT),
+                _ => Ok(BAR4_AT),
+            },
+            |n| {
+                Ok((0..n)
+                    .map(|_| PassthroughVector {
+                        sink: Box::new(Recorder::default()),
+                        eventfd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                    })
+                    .collect())
+            },
+            |pin| if line { intx_line(pin) } else { None },
+        )
+        .unwrap();
+        assert_eq!(read8(&mut f, 0x3d), 0, "no pin shown");
+        assert!(!dev.calls().contains(&Call::EnableIntx));
+        // MSI-X on and off again: INTx stays off.
+        write16(&mut f, 0x42, 1 << 15);
+        write16(&mut f, 0x42, 0);
+        assert!(!dev.calls().contains(&Call::EnableIntx));
+    }
+}
+
+#[test]
+fn intx_is_off_at_the_host_while_msi_or_msix_is_on() {
+    let Rig { mut f, dev, .. } = rig();
+    dev.forget_calls();
+    // MSI-X on: INTx goes off first (the kernel refuses MSI-X while INTx is on; the fake
+    // does too, so a wrong order shows as a missing EnableMsix).
+    write16(&mut f, 0x42, 1 << 15);
+    assert_eq!(dev.calls(), vec![Call::DisableIntx, Call::EnableMsix(8)]);
+    // Masking the function is no change of kind.
+    dev.forget_calls();
+    write16(&mut f, 0x42, (1 << 15) | (1 << 14));
+    assert_eq!(dev.calls(), vec![]);
+    // Off: INTx is back.
+    write16(&mut f, 0x42, 0);
+    assert_eq!(dev.calls(), vec![Call::DisableMsix, Call::EnableIntx]);
+    // The same around MSI.
+    dev.forget_calls();
+    write32(&mut f, 0x54, 0xfee0_2000);
+    write16(&mut f, 0x52, 1);
+    write16(&mut f, 0x52, 0);
+    assert_eq!(
+        dev.calls(),
+        vec![
+            Call::DisableIntx,
+            Call::EnableMsi(1),
+            Call::DisableMsi,
+            Call::EnableIntx
+        ]
+    );
+    assert_eq!(*dev.enabled.lock().unwrap(), Some(IrqKind::Intx));
 }
 
 #[test]
@@ -209,7 +291,7 @@ fn msi_is_emulated_at_the_device_s_offsets_and_enables_its_vectors() {
     write16(&mut f, 0x52, 1 | (1 << 4));
     assert_eq!(
         dev.calls(),
-        vec![Call::EnableMsi(2)],
+        vec![Call::DisableIntx, Call::EnableMsi(2)],
         "only the enabled vectors"
     );
     assert_eq!(msi[0].last_route().map(|m| m.data), Some(0x50));
@@ -220,7 +302,7 @@ fn msi_is_emulated_at_the_device_s_offsets_and_enables_its_vectors() {
     assert_eq!(read32(&mut f, 0x50) >> 16, 0x0184 | 1 | (1 << 4));
     dev.forget_calls();
     write16(&mut f, 0x52, 0);
-    assert_eq!(dev.calls(), vec![Call::DisableMsi]);
+    assert_eq!(dev.calls(), vec![Call::DisableMsi, Call::EnableIntx]);
     assert_eq!(msi[0].last_route(), None);
 }
 
@@ -341,7 +423,11 @@ fn msix_enable_mask_and_disable_reach_the_device_and_the_routes() {
     program_vector(&mut f, 1, 0x42, true);
     write16(&mut f, 0x42, 1 << 15);
     assert_eq!(read32(&mut f, 0x40) >> 16, 0x8007);
-    assert_eq!(dev.calls(), vec![Call::EnableMsix(8)], "all vectors, once");
+    assert_eq!(
+        dev.calls(),
+        vec![Call::DisableIntx, Call::EnableMsix(8)],
+        "all vectors, once"
+    );
     let m = MsiMessage {
         address: 0xfee0_1000,
         data: 0x41,
@@ -365,7 +451,7 @@ fn msix_enable_mask_and_disable_reach_the_device_and_the_routes() {
     );
     dev.forget_calls();
     write16(&mut f, 0x42, 0);
-    assert_eq!(dev.calls(), vec![Call::DisableMsix]);
+    assert_eq!(dev.calls(), vec![Call::DisableMsix, Call::EnableIntx]);
     assert_eq!(vectors[0].last_route(), None);
 }
 
@@ -378,6 +464,7 @@ fn a_failing_bar_placement_is_an_error_not_a_panic() {
         Box::new(Slots::default()),
         |_, _| Err("window full".to_owned()),
         |_| Ok(Vec::new()),
+        intx_line,
     )
     .err()
     .unwrap();
