@@ -749,13 +749,22 @@ poweroff -f
 /// as MSI-X), and the e1000e NIC's link brought up (its interrupts MSI-X too). The e1000e's
 /// MSI mode is not used: QEMU's model does not deliver its MSI messages even to the nested
 /// host's own driver (docs/testing.md), so MSI passthrough is covered by unit tests.
-const PASSTHROUGH_REPORT: &str = r#"
-modprobe nvme
-modprobe e1000e
-n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+/// One line per PCI function the guest found: address, IDs, class and driver.
+const FUNCTIONS_REPORT: &str = r#"
 for f in /sys/bus/pci/devices/*; do
     echo "EMBER-TEST function $(basename $f) id=$(cat $f/vendor):$(cat $f/device):$(cat $f/class) driver=$(basename "$(readlink $f/driver)")"
 done
+"#;
+
+/// The drivers of the passed-through NVMe controller and e1000e, and the disk's arrival.
+const PASSTHROUGH_DRIVERS: &str = r#"
+modprobe nvme
+modprobe e1000e
+n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+"#;
+
+/// The disk written and read back through the NVMe driver, the NIC's link on MSI-X.
+const PASSTHROUGH_REPORT: &str = r#"
 echo "EMBER-TEST nvme sectors=$(cat /sys/block/nvme0n1/size 2>/dev/null)"
 head -c 1048576 /dev/urandom > /tmp/chunk
 i=0; while [ $i -lt 64 ]; do cat /tmp/chunk; i=$((i+1)); done > /tmp/data
@@ -809,18 +818,26 @@ fn assert_intx_worked(vm: &mut LinuxVm) -> String {
     context
 }
 
-/// The address of the nested host's first PCI function of `class` (sysfs's `0x010802`).
-fn host_function(class: &str) -> Option<String> {
+/// The addresses of the nested host's PCI functions with vendor and device `id`
+/// (`0x8086:0x10d3`), in order.
+fn host_functions(id: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     names.sort();
-    names.into_iter().find(|n| {
-        std::fs::read_to_string(format!("/sys/bus/pci/devices/{n}/class"))
-            .is_ok_and(|c| c.trim() == class)
-    })
+    let read = |n: &str, what: &str| {
+        std::fs::read_to_string(format!("/sys/bus/pci/devices/{n}/{what}"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    names
+        .into_iter()
+        .filter(|n| format!("{}:{}", read(n, "vendor"), read(n, "device")) == id)
+        .collect()
 }
 
 /// Binds host function `sbdf` to vfio-pci the way docs/vfio.md tells operators to.
@@ -852,17 +869,24 @@ fn passthrough_inside(images: &LinuxImages) {
         passthrough_named(images, &sbdf);
         return;
     }
-    const NVME: &str = "0x010802";
-    const ETHERNET: &str = "0x020000";
-    let (Some(nvme), Some(nic)) = (host_function(NVME), host_function(ETHERNET)) else {
+    // QEMU's NVMe controller, its e1000e, and the two functions of its e1000 (82540EM).
+    let (nvmes, nics, pair) = (
+        host_functions("0x1b36:0x0010"),
+        host_functions("0x8086:0x10d3"),
+        host_functions("0x8086:0x100e"),
+    );
+    let (Some(nvme), Some(nic), [first, second]) =
+        (nvmes.first().cloned(), nics.first().cloned(), &pair[..])
+    else {
         panic!(
-            "this host has no NVMe controller and Ethernet function to pass through (the \
-             nested host gets them from NESTED_PASSTHROUGH_DISK); functions: {:?}",
-            std::fs::read_dir("/sys/bus/pci/devices").map(|d| d.count())
+            "this host lacks the NVMe controller, e1000e and two-function e1000 the nested \
+             host gets from NESTED_PASSTHROUGH_DISK: {nvmes:?} {nics:?} {pair:?}"
         );
     };
     let dir = Scratch::new("linux-vfio");
-    let initrd = guest_initrd(images, &dir, &format!("{PASSTHROUGH_REPORT}{INTX_REPORT}"));
+    let script =
+        format!("{PASSTHROUGH_DRIVERS}{FUNCTIONS_REPORT}{PASSTHROUGH_REPORT}{INTX_REPORT}");
+    let initrd = guest_initrd(images, &dir, &script);
     let mut cfg = config(
         &images.bzimage,
         &initrd,
@@ -886,6 +910,21 @@ fn passthrough_inside(images: &LinuxImages) {
     );
     bind_to_vfio_pci(&nvme);
     bind_to_vfio_pci(&nic);
+    // A function whose IOMMU group holds another function the host's e1000 driver has:
+    // refused before boot, naming that function and its driver.
+    bind_to_vfio_pci(first);
+    let mut grouped = cfg.clone();
+    grouped["vfio"] = serde_json::json!([{"id": "g0", "sbdf": first}]);
+    let refused = boot_config_with_flags(&grouped.to_string(), &["--enable-pci"]);
+    assert_eq!(refused.code(), Some(4), "{refused:#?}");
+    assert!(
+        refused.stderr.contains(&format!(
+            "of {first} is not viable: {second} shares it and is bound to e1000"
+        )),
+        "{}",
+        refused.stderr
+    );
+    bind_to_vfio_pci(second);
 
     let mut vm = LinuxVm::boot_config_with_flags(&dir, &cfg, &["--enable-pci"]);
     let sectors = vm.wait_for("EMBER-TEST nvme sectors");
@@ -946,10 +985,11 @@ fn passthrough_inside(images: &LinuxImages) {
         "{log}"
     );
 
-    // The NIC alone with KVM's irqchip: INTx through a resampling irqfd, ember not on the
-    // path.
+    // The NIC with KVM's irqchip: INTx through a resampling irqfd, ember not on the path.
+    // With it, both functions of the e1000's group, now all bound to vfio-pci: one group
+    // in the VM's container twice.
     let dir = Scratch::new("linux-vfio-intx");
-    let initrd = guest_initrd(images, &dir, INTX_REPORT);
+    let initrd = guest_initrd(images, &dir, &format!("{FUNCTIONS_REPORT}{INTX_REPORT}"));
     let mut cfg = config(
         &images.bzimage,
         &initrd,
@@ -958,12 +998,24 @@ fn passthrough_inside(images: &LinuxImages) {
         "console=ttyS0 reboot=k panic=1",
     );
     cfg["machine-config"]["irqchip"] = "kernel".into();
-    cfg["vfio"] = serde_json::json!([{"id": "nic0", "sbdf": nic}]);
+    cfg["vfio"] = serde_json::json!([
+        {"id": "nic0", "sbdf": nic},
+        {"id": "g0", "sbdf": first},
+        {"id": "g1", "sbdf": second},
+    ]);
     let mut vm = LinuxVm::boot_config_with_flags(&dir, &cfg, &["--enable-pci"]);
     let context = assert_intx_worked(&mut vm);
     let (code, log) = vm.wait_exit();
     assert_eq!(code, Some(0), "{context}\n{log}");
     assert!(log.contains("INTA on GSI 20"), "{log}");
+    for slot in ["02", "03"] {
+        assert!(
+            context.contains(&format!(
+                "function 0000:00:{slot}.0 id=0x8086:0x100e:0x020000"
+            )),
+            "{context}"
+        );
+    }
 }
 
 /// On a real host: the function `sbdf` (bound to vfio-pci by the operator) is the guest's

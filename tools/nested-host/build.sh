@@ -33,7 +33,9 @@ KERNEL_VERSION=6.1.176-1
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
 
 # Modules each side loads (with their dependencies, which modules.dep resolves).
-OUTER_MODULES="kvm-amd virtio_pci 9pnet_virtio 9p tun vfio-pci vfio_iommu_type1"
+# e1000 drives the passthrough host's two-function NIC (one IOMMU group), so a test can
+# find a function of that group bound to a host driver.
+OUTER_MODULES="kvm-amd virtio_pci 9pnet_virtio 9p tun vfio-pci vfio_iommu_type1 e1000"
 GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ext4 crc32c_generic"
 # Staged in the guests' initramfs but loaded only by the tests that need them: the drivers
 # of the devices the passthrough tests hand a guest.

@@ -18,7 +18,8 @@
 # NESTED_PASSTHROUGH_DISK (a raw image: the nested host becomes a q35 machine with an
 # emulated Intel IOMMU with interrupt remapping, booted with intel_iommu=on, and gets an
 # NVMe controller backed by that image and an e1000e NIC, for the VFIO passthrough tests;
-# neither is bound to a driver there until a test binds it to vfio-pci).
+# neither is bound to a driver there until a test binds it to vfio-pci; and a two-function
+# e1000 NIC at 00:10 whose functions share an IOMMU group, bound to the e1000 driver).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -79,6 +80,10 @@ if [ -n "${NESTED_PASSTHROUGH_DISK:-}" ]; then
         -drive "file=$NESTED_PASSTHROUGH_DISK,if=none,id=pt-disk,format=raw,cache=unsafe"
         -device nvme,serial=ember-passthrough,drive=pt-disk
         -netdev user,id=pt-net,restrict=on -device e1000e,netdev=pt-net
+        # Two functions of one slot without ACS: the kernel puts them in one IOMMU group.
+        -netdev user,id=pt-net2,restrict=on -netdev user,id=pt-net3,restrict=on
+        -device e1000,addr=0x10.0,multifunction=on,netdev=pt-net2
+        -device e1000,addr=0x10.1,netdev=pt-net3
     )
     iommu_args=" intel_iommu=on"
 fi
