@@ -840,6 +840,14 @@ fn host_functions(id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Checks that ember refuses to start `cfg` with `--enable-pci` as a host problem (exit
+/// code 4) and says `why`.
+fn refused_before_boot(cfg: &serde_json::Value, why: &str) {
+    let refused = boot_config_with_flags(&cfg.to_string(), &["--enable-pci"]);
+    assert_eq!(refused.code(), Some(4), "{refused:#?}");
+    assert!(refused.stderr.contains(why), "{}", refused.stderr);
+}
+
 /// Binds host function `sbdf` to vfio-pci the way docs/vfio.md tells operators to.
 fn bind_to_vfio_pci(sbdf: &str) {
     let dev = format!("/sys/bus/pci/devices/{sbdf}");
@@ -899,14 +907,9 @@ fn passthrough_inside(images: &LinuxImages) {
         {"id": "nic0", "sbdf": nic},
     ]);
     // No driver yet: refused before boot, naming the function and what to do.
-    let refused = boot_config_with_flags(&cfg.to_string(), &["--enable-pci"]);
-    assert_eq!(refused.code(), Some(4), "{refused:#?}");
-    assert!(
-        refused.stderr.contains(&format!(
-            "PCI function {nvme} is not bound to any driver: bind it to vfio-pci first"
-        )),
-        "{}",
-        refused.stderr
+    refused_before_boot(
+        &cfg,
+        &format!("PCI function {nvme} is not bound to any driver: bind it to vfio-pci first"),
     );
     bind_to_vfio_pci(&nvme);
     bind_to_vfio_pci(&nic);
@@ -915,14 +918,9 @@ fn passthrough_inside(images: &LinuxImages) {
     bind_to_vfio_pci(first);
     let mut grouped = cfg.clone();
     grouped["vfio"] = serde_json::json!([{"id": "g0", "sbdf": first}]);
-    let refused = boot_config_with_flags(&grouped.to_string(), &["--enable-pci"]);
-    assert_eq!(refused.code(), Some(4), "{refused:#?}");
-    assert!(
-        refused.stderr.contains(&format!(
-            "of {first} is not viable: {second} shares it and is bound to e1000"
-        )),
-        "{}",
-        refused.stderr
+    refused_before_boot(
+        &grouped,
+        &format!("of {first} is not viable: {second} shares it and is bound to e1000"),
     );
     bind_to_vfio_pci(second);
 
