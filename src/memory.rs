@@ -3,7 +3,7 @@
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::arch::x86_64::layout::ram_ranges;
+use crate::arch::layout::ram_ranges;
 use crate::config::HugePages;
 
 #[derive(Debug, thiserror::Error)]

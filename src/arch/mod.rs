@@ -12,10 +12,23 @@
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
+// arm64's device tree, layout and Image header are plain data: x86_64 test builds compile
+// them too, so their tests run on every CI host.
+#[cfg(any(target_arch = "aarch64", all(test, target_arch = "x86_64")))]
+pub mod aarch64;
+
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    ArchVmError, BootError, BootSpec, BootState, CMDLINE_MAX_LEN, VcpuSetupError, configure_vcpu,
-    create_interrupt_controllers, fault_state, instruction_pointer, layout, load_guest, setup_vm,
+    ArchVmError, BootError, BootSpec, BootState, CMDLINE_MAX_LEN, InterruptControllers,
+    VcpuSetupError, configure_vcpu, create_interrupt_controllers, fault_state,
+    finish_interrupt_controllers, instruction_pointer, layout, load_guest, setup_vm,
+};
+
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::{
+    ArchVmError, BootError, BootSpec, BootState, CMDLINE_MAX_LEN, InterruptControllers,
+    VcpuSetupError, configure_vcpu, create_interrupt_controllers, fault_state,
+    finish_interrupt_controllers, init_vcpu, instruction_pointer, layout, load_guest, setup_vm,
 };
 
 /// A device the firmware tables (ACPI on x86_64) announce to the guest, as the device
@@ -24,6 +37,10 @@ pub use x86_64::{
 pub enum PlatformDevice {
     /// A 16550 UART at I/O port `port` (8 ports) on interrupt `irq`.
     Serial { port: u16, irq: u32 },
+    /// A 16550 UART on the MMIO bus (byte-wide registers from `base`), on interrupt `irq`.
+    MmioSerial { base: u64, irq: u32 },
+    /// A PL031 real-time clock at `base`, on interrupt `irq`.
+    Rtc { base: u64, irq: u32 },
     /// An i8042 keyboard controller: data and command ports, interrupt.
     Keyboard {
         data_port: u16,

@@ -22,17 +22,45 @@ pub enum HugePages {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Irqchip {
-    /// Local APICs in KVM, the I/O APIC in ember, no PIC and no PIT: a VM's teardown
-    /// costs a fraction of a millisecond instead of 10-20 ms (docs/performance.md).
-    #[default]
+    /// x86_64: local APICs in KVM, the I/O APIC in ember, no PIC and no PIT: a VM's
+    /// teardown costs a fraction of a millisecond instead of 10-20 ms
+    /// (docs/performance.md). The default there.
+    #[cfg_attr(not(target_arch = "aarch64"), default)]
     Split,
-    /// Everything in KVM: local APICs, I/O APIC, both PICs and the PIT.
+    /// Everything in KVM. x86_64: local APICs, I/O APIC, both PICs and the PIT. arm64 (the
+    /// default there): KVM's GIC, v3 if the host can emulate it, else v2.
+    #[cfg_attr(target_arch = "aarch64", default)]
     Kernel,
+    /// arm64: KVM's GICv2 (distributor and CPU interface), as a Raspberry Pi 4 has.
+    #[serde(rename = "gicv2")]
+    GicV2,
+    /// arm64: KVM's GICv3 (distributor and redistributors).
+    #[serde(rename = "gicv3")]
+    GicV3,
 }
 
 impl Irqchip {
     pub fn is_default(&self) -> bool {
         *self == Irqchip::default()
+    }
+
+    /// The name the API and config files use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Irqchip::Split => "split",
+            Irqchip::Kernel => "kernel",
+            Irqchip::GicV2 => "gicv2",
+            Irqchip::GicV3 => "gicv3",
+        }
+    }
+
+    /// Whether this host's architecture has it.
+    pub fn available_here(&self) -> bool {
+        match self {
+            Irqchip::Kernel => true,
+            Irqchip::Split => cfg!(target_arch = "x86_64"),
+            Irqchip::GicV2 | Irqchip::GicV3 => cfg!(target_arch = "aarch64"),
+        }
     }
 }
 
@@ -79,7 +107,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             huge_pages: HugePages::None,
             cpu_template: None,
-            irqchip: Irqchip::Split,
+            irqchip: Irqchip::default(),
         }
     }
 }
@@ -101,6 +129,17 @@ pub enum MachineConfigError {
     HugePageAlignment(usize),
     #[error("machine-config.cpu_template {0:?} is not supported by ember; use \"None\" or omit it")]
     CpuTemplate(CpuTemplate),
+    #[error(
+        "machine-config.irqchip \"{name}\" is not available on {arch}: use {choices}",
+        name = .0.name(),
+        arch = std::env::consts::ARCH,
+        choices = if cfg!(target_arch = "aarch64") {
+            "\"kernel\" (the default), \"gicv3\" or \"gicv2\""
+        } else {
+            "\"split\" (the default) or \"kernel\""
+        }
+    )]
+    Irqchip(Irqchip),
 }
 
 /// Guest RAM above this is refused outright; hosts are checked against their own RAM later.
@@ -122,6 +161,9 @@ impl MachineConfig {
         }
         if self.huge_pages == HugePages::Hugetlbfs2M && !self.mem_size_mib.is_multiple_of(2) {
             return Err(MachineConfigError::HugePageAlignment(self.mem_size_mib));
+        }
+        if !self.irqchip.available_here() {
+            return Err(MachineConfigError::Irqchip(self.irqchip));
         }
         match self.cpu_template {
             None | Some(CpuTemplate::None) => Ok(()),
@@ -220,6 +262,38 @@ mod tests {
         assert_eq!(
             c.validate(),
             Err(MachineConfigError::CpuTemplate(CpuTemplate::T2))
+        );
+    }
+
+    #[test]
+    fn irqchip_names_and_the_ones_this_architecture_has() {
+        for (json, chip) in [
+            ("\"split\"", Irqchip::Split),
+            ("\"kernel\"", Irqchip::Kernel),
+            ("\"gicv2\"", Irqchip::GicV2),
+            ("\"gicv3\"", Irqchip::GicV3),
+        ] {
+            assert_eq!(serde_json::from_str::<Irqchip>(json).unwrap(), chip);
+            assert_eq!(serde_json::to_string(&chip).unwrap(), json);
+            assert_eq!(format!("\"{}\"", chip.name()), json);
+        }
+        let with = |irqchip| MachineConfig {
+            irqchip,
+            ..MachineConfig::default()
+        };
+        let (here, elsewhere) = if cfg!(target_arch = "aarch64") {
+            (Irqchip::GicV2, Irqchip::Split)
+        } else {
+            (Irqchip::Split, Irqchip::GicV3)
+        };
+        assert_eq!(with(here).validate(), Ok(()));
+        assert_eq!(with(Irqchip::Kernel).validate(), Ok(()));
+        let e = with(elsewhere).validate().unwrap_err();
+        assert_eq!(e, MachineConfigError::Irqchip(elsewhere));
+        assert!(
+            e.to_string()
+                .contains(&format!("\"{}\" is not available on", elsewhere.name())),
+            "{e}"
         );
     }
 }

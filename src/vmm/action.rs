@@ -130,6 +130,8 @@ pub enum ActionError {
     NotFound { kind: &'static str, id: String },
     #[error("the vCPUs did not pause within {0} ms")]
     PauseTimeout(u128),
+    #[error("{0} is not available on {arch}", arch = std::env::consts::ARCH)]
+    NotOnThisArch(&'static str),
 }
 
 impl ActionError {

@@ -50,11 +50,20 @@ pub enum BuildError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("machine-config.vcpu_count {requested} is more than this host's KVM allows ({max})")]
     TooManyVcpus { requested: u8, max: usize },
+    #[error("machine-config.vcpu_count {requested} is more than a {gic} can serve ({max})")]
+    TooManyVcpusForGic {
+        requested: u8,
+        gic: &'static str,
+        max: u64,
+    },
+    #[error("{0} is not available on {arch} yet", arch = std::env::consts::ARCH)]
+    NotOnThisArch(&'static str),
 }
 
 impl BuildError {
     /// The exit code this failure gives (see `exit_code`).
     pub fn exit_code(&self) -> u8 {
+        #[cfg(target_arch = "x86_64")]
         use super::device_manager::pci::VfioAttachError;
         use super::device_manager::resources::ResourceError;
         match self {
@@ -65,12 +74,18 @@ impl BuildError {
             | BuildError::Devices(DeviceManagerError::Resources(
                 ResourceError::NoIrq { .. } | ResourceError::NoMmioWindow { .. },
             ))
-            | BuildError::Devices(DeviceManagerError::Vfio(VfioAttachError::NeedsPci(_)))
+            | BuildError::NotOnThisArch(_)
+            | BuildError::TooManyVcpusForGic { .. }
             | BuildError::CmdlineTooLong { .. } => exit_code::BAD_CONFIGURATION,
-            BuildError::Kvm(_)
-            | BuildError::Memory(_)
-            | BuildError::TooManyVcpus { .. }
-            | BuildError::Devices(DeviceManagerError::Vfio(
+            #[cfg(target_arch = "x86_64")]
+            BuildError::Devices(DeviceManagerError::Vfio(VfioAttachError::NeedsPci(_))) => {
+                exit_code::BAD_CONFIGURATION
+            }
+            BuildError::Kvm(_) | BuildError::Memory(_) | BuildError::TooManyVcpus { .. } => {
+                exit_code::HOST_UNSUITABLE
+            }
+            #[cfg(target_arch = "x86_64")]
+            BuildError::Devices(DeviceManagerError::Vfio(
                 VfioAttachError::Host { .. } | VfioAttachError::Dma(_),
             )) => exit_code::HOST_UNSUITABLE,
             _ => exit_code::VMM_ERROR,
@@ -323,6 +338,29 @@ fn compose_cmdline(
     Ok(cmdline)
 }
 
+/// Refuses more vCPUs than the interrupt controller serves: a GICv2 has eight CPU
+/// interfaces, a GICv3 as many redistributors as the layout has room for.
+fn check_vcpus_for_irqchip(
+    vcpu_count: u8,
+    irqchip: crate::config::Irqchip,
+) -> Result<(), BuildError> {
+    use crate::config::Irqchip;
+    let (gic, max) = match irqchip {
+        Irqchip::GicV2 => ("GICv2", 8),
+        #[cfg(target_arch = "aarch64")]
+        Irqchip::GicV3 => ("GICv3", arch::layout::max_vcpus_for_gicv3()),
+        _ => return Ok(()),
+    };
+    if u64::from(vcpu_count) > max {
+        return Err(BuildError::TooManyVcpusForGic {
+            requested: vcpu_count,
+            gic,
+            max,
+        });
+    }
+    Ok(())
+}
+
 /// Builds a microVM, from `prepared` if it was made for this machine configuration.
 pub fn build_microvm(
     boot: &BootSourceConfig,
@@ -358,8 +396,24 @@ pub fn build_microvm(
         });
     }
 
+    let irqchip = vm.irqchip().unwrap_or(machine.irqchip);
+    check_vcpus_for_irqchip(machine.vcpu_count, irqchip)?;
+    // The vCPUs exist before any device: arm64's vGIC is initialised for them, and only
+    // then takes the devices' irqfds.
+    #[cfg(target_arch = "aarch64")]
+    let preferred_target = vm.preferred_target()?;
+    let mut vcpu_fds = Vec::with_capacity(usize::from(machine.vcpu_count));
+    for index in 0..machine.vcpu_count {
+        let fd = vm.create_vcpu(index)?;
+        #[cfg(target_arch = "aarch64")]
+        arch::init_vcpu(&fd, index, &preferred_target)?;
+        vcpu_fds.push((index, fd));
+    }
+    vm.finish_interrupt_controllers()?;
+
     let stop = opts.stop;
     let mut devices = DeviceManager::new()?;
+    #[cfg(target_arch = "x86_64")]
     if let Some(ioapic) = vm.ioapic() {
         // The firmware tables give the I/O APIC the first ID after the CPUs'.
         ioapic
@@ -369,8 +423,15 @@ pub fn build_microvm(
         devices.attach_ioapic(ioapic)?;
     }
     devices.attach_legacy(&vm, &stop, boot_timer_hook(opts.boot_timer_start))?;
+    #[cfg(target_arch = "x86_64")]
     if opts.enable_pci {
         devices.attach_pci_root(machine.mem_size_bytes())?;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    if opts.enable_pci || !vfio.is_empty() {
+        return Err(BuildError::NotOnThisArch(
+            "the PCI bus (--enable-pci) and VFIO passthrough",
+        ));
     }
     let (blocks, root_args) = attach_drives(&vm, &guest_memory, &mut devices, drives)?;
     let nets = attach_nets(
@@ -380,6 +441,7 @@ pub fn build_microvm(
         interfaces,
         &opts.instance_id,
     )?;
+    #[cfg(target_arch = "x86_64")]
     devices.attach_vfio(&vm, &guest_memory, vfio)?;
     let mut words = devices.cmdline_words().to_vec();
     words.extend(root_args);
@@ -393,15 +455,16 @@ pub fn build_microvm(
             mem_bytes: machine.mem_size_bytes(),
             vcpu_count: machine.vcpu_count,
             devices: devices.platform_devices(),
-            irqchip: machine.irqchip,
+            irqchip,
         },
     )?;
     log::info!("kernel {} loaded, {}", kernel.shown, boot_state.describe());
 
+    #[cfg(target_arch = "x86_64")]
     let supported_cpuid = kvm.supported_cpuid()?;
-    let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
-    for index in 0..machine.vcpu_count {
-        let fd = vm.create_vcpu(index)?;
+    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+    for (index, fd) in vcpu_fds {
+        #[cfg(target_arch = "x86_64")]
         arch::configure_vcpu(
             &fd,
             index,
@@ -411,6 +474,8 @@ pub fn build_microvm(
             machine.vcpu_count,
             machine.smt,
         )?;
+        #[cfg(target_arch = "aarch64")]
+        arch::configure_vcpu(&fd, index, &boot_state)?;
         vcpus.push(Vcpu { index, fd });
     }
 

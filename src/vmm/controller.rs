@@ -267,6 +267,10 @@ impl Controller {
                 self.pre_boot("InstanceStart")?;
                 empty(self.start(events))
             }
+            // An arm64 guest has no keyboard controller to press the keys on.
+            #[cfg(not(target_arch = "x86_64"))]
+            SendCtrlAltDel => Err(ActionError::NotOnThisArch("SendCtrlAltDel")),
+            #[cfg(target_arch = "x86_64")]
             SendCtrlAltDel => {
                 self.post_boot("SendCtrlAltDel")?;
                 if let Some(legacy) = self

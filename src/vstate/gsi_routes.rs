@@ -7,10 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, kvm_irq_routing_entry, kvm_irq_routing_irqchip,
-    kvm_irq_routing_msi,
-};
+#[cfg(target_arch = "x86_64")]
+use kvm_bindings::{KVM_IRQ_ROUTING_IRQCHIP, kvm_irq_routing_irqchip};
+use kvm_bindings::{KVM_IRQ_ROUTING_MSI, kvm_irq_routing_entry, kvm_irq_routing_msi};
 use vm_allocator::IdAllocator;
 
 /// The I/O APIC's pins take GSIs 0-23; MSI vectors get the numbers above.
@@ -114,6 +113,7 @@ impl GsiRoutes {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 fn irqchip_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,

@@ -1,6 +1,8 @@
 //! The `/dev/kvm` handle and the capabilities ember relies on.
 
-use kvm_bindings::{CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_API_VERSION;
+#[cfg(target_arch = "x86_64")]
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
 
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +13,7 @@ pub enum KvmError {
     ApiVersion(i32),
     #[error("KVM on this host lacks the {0} capability, which ember needs")]
     MissingCap(&'static str),
+    #[cfg(target_arch = "x86_64")]
     #[error("cannot read the CPUID KVM supports: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
 }
@@ -18,6 +21,7 @@ pub enum KvmError {
 /// Every capability ember uses, with the name an operator can look up. KVM_CAP_XCRS is not
 /// among them: KVM offers it only on hosts with XSAVE, and a VM runs without it (its guest
 /// then has no XSAVE either); saving a VM's state will read the XCRs only where it exists.
+#[cfg(target_arch = "x86_64")]
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
@@ -38,7 +42,23 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
 ];
 
+/// What an arm64 VM needs: the vGIC as a KVM device, PSCI 0.2 in the vCPUs, one-register
+/// access, irqfds and ioeventfds for the devices.
+#[cfg(target_arch = "aarch64")]
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::DeviceCtrl, "KVM_CAP_DEVICE_CTRL"),
+    (Cap::ArmPsci02, "KVM_CAP_ARM_PSCI_0_2"),
+    (Cap::OneReg, "KVM_CAP_ONE_REG"),
+    (Cap::MpState, "KVM_CAP_MP_STATE"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
 /// KVM_GET_SUPPORTED_CPUID's answer, once asked.
+#[cfg(target_arch = "x86_64")]
 static SUPPORTED_CPUID: std::sync::OnceLock<CpuId> = std::sync::OnceLock::new();
 
 /// An open `/dev/kvm` known to have everything ember needs.
@@ -65,6 +85,7 @@ impl KvmContext {
     /// What KVM can show a guest of this host's CPU. Asked once per process (it is the
     /// largest single set-up call, about 0.3 ms here, and cannot change while ember runs);
     /// [`Self::prefetch_cpuid`] asks ahead, off the path to the first guest instruction.
+    #[cfg(target_arch = "x86_64")]
     pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
         if let Some(cached) = SUPPORTED_CPUID.get() {
             return Ok(cached.clone());
@@ -79,6 +100,7 @@ impl KvmContext {
     /// Asks for [`Self::supported_cpuid`] now, so the VM's start finds it cached; a
     /// failure is reported again by the call that needs the answer.
     pub fn prefetch_cpuid(&self) {
+        #[cfg(target_arch = "x86_64")]
         let _ = self.supported_cpuid();
     }
 

@@ -46,6 +46,9 @@ pub enum VmError {
     VfioDevice(kvm_ioctls::Error),
     #[error("cannot create vCPU {0}: {1}")]
     CreateVcpu(u8, kvm_ioctls::Error),
+    #[cfg(target_arch = "aarch64")]
+    #[error("cannot ask KVM for its preferred vCPU target: {0}")]
+    PreferredTarget(kvm_ioctls::Error),
     #[error("cannot create an eventfd for {0}: {1}")]
     EventFd(&'static str, std::io::Error),
     #[error("{what}: {source}")]
@@ -114,9 +117,9 @@ pub struct Vm {
     shared: Arc<VmShared>,
     /// ember's I/O APIC, with the split irqchip.
     ioapic: Option<Arc<Mutex<Ioapic>>>,
-    /// Set once the interrupt controllers exist: memory comes first (see
+    /// The interrupt controllers as created (None before): memory comes first (see
     /// [`Vm::create_interrupt_controllers`]).
-    irqchip_created: bool,
+    irqchip: Option<(Irqchip, arch::InterruptControllers)>,
 }
 
 impl Vm {
@@ -139,7 +142,7 @@ impl Vm {
                 routes: Mutex::new(GsiRoutes::split_irqchip()),
             }),
             ioapic: None,
-            irqchip_created: false,
+            irqchip: None,
         })
     }
 
@@ -148,8 +151,8 @@ impl Vm {
     /// waits for KVM to synchronise, which measured at several milliseconds per slot
     /// (docs/performance.md).
     pub fn create_interrupt_controllers(&mut self, irqchip: Irqchip) -> Result<(), VmError> {
-        arch::create_interrupt_controllers(&self.shared.fd, irqchip)?;
-        self.irqchip_created = true;
+        let (irqchip, controllers) = arch::create_interrupt_controllers(&self.shared.fd, irqchip)?;
+        self.irqchip = Some((irqchip, controllers));
         #[cfg(target_arch = "x86_64")]
         if irqchip == Irqchip::Kernel {
             *self.shared.routes() = GsiRoutes::in_kernel_irqchip();
@@ -161,6 +164,31 @@ impl Vm {
             ))));
         }
         Ok(())
+    }
+
+    /// The interrupt controllers as created (on arm64 "kernel" becomes the GIC KVM had).
+    pub fn irqchip(&self) -> Option<Irqchip> {
+        self.irqchip.as_ref().map(|(i, _)| *i)
+    }
+
+    /// Finishes the interrupt controllers once every vCPU exists (arm64's vGIC sizes its
+    /// per-vCPU state then).
+    pub fn finish_interrupt_controllers(&self) -> Result<(), VmError> {
+        if let Some((_, controllers)) = &self.irqchip {
+            arch::finish_interrupt_controllers(controllers)?;
+        }
+        Ok(())
+    }
+
+    /// KVM's preferred vCPU target on this host, which every vCPU is initialised with.
+    #[cfg(target_arch = "aarch64")]
+    pub fn preferred_target(&self) -> Result<kvm_bindings::kvm_vcpu_init, VmError> {
+        let mut init = kvm_bindings::kvm_vcpu_init::default();
+        self.shared
+            .fd
+            .get_preferred_target(&mut init)
+            .map_err(VmError::PreferredTarget)?;
+        Ok(init)
     }
 
     /// ember's I/O APIC (split irqchip), for the MMIO bus and the vCPUs' EOIs.
@@ -230,7 +258,7 @@ impl Vm {
         mem: &GuestMemoryMmap,
         track_dirty_pages: bool,
     ) -> Result<(), VmError> {
-        if self.irqchip_created {
+        if self.irqchip.is_some() {
             return Err(VmError::MemoryAfterIrqchip);
         }
         let flags = if track_dirty_pages {

@@ -11,6 +11,11 @@
 # a lockup, or its console, heartbeat included, was silent for NESTED_SILENCE_S, default
 # 120 s, or one of its CPUs stopped) and 124 on timeout.
 #
+# NESTED_ARCH=arm64 runs SCRIPT in an arm64 nested host instead: Debian's arm64 kernel under
+# `qemu-system-aarch64 -M virt,virtualization=on -cpu max`, whose emulated EL2 gives it
+# KVM (VHE); NESTED_GIC (3, the default, or 2) picks the GIC generation it has, and so the
+# vGICs its KVM can offer ember's guests.
+#
 # Usage: tools/nested-host/run.sh [--timeout SECONDS] SCRIPT
 # Environment: NESTED_SMP (CPUs, default 2), NESTED_MEM_MIB (memory, default 2048),
 # NESTED_SILENCE_S (see 126 above), NESTED_CPU (QEMU's -cpu, default max,-xsave: see below),
@@ -24,7 +29,23 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-out="$root/target/nested-host"
+arch="${NESTED_ARCH:-amd64}"
+case "$arch" in
+amd64)
+    out="$root/target/nested-host"
+    qemu_binary=qemu-system-x86_64
+    qemu_package=qemu-system-x86
+    ;;
+arm64)
+    out="$root/target/nested-host-arm64"
+    qemu_binary=qemu-system-aarch64
+    qemu_package=qemu-system-arm
+    ;;
+*)
+    echo "nested-host: NESTED_ARCH must be amd64 or arm64, not $arch" >&2
+    exit 2
+    ;;
+esac
 timeout=600
 if [ "${1:-}" = "--timeout" ]; then
     timeout="$2"
@@ -46,17 +67,17 @@ case "$script" in
     ;;
 esac
 
-if ! command -v qemu-system-x86_64 >/dev/null; then
+if ! command -v "$qemu_binary" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "nested-host: installing qemu-system-x86" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null ||
-            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null; }
+        echo "nested-host: installing $qemu_package" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$qemu_package" >/dev/null ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$qemu_package" >/dev/null; }
     else
-        echo "nested-host: qemu-system-x86_64 is missing (apt-get install qemu-system-x86)" >&2
+        echo "nested-host: $qemu_binary is missing (apt-get install $qemu_package)" >&2
         exit 125
     fi
 fi
-bash "$here/build.sh" "$out"
+NESTED_ARCH="$arch" bash "$here/build.sh" "$out"
 
 monitor=()
 if [ -n "${NESTED_MONITOR:-}" ]; then
@@ -88,12 +109,20 @@ if [ -n "${NESTED_PASSTHROUGH_DISK:-}" ]; then
     iommu_args=" intel_iommu=on"
 fi
 
+if [ "$arch" = arm64 ]; then
+    machine=(-M "virt,virtualization=on,gic-version=${NESTED_GIC:-3}" -cpu "${NESTED_CPU:-max}")
+    console=ttyAMA0
+else
+    machine=(-cpu "$cpu")
+    console=ttyS0
+fi
+
 log="$(mktemp)"
-timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
-    -accel tcg -cpu "$cpu" -smp "${NESTED_SMP:-2}" -m "${NESTED_MEM_MIB:-2048}" \
+timeout --kill-after=10 "$timeout" "$qemu_binary" \
+    -accel tcg "${machine[@]}" -smp "${NESTED_SMP:-2}" -m "${NESTED_MEM_MIB:-2048}" \
     -nodefaults -no-reboot -display none -serial stdio "${monitor[@]}" "${passthrough[@]}" \
     -kernel "$out/vmlinuz" -initrd "$out/outer.cpio" \
-    -append "console=ttyS0 quiet panic=-1 nested.share=$root nested.script=$script$iommu_args" \
+    -append "console=$console quiet panic=-1 nested.share=$root nested.script=$script$iommu_args" \
     -virtfs "local,path=$root,mount_tag=share,security_model=none,id=share" \
     </dev/null >"$log" 2>&1 &
 qemu=$!

@@ -106,6 +106,8 @@ pub fn load_guest(mem: &GuestMemoryMmap, spec: BootSpec<'_>) -> Result<BootState
             }
             PlatformDevice::PciRoot(windows) => dsdt.push(DsdtDevice::PciRoot(windows)),
             PlatformDevice::PciIntx(intx) => dsdt.push(DsdtDevice::PciIntx(intx)),
+            // arm64's devices; the device manager never places them here.
+            PlatformDevice::MmioSerial { .. } | PlatformDevice::Rtc { .. } => {}
             PlatformDevice::PowerManagement {
                 sleep_control,
                 sleep_status,

@@ -18,4 +18,7 @@ pub use boot::{
     instruction_pointer, load_guest,
 };
 pub use kernel::CMDLINE_MAX_LEN;
-pub use vm::{ArchVmError, create_interrupt_controllers, setup_vm};
+pub use vm::{
+    ArchVmError, InterruptControllers, create_interrupt_controllers, finish_interrupt_controllers,
+    setup_vm,
+};

@@ -20,6 +20,8 @@ pub enum ArchVmError {
     Pit(kvm_ioctls::Error),
     #[error("cannot enable KVM's split irqchip (local APICs only): {0}")]
     SplitIrqChip(kvm_ioctls::Error),
+    #[error("irqchip \"{}\" is arm64's; on x86_64 it is \"split\" or \"kernel\"", .0.name())]
+    NotOnThisArch(Irqchip),
 }
 
 /// The TSS and identity map must be set before any vCPU exists.
@@ -31,18 +33,30 @@ pub fn setup_vm(fd: &VmFd) -> Result<(), ArchVmError> {
     Ok(())
 }
 
+/// KVM keeps nothing ember must finish after the vCPUs on x86_64.
+pub type InterruptControllers = ();
+
 /// Creates the interrupt controllers KVM keeps: with [`Irqchip::Split`] only the local
 /// APICs (ember brings the I/O APIC; there is no PIC and no PIT: Linux uses the local APIC
 /// timer and the TSC), with [`Irqchip::Kernel`] the I/O APIC, both PICs and the PIT too.
-pub fn create_interrupt_controllers(fd: &VmFd, irqchip: Irqchip) -> Result<(), ArchVmError> {
-    if irqchip == Irqchip::Split {
-        let mut cap = kvm_enable_cap {
-            cap: KVM_CAP_SPLIT_IRQCHIP,
-            ..Default::default()
-        };
-        // The GSIs KVM reserves for the I/O APIC's pins (its EOI routes).
-        cap.args[0] = IOAPIC_PINS as u64;
-        return fd.enable_cap(&cap).map_err(ArchVmError::SplitIrqChip);
+/// Returns the irqchip as created (the same).
+pub fn create_interrupt_controllers(
+    fd: &VmFd,
+    irqchip: Irqchip,
+) -> Result<(Irqchip, InterruptControllers), ArchVmError> {
+    match irqchip {
+        Irqchip::Split => {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_SPLIT_IRQCHIP,
+                ..Default::default()
+            };
+            // The GSIs KVM reserves for the I/O APIC's pins (its EOI routes).
+            cap.args[0] = IOAPIC_PINS as u64;
+            fd.enable_cap(&cap).map_err(ArchVmError::SplitIrqChip)?;
+            return Ok((irqchip, ()));
+        }
+        Irqchip::Kernel => {}
+        Irqchip::GicV2 | Irqchip::GicV3 => return Err(ArchVmError::NotOnThisArch(irqchip)),
     }
     fd.create_irq_chip().map_err(ArchVmError::IrqChip)?;
     // The dummy speaker port keeps port 0x61 in the kernel, which Linux pokes while it
@@ -52,5 +66,10 @@ pub fn create_interrupt_controllers(fd: &VmFd, irqchip: Irqchip) -> Result<(), A
         ..Default::default()
     };
     fd.create_pit2(pit).map_err(ArchVmError::Pit)?;
+    Ok((irqchip, ()))
+}
+
+/// Nothing to finish on x86_64.
+pub fn finish_interrupt_controllers(_: &InterruptControllers) -> Result<(), ArchVmError> {
     Ok(())
 }

@@ -1,9 +1,10 @@
-//! The PC devices a Linux guest expects: a 16550 UART, the i8042 keyboard controller, and
-//! the ACPI power-management registers.
+//! The platform devices a Linux guest expects: a 16550 UART; on x86_64 the i8042 keyboard
+//! controller, the I/O APIC and the ACPI power-management registers; on arm64 a PL031 RTC.
 
 pub mod i8042;
 pub mod ioapic;
 pub mod power;
+pub mod rtc;
 pub mod serial;
 
 use vmm_sys_util::eventfd::EventFd;

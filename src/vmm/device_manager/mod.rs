@@ -11,7 +11,6 @@
 pub mod resources;
 pub mod virtio_handler;
 
-#[cfg(target_arch = "x86_64")]
 mod legacy;
 #[cfg(target_arch = "x86_64")]
 pub mod pci;
@@ -31,7 +30,6 @@ use resources::{DeviceResources, DeviceSlot, ResourceError};
 use virtio_handler::VirtioHandler;
 use vmm_sys_util::eventfd::EventFd;
 
-#[cfg(target_arch = "x86_64")]
 pub use legacy::LegacyDevices;
 
 use super::Subscriber;
@@ -80,7 +78,6 @@ pub struct DeviceManager {
     handlers: Vec<Subscriber>,
     virtio: Vec<AttachedVirtio>,
     work: Arc<WorkQueue>,
-    #[cfg(target_arch = "x86_64")]
     pub legacy: Option<LegacyDevices>,
     /// The PCI root complex with `--enable-pci`, where virtio devices then go.
     #[cfg(target_arch = "x86_64")]
@@ -120,7 +117,6 @@ impl DeviceManager {
             work: Arc::new(
                 WorkQueue::new().map_err(|e| DeviceManagerError::Io("a work queue", e))?,
             ),
-            #[cfg(target_arch = "x86_64")]
             legacy: None,
             #[cfg(target_arch = "x86_64")]
             pci: None,
@@ -242,6 +238,9 @@ impl DeviceManager {
         );
         self.mmio_bus
             .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+        // x86_64 kernels without ACPI find the device on the command line; arm64 kernels
+        // find it in the device tree alone.
+        #[cfg(target_arch = "x86_64")]
         self.cmdline.push(format!(
             "virtio_mmio.device=4K@{:#x}:{}",
             slot.base, slot.irq
