@@ -81,9 +81,11 @@ impl BuildError {
             BuildError::Devices(DeviceManagerError::Vfio(VfioAttachError::NeedsPci(_))) => {
                 exit_code::BAD_CONFIGURATION
             }
-            BuildError::Kvm(_) | BuildError::Memory(_) | BuildError::TooManyVcpus { .. } => {
-                exit_code::HOST_UNSUITABLE
-            }
+            // The interrupt controller asked for is not one this host's KVM can make.
+            BuildError::Kvm(_)
+            | BuildError::Memory(_)
+            | BuildError::TooManyVcpus { .. }
+            | BuildError::Vm(VmError::Arch(_)) => exit_code::HOST_UNSUITABLE,
             #[cfg(target_arch = "x86_64")]
             BuildError::Devices(DeviceManagerError::Vfio(
                 VfioAttachError::Host { .. } | VfioAttachError::Dma(_),
@@ -389,15 +391,16 @@ pub fn build_microvm(
             PreparedVm::new(machine)?
         }
     };
+    // The interrupt controller's limit first: it is the configuration's to fix, and KVM's
+    // own limit follows from it on an arm64 host with a GICv2.
+    let irqchip = vm.irqchip().unwrap_or(machine.irqchip);
+    check_vcpus_for_irqchip(machine.vcpu_count, irqchip)?;
     if usize::from(machine.vcpu_count) > kvm.max_vcpus() {
         return Err(BuildError::TooManyVcpus {
             requested: machine.vcpu_count,
             max: kvm.max_vcpus(),
         });
     }
-
-    let irqchip = vm.irqchip().unwrap_or(machine.irqchip);
-    check_vcpus_for_irqchip(machine.vcpu_count, irqchip)?;
     // The vCPUs exist before any device: arm64's vGIC is initialised for them, and only
     // then takes the devices' irqfds.
     #[cfg(target_arch = "aarch64")]

@@ -166,7 +166,8 @@ impl Drop for VcpuSet {
     }
 }
 
-#[cfg(test)]
+// They run real-mode x86 code in the vCPUs.
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
     use crate::devices::bus::Bus;

@@ -514,6 +514,25 @@ fn halves(address: u64) -> (u32, u32) {
     (address as u32, (address >> 32) as u32)
 }
 
+#[cfg(test)]
+impl Vm {
+    /// A VM whose interrupt controller takes irqfds, for tests: KVM's in-kernel irqchip on
+    /// x86_64; on arm64 the vGIC, initialised with one vCPU (it takes irqfds only then).
+    pub fn with_irqfds_for_tests() -> Vm {
+        let mut vm = Vm::new(&crate::vstate::kvm::KvmContext::open().unwrap()).unwrap();
+        vm.create_interrupt_controllers(Irqchip::Kernel).unwrap();
+        #[cfg(target_arch = "aarch64")]
+        {
+            // The vCPU lives with the VM; its fd is not needed.
+            let fd = vm.create_vcpu(0).unwrap();
+            let target = vm.preferred_target().unwrap();
+            crate::arch::init_vcpu(&fd, 0, &target).unwrap();
+            vm.finish_interrupt_controllers().unwrap();
+        }
+        vm
+    }
+}
+
 /// A line from [`Vm::level_irq`].
 pub enum LevelIrq {
     /// KVM's resampling irqfd, unregistered when dropped.
@@ -655,6 +674,7 @@ mod tests {
     }
 
     /// KVM's I/O APIC state: whether pin `gsi`'s input is asserted (its IRR bit).
+    #[cfg(target_arch = "x86_64")]
     fn kernel_ioapic_irr(vm: &Vm, gsi: u32) -> bool {
         let mut chip = kvm_bindings::kvm_irqchip {
             chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
@@ -667,6 +687,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn a_level_line_is_a_resampling_irqfd_or_a_pin_of_ember_s_ioapic() {
         let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -701,7 +722,7 @@ mod tests {
     fn memory_after_the_irqchip_is_refused() {
         let mut vm = vm();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        vm.create_interrupt_controllers(Irqchip::Split).unwrap();
+        vm.create_interrupt_controllers(Irqchip::default()).unwrap();
         assert!(matches!(
             vm.register_memory(&mem, false),
             Err(VmError::MemoryAfterIrqchip)
@@ -739,9 +760,7 @@ mod tests {
 
     #[test]
     fn irqfd_and_ioeventfd_register_and_release() {
-        let mut vm = vm();
-        vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
-            .unwrap();
+        let vm = Vm::with_irqfds_for_tests();
         let irq = vm.irqfd(5, "test").unwrap();
         irq.trigger().unwrap();
         // The same eventfd cannot be registered twice on one GSI; after the handle is
@@ -762,7 +781,7 @@ mod tests {
         let mut vm = vm();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         vm.register_memory(&mem, false).unwrap();
-        vm.create_interrupt_controllers(Irqchip::Split).unwrap();
+        vm.create_interrupt_controllers(Irqchip::default()).unwrap();
         let bar = Arc::new(MmapRegion::<()>::new(0x2000).unwrap());
         let handle = vm.handle();
         let slot = handle.map_memory(0x1_0000_0000, bar.clone()).unwrap();
@@ -780,6 +799,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn msi_vectors_route_trigger_and_give_their_gsi_back() {
         for irqchip in [Irqchip::Kernel, Irqchip::Split] {
             let mut vm = vm();

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod api;
+pub mod arm64;
 pub mod linux;
 pub mod nested;
 pub mod netns;

@@ -133,7 +133,7 @@ pub fn images_if_runnable_here() -> Option<LinuxImages> {
 }
 
 /// Nested hosts use both cores; two at once would only slow each other down.
-static NESTED_HOST: Mutex<()> = Mutex::new(());
+pub static NESTED_HOST: Mutex<()> = Mutex::new(());
 
 /// tools/nested-host/run.sh's exit codes for a nested host that failed by itself (its
 /// kernel died, or it hung under QEMU's emulation of SVM): such a run says nothing about

@@ -87,3 +87,57 @@ pub fn program_counter(fd: &VcpuFd) -> u64 {
         Err(_) => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Irqchip;
+    use crate::vstate::kvm::KvmContext;
+    use crate::vstate::vm::Vm;
+
+    fn reg(fd: &VcpuFd, id: u64) -> u64 {
+        let mut b = [0u8; 8];
+        fd.get_one_reg(id, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn vcpus_get_psci_the_device_tree_s_mpidr_and_the_boot_registers() {
+        let mut vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
+        vm.create_interrupt_controllers(Irqchip::Kernel).unwrap();
+        let target = vm.preferred_target().unwrap();
+        let fds: Vec<VcpuFd> = (0..3)
+            .map(|i| {
+                let fd = vm.create_vcpu(i).unwrap();
+                // init checks MPIDR against mpidr_affinity(i).
+                init(&fd, i, &target).unwrap();
+                fd
+            })
+            .collect();
+        vm.finish_interrupt_controllers().unwrap();
+        // The second and third wait, powered off, for the guest's PSCI CPU_ON.
+        let state = |fd: &VcpuFd| fd.get_mp_state().unwrap().mp_state;
+        assert_eq!(state(&fds[1]), kvm_bindings::KVM_MP_STATE_STOPPED);
+        assert_eq!(state(&fds[2]), kvm_bindings::KVM_MP_STATE_STOPPED);
+        assert_eq!(state(&fds[0]), kvm_bindings::KVM_MP_STATE_RUNNABLE);
+        set_boot_registers(&fds[0], 0x8000_0000, 0x8fe0_0000).unwrap();
+        let regs = std::mem::offset_of!(kvm_regs, regs);
+        assert_eq!(program_counter(&fds[0]), 0x8000_0000);
+        assert_eq!(
+            reg(
+                &fds[0],
+                core_reg(regs + std::mem::offset_of!(user_pt_regs, regs))
+            ),
+            0x8fe0_0000,
+            "x0 holds the device tree's address"
+        );
+        assert_eq!(
+            reg(
+                &fds[0],
+                core_reg(regs + std::mem::offset_of!(user_pt_regs, pstate))
+            ),
+            0x3c5,
+            "EL1h, DAIF masked"
+        );
+    }
+}

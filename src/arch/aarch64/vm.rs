@@ -57,3 +57,35 @@ pub fn create_interrupt_controllers(
 pub fn finish_interrupt_controllers(gic: &InterruptControllers) -> Result<(), ArchVmError> {
     Ok(gic.finish()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::kvm::KvmContext;
+
+    #[test]
+    fn kernel_picks_a_gic_the_host_has_and_names_it() {
+        let kvm = KvmContext::open().unwrap();
+        let vm = kvm.kvm.create_vm().unwrap();
+        let (chip, gic) = create_interrupt_controllers(&vm, Irqchip::Kernel).unwrap();
+        assert!(matches!(chip, Irqchip::GicV3 | Irqchip::GicV2), "{chip:?}");
+        assert_eq!(
+            chip == Irqchip::GicV3,
+            gic.version == GicVersion::V3,
+            "the name follows what was made"
+        );
+        // A second vGIC in the same VM is refused by KVM, with the generation named.
+        let again = match chip {
+            Irqchip::GicV3 => Irqchip::GicV3,
+            _ => Irqchip::GicV2,
+        };
+        let e = create_interrupt_controllers(&vm, again).err().unwrap();
+        assert!(e.to_string().contains("GIC"), "{e}");
+        // x86_64's irqchip is refused by name.
+        let vm2 = kvm.kvm.create_vm().unwrap();
+        let e = create_interrupt_controllers(&vm2, Irqchip::Split)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("\"split\" is x86_64's"), "{e}");
+    }
+}

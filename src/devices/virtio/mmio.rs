@@ -220,7 +220,6 @@ mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{FakeDevice, run_work_on_a_thread};
     use crate::devices::virtio::{VIRTIO_F_VERSION_1, status};
-    use crate::vstate::kvm::KvmContext;
     use crate::vstate::vm::Vm;
     use vm_memory::GuestAddress;
 
@@ -271,9 +270,7 @@ mod tests {
     fn transport() -> Setup {
         let dev = Arc::new(Mutex::new(FakeDevice::new(&[16])));
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mut vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
-        vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
-            .unwrap();
+        let vm = Vm::with_irqfds_for_tests();
         let irq = Arc::new(MmioInterrupt::new(Box::new(vm.irqfd(5, "test").unwrap())));
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let work = Arc::new(WorkQueue::new().unwrap());

@@ -152,6 +152,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn lines_taken_for_pci_intx_are_never_given_to_a_device() {
         let mut r = DeviceResources::new();
         let first = r.allocate(0x1000).unwrap();
