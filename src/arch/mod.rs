@@ -19,20 +19,34 @@ pub mod aarch64;
 
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    ArchVmError, BootError, BootSpec, BootState, CMDLINE_MAX_LEN, InterruptControllers,
-    VcpuSetupError, configure_vcpu, create_interrupt_controllers, fault_state,
-    finish_interrupt_controllers, instruction_pointer, layout, load_guest, setup_vm,
+    ArchVmError, BootError, BootState, CMDLINE_MAX_LEN, InterruptControllers, VcpuSetupError,
+    configure_vcpu, create_interrupt_controllers, fault_state, finish_interrupt_controllers,
+    instruction_pointer, layout, load_guest, setup_vm,
 };
 
 #[cfg(target_arch = "aarch64")]
 pub use aarch64::{
-    ArchVmError, BootError, BootSpec, BootState, CMDLINE_MAX_LEN, InterruptControllers,
-    VcpuSetupError, configure_vcpu, create_interrupt_controllers, fault_state,
-    finish_interrupt_controllers, init_vcpu, instruction_pointer, layout, load_guest, setup_vm,
+    ArchVmError, BootError, BootState, CMDLINE_MAX_LEN, InterruptControllers, VcpuSetupError,
+    configure_vcpu, create_interrupt_controllers, fault_state, finish_interrupt_controllers,
+    init_vcpu, instruction_pointer, layout, load_guest, setup_vm,
 };
 
-/// A device the firmware tables (ACPI on x86_64) announce to the guest, as the device
-/// manager placed it.
+/// What the guest boots from and the machine it boots on.
+pub struct BootSpec<'a> {
+    pub kernel: &'a mut crate::host_file::HostFile,
+    pub initrd: Option<&'a mut crate::host_file::HostFile>,
+    pub cmdline: &'a str,
+    pub mem_bytes: u64,
+    pub vcpu_count: u8,
+    /// Every device the firmware tables (ACPI, the device tree) announce.
+    pub devices: &'a [PlatformDevice],
+    /// The interrupt controllers as created: on x86_64 whether 8259s exist (the MADT says
+    /// so), on arm64 the GIC generation (the device tree's node).
+    pub irqchip: crate::config::Irqchip,
+}
+
+/// A device the firmware tables (ACPI on x86_64, the device tree on arm64) announce to the
+/// guest, as the device manager placed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlatformDevice {
     /// A 16550 UART at I/O port `port` (8 ports) on interrupt `irq`.

@@ -12,9 +12,8 @@ use super::fdt::{self, FdtBuildError, FdtSpec, GicVersion};
 use super::kernel::{self, HEADER_LEN, ImageError, ImageHeader};
 use super::layout::RAM_START;
 use super::regs::{self, RegsError};
-use crate::arch::PlatformDevice;
+use crate::arch::BootSpec;
 use crate::config::Irqchip;
-use crate::host_file::HostFile;
 
 /// Linux's COMMAND_LINE_SIZE on arm64, less the NUL.
 pub const CMDLINE_MAX_LEN: usize = 2047;
@@ -45,19 +44,6 @@ pub enum BootError {
 pub struct VcpuSetupError {
     index: u8,
     source: RegsError,
-}
-
-/// What the guest boots from and the machine it boots on.
-pub struct BootSpec<'a> {
-    pub kernel: &'a mut HostFile,
-    pub initrd: Option<&'a mut HostFile>,
-    pub cmdline: &'a str,
-    pub mem_bytes: u64,
-    pub vcpu_count: u8,
-    /// Every device the device tree announces.
-    pub devices: &'a [PlatformDevice],
-    /// The GIC the VM has (`Irqchip::GicV2` or `GicV3`, as created).
-    pub irqchip: Irqchip,
 }
 
 /// Where the boot vCPU enters the kernel.

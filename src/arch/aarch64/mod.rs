@@ -17,8 +17,8 @@ pub mod vm;
 
 #[cfg(target_arch = "aarch64")]
 pub use boot::{
-    BootError, BootSpec, BootState, CMDLINE_MAX_LEN, VcpuSetupError, configure_vcpu, fault_state,
-    init_vcpu, instruction_pointer, load_guest,
+    BootError, BootState, CMDLINE_MAX_LEN, VcpuSetupError, configure_vcpu, fault_state, init_vcpu,
+    instruction_pointer, load_guest,
 };
 #[cfg(target_arch = "aarch64")]
 pub use vm::{

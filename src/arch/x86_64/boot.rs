@@ -12,9 +12,8 @@ use super::cpuid::{self, Topology};
 use super::kernel::{self, LoadedKernel};
 use super::regs::{self, BootProtocol};
 use super::{interrupts, mptable, msr};
-use crate::arch::PlatformDevice;
+use crate::arch::{BootSpec, PlatformDevice};
 use crate::config::Irqchip;
-use crate::host_file::HostFile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -44,19 +43,6 @@ pub enum VcpuSetupError {
     MsrList(u8, msr::MsrError),
     #[error("vCPU {0}: cannot build the CPUID list: {1:?}")]
     CpuidList(u8, vmm_sys_util::fam::Error),
-}
-
-/// What the guest boots from and the machine it boots on.
-pub struct BootSpec<'a> {
-    pub kernel: &'a mut HostFile,
-    pub initrd: Option<&'a mut HostFile>,
-    pub cmdline: &'a str,
-    pub mem_bytes: u64,
-    pub vcpu_count: u8,
-    /// Every device the firmware tables announce.
-    pub devices: &'a [PlatformDevice],
-    /// Where the interrupt controllers are (the MADT says whether 8259s exist).
-    pub irqchip: Irqchip,
 }
 
 /// Where and how the boot vCPU enters the kernel.

@@ -14,8 +14,8 @@ pub mod regs;
 pub mod vm;
 
 pub use boot::{
-    BootError, BootSpec, BootState, VcpuSetupError, configure_vcpu, fault_state,
-    instruction_pointer, load_guest,
+    BootError, BootState, VcpuSetupError, configure_vcpu, fault_state, instruction_pointer,
+    load_guest,
 };
 pub use kernel::CMDLINE_MAX_LEN;
 pub use vm::{
