@@ -19,16 +19,16 @@ pub mod aarch64;
 
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    ArchVmError, BootError, BootState, CMDLINE_MAX_LEN, InterruptControllers, VcpuSetupError,
-    configure_vcpu, create_interrupt_controllers, fault_state, finish_interrupt_controllers,
-    instruction_pointer, layout, load_guest, setup_vm,
+    ArchVmError, BootError, BootState, CMDLINE_MAX_LEN, InterruptControllers, REQUIRED_KVM_CAPS,
+    VcpuSetupError, configure_vcpu, create_interrupt_controllers, fault_state,
+    finish_interrupt_controllers, instruction_pointer, layout, load_guest, setup_vm,
 };
 
 #[cfg(target_arch = "aarch64")]
 pub use aarch64::{
-    ArchVmError, BootError, BootState, CMDLINE_MAX_LEN, InterruptControllers, VcpuSetupError,
-    configure_vcpu, create_interrupt_controllers, fault_state, finish_interrupt_controllers,
-    init_vcpu, instruction_pointer, layout, load_guest, setup_vm,
+    ArchVmError, BootError, BootState, CMDLINE_MAX_LEN, InterruptControllers, REQUIRED_KVM_CAPS,
+    VcpuSetupError, configure_vcpu, create_interrupt_controllers, fault_state,
+    finish_interrupt_controllers, init_vcpu, instruction_pointer, layout, load_guest, setup_vm,
 };
 
 /// What the guest boots from and the machine it boots on.

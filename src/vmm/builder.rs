@@ -416,16 +416,12 @@ pub fn build_microvm(
 
     let stop = opts.stop;
     let mut devices = DeviceManager::new()?;
-    #[cfg(target_arch = "x86_64")]
-    if let Some(ioapic) = vm.ioapic() {
-        // The firmware tables give the I/O APIC the first ID after the CPUs'.
-        ioapic
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_id(machine.vcpu_count);
-        devices.attach_ioapic(ioapic)?;
-    }
-    devices.attach_legacy(&vm, &stop, boot_timer_hook(opts.boot_timer_start))?;
+    devices.attach_platform(
+        &vm,
+        machine.vcpu_count,
+        &stop,
+        boot_timer_hook(opts.boot_timer_start),
+    )?;
     #[cfg(target_arch = "x86_64")]
     if opts.enable_pci {
         devices.attach_pci_root(machine.mem_size_bytes())?;

@@ -3,7 +3,7 @@
 use kvm_bindings::KVM_API_VERSION;
 #[cfg(target_arch = "x86_64")]
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm};
+use kvm_ioctls::Kvm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
@@ -17,45 +17,6 @@ pub enum KvmError {
     #[error("cannot read the CPUID KVM supports: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
 }
-
-/// Every capability ember uses, with the name an operator can look up. KVM_CAP_XCRS is not
-/// among them: KVM offers it only on hosts with XSAVE, and a VM runs without it (its guest
-/// then has no XSAVE either); saving a VM's state will read the XCRs only where it exists.
-#[cfg(target_arch = "x86_64")]
-const REQUIRED_CAPS: &[(Cap, &str)] = &[
-    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-    (Cap::Irqfd, "KVM_CAP_IRQFD"),
-    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-    (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
-    (Cap::Pit2, "KVM_CAP_PIT2"),
-    (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
-    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-    (Cap::MpState, "KVM_CAP_MP_STATE"),
-    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
-    (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
-    (Cap::Debugregs, "KVM_CAP_DEBUGREGS"),
-    (Cap::Xsave, "KVM_CAP_XSAVE"),
-    (Cap::AdjustClock, "KVM_CAP_ADJUST_CLOCK"),
-    (Cap::TscDeadlineTimer, "KVM_CAP_TSC_DEADLINE_TIMER"),
-    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-];
-
-/// What an arm64 VM needs: the vGIC as a KVM device, PSCI 0.2 in the vCPUs, one-register
-/// access, irqfds and ioeventfds for the devices.
-#[cfg(target_arch = "aarch64")]
-const REQUIRED_CAPS: &[(Cap, &str)] = &[
-    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-    (Cap::Irqfd, "KVM_CAP_IRQFD"),
-    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-    (Cap::DeviceCtrl, "KVM_CAP_DEVICE_CTRL"),
-    (Cap::ArmPsci02, "KVM_CAP_ARM_PSCI_0_2"),
-    (Cap::OneReg, "KVM_CAP_ONE_REG"),
-    (Cap::MpState, "KVM_CAP_MP_STATE"),
-    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-];
 
 /// KVM_GET_SUPPORTED_CPUID's answer, once asked.
 #[cfg(target_arch = "x86_64")]
@@ -73,7 +34,7 @@ impl KvmContext {
         if version != KVM_API_VERSION as i32 {
             return Err(KvmError::ApiVersion(version));
         }
-        if let Some((_, name)) = REQUIRED_CAPS
+        if let Some((_, name)) = crate::arch::REQUIRED_KVM_CAPS
             .iter()
             .find(|(cap, _)| !kvm.check_extension(*cap))
         {

@@ -25,3 +25,18 @@ pub use vm::{
     ArchVmError, InterruptControllers, create_interrupt_controllers, finish_interrupt_controllers,
     setup_vm,
 };
+
+/// What an arm64 VM needs: the vGIC as a KVM device, PSCI 0.2 in the vCPUs, one-register
+/// access, irqfds and ioeventfds for the devices.
+#[cfg(target_arch = "aarch64")]
+pub const REQUIRED_KVM_CAPS: &[(kvm_ioctls::Cap, &str)] = &[
+    (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (kvm_ioctls::Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (kvm_ioctls::Cap::DeviceCtrl, "KVM_CAP_DEVICE_CTRL"),
+    (kvm_ioctls::Cap::ArmPsci02, "KVM_CAP_ARM_PSCI_0_2"),
+    (kvm_ioctls::Cap::OneReg, "KVM_CAP_ONE_REG"),
+    (kvm_ioctls::Cap::MpState, "KVM_CAP_MP_STATE"),
+    (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];

@@ -75,9 +75,10 @@ impl DeviceManager {
     /// Attaches the console UART and the RTC on the MMIO bus. `on_first_byte` runs at the
     /// guest's first console byte (the boot timer). arm64 guests power off and reset
     /// through PSCI, which KVM answers, so there are no power registers.
-    pub fn attach_legacy(
+    pub fn attach_platform(
         &mut self,
         vm: &Vm,
+        _vcpu_count: u8,
         _stop: &StopSignal,
         on_first_byte: Option<Box<dyn FnOnce() + Send>>,
     ) -> Result<(), DeviceManagerError> {
@@ -109,20 +110,33 @@ impl DeviceManager {
 
 #[cfg(target_arch = "x86_64")]
 impl DeviceManager {
-    /// Puts ember's I/O APIC (split irqchip) on the MMIO bus at its architectural address.
-    pub fn attach_ioapic(&mut self, ioapic: Arc<Mutex<Ioapic>>) -> Result<(), DeviceManagerError> {
+    /// Puts ember's I/O APIC (split irqchip) on the MMIO bus at its architectural address,
+    /// with the first ID after the `vcpu_count` CPUs' (as the firmware tables give it).
+    fn attach_ioapic(
+        &mut self,
+        ioapic: Arc<Mutex<Ioapic>>,
+        vcpu_count: u8,
+    ) -> Result<(), DeviceManagerError> {
+        ioapic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_id(vcpu_count);
         self.mmio_bus.insert(ioapic, IOAPIC_START, IOAPIC_WINDOW)?;
         Ok(())
     }
 
-    /// Attaches COM1, the i8042 and the power-management registers. `on_first_byte` runs
-    /// at the guest's first console byte (the boot timer).
-    pub fn attach_legacy(
+    /// Attaches ember's I/O APIC (split irqchip), COM1, the i8042 and the power-management
+    /// registers. `on_first_byte` runs at the guest's first console byte (the boot timer).
+    pub fn attach_platform(
         &mut self,
         vm: &Vm,
+        vcpu_count: u8,
         stop: &StopSignal,
         on_first_byte: Option<Box<dyn FnOnce() + Send>>,
     ) -> Result<(), DeviceManagerError> {
+        if let Some(ioapic) = vm.ioapic() {
+            self.attach_ioapic(ioapic, vcpu_count)?;
+        }
         let (serial, serial_input_drained, console_output) = console(vm, COM1_IRQ, on_first_byte)?;
         self.pio_bus
             .insert(serial.clone(), COM1_PORT, serial::REGISTERS_LEN)?;
