@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::arm64::{self, lines_of, log_of};
+use common::arm64::{self, output_of};
 use common::cannot_run;
 
 /// What every guest reports, then it waits for a command typed on its console.
@@ -80,11 +80,9 @@ fn prerequisites() -> Option<(std::path::PathBuf, arm64::Arm64Images)> {
 /// The lines of one run, checked to have ended with ember's exit code 0 and the typed
 /// command answered over the serial console.
 fn assert_run_ok(console: &str, name: &str) -> String {
-    let lines = lines_of(console, name).join("\n");
-    let log = log_of(console, name).join("\n");
-    let all = format!("{lines}\n--- log ---\n{log}");
+    let all = output_of(console, name);
     assert!(
-        lines.contains("ember-exit=0"),
+        all.contains("ember-exit=0"),
         "run {name} did not end with 0:\n{all}"
     );
     all
@@ -125,16 +123,14 @@ fn debian_arm64_on_gicv3_one_and_two_vcpus_serial_rtc_and_an_ext4_root() {
         return;
     };
     let dir = arm64::shared_dir("gicv3");
-    let poweroff = images.initrd(&dir, &format!("{REPORT}\npoweroff -f\n"));
+    let poweroff = images.initrd(&dir, "poweroff", &format!("{REPORT}\npoweroff -f\n"));
     let one = write(
         &dir,
         "one",
         &config(&images, &poweroff, 1, None, "console=ttyS0 panic=1"),
     );
     // Two vCPUs on an explicit GICv3, ended by a reboot (PSCI SYSTEM_RESET).
-    let reboot_dir = dir.join("reboot");
-    std::fs::create_dir_all(&reboot_dir).unwrap();
-    let reboot = images.initrd(&reboot_dir, &format!("{REPORT}\nreboot -f\n"));
+    let reboot = images.initrd(&dir, "reboot", &format!("{REPORT}\nreboot -f\n"));
     let two = write(
         &dir,
         "two",
@@ -160,9 +156,7 @@ fi
 echo "EMBER-TEST root $(grep ' / ' /proc/mounts)"
 poweroff -f
 "#;
-    let root_dir = dir.join("root");
-    std::fs::create_dir_all(&root_dir).unwrap();
-    let root_initrd = images.initrd(&root_dir, root_script);
+    let root_initrd = images.initrd(&dir, "root", root_script);
     let mut root = config(
         &images,
         &root_initrd,
@@ -186,9 +180,7 @@ ping -c 3 -W 5 172.16.0.1 >/tmp/ping 2>&1
 echo "EMBER-TEST net ping=$? $(grep -o '[0-9]* packets received' /tmp/ping)"
 poweroff -f
 "#;
-    let net_dir = dir.join("net");
-    std::fs::create_dir_all(&net_dir).unwrap();
-    let net_initrd = images.initrd(&net_dir, net_script);
+    let net_initrd = images.initrd(&dir, "net", net_script);
     let mut net = config(&images, &net_initrd, 1, None, "console=ttyS0 panic=1 quiet");
     net["network-interfaces"] = serde_json::json!([{
         "iface_id": "eth0",
@@ -254,7 +246,7 @@ fn debian_arm64_on_gicv2_with_the_gic_picked_by_itself_and_asked_for() {
         return;
     };
     let dir = arm64::shared_dir("gicv2");
-    let initrd = images.initrd(&dir, &format!("{REPORT}\npoweroff -f\n"));
+    let initrd = images.initrd(&dir, "poweroff", &format!("{REPORT}\npoweroff -f\n"));
     // Nothing asked: KVM has no GICv3 here, so ember takes the GICv2.
     let auto = write(
         &dir,
@@ -301,13 +293,13 @@ fn debian_arm64_on_gicv2_with_the_gic_picked_by_itself_and_asked_for() {
     assert!(all.contains("EMBER-TEST cpus=2 online=0-1"), "{all}");
     assert_serial_both_ways(&all);
 
-    let v3 = lines_of(&console, "v3").join("\n") + &log_of(&console, "v3").join("\n");
+    let v3 = output_of(&console, "v3");
     assert!(v3.contains("ember-exit=4"), "{v3}");
     assert!(
         v3.contains("this host's KVM cannot emulate a GICv3"),
         "{v3}"
     );
-    let nine = lines_of(&console, "nine").join("\n") + &log_of(&console, "nine").join("\n");
+    let nine = output_of(&console, "nine");
     assert!(nine.contains("ember-exit=3"), "{nine}");
     assert!(
         nine.contains("machine-config.vcpu_count 9 is more than a GICv2 can serve (8)"),

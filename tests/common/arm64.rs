@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use super::nested::{NESTED_HOST, cpio_newc};
+use super::nested::{NESTED_HOST, initrd_with_script};
 
 const TARGET: &str = "aarch64-unknown-linux-gnu";
 /// How long one arm64 nested host may run (it boots a few guests).
@@ -37,14 +37,10 @@ pub struct Arm64Images {
 }
 
 impl Arm64Images {
-    /// Writes `dir/initrd.cpio`: the guests' initramfs with `script` as its /test.sh.
-    pub fn initrd(&self, dir: &Path, script: &str) -> PathBuf {
-        let mut bytes = std::fs::read(&self.guest_cpio)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", self.guest_cpio.display()));
-        bytes.extend_from_slice(&cpio_newc(&[("test.sh", 0o100755, script.as_bytes())]));
-        let path = dir.join("initrd.cpio");
-        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        path
+    /// Writes `dir/NAME.cpio`: the guests' initramfs with `script` as its /test.sh.
+    pub fn initrd(&self, dir: &Path, name: &str, script: &str) -> PathBuf {
+        initrd_with_script(&self.guest_cpio, &dir.join(format!("{name}.cpio")), script)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -231,20 +227,18 @@ pub fn run(name: &str, gic: u8, ember: &Path, script: &str) -> Result<String, St
     }
 }
 
-/// The lines run `name` printed (console and `log`), without the prefix.
-pub fn lines_of<'a>(console: &'a str, name: &str) -> Vec<&'a str> {
-    let prefix = format!("{name}| ");
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .collect()
-}
-
-/// The log lines of run `name`.
-pub fn log_of<'a>(console: &'a str, name: &str) -> Vec<&'a str> {
-    let prefix = format!("{name} log| ");
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .collect()
+/// What run `name` printed, without the prefixes: its console lines (with `ember-exit=N`),
+/// then `--- log ---` and ember's log.
+pub fn output_of(console: &str, name: &str) -> String {
+    let with = |prefix: String| -> Vec<&str> {
+        console
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect()
+    };
+    format!(
+        "{}\n--- log ---\n{}",
+        with(format!("{name}| ")).join("\n"),
+        with(format!("{name} log| ")).join("\n")
+    )
 }

@@ -46,13 +46,7 @@ impl LinuxImages {
     /// Writes `dir/initrd.cpio`: an initramfs whose /init runs `script` as /test.sh, the base
     /// archive with a second one appended, which the kernel unpacks over the first.
     pub fn initrd(&self, dir: &Path, script: &str) -> Result<PathBuf, String> {
-        let mut bytes = std::fs::read(&self.guest_cpio)
-            .map_err(|e| format!("cannot read {}: {e}", self.guest_cpio.display()))?;
-        bytes.extend_from_slice(&cpio_newc(&[("test.sh", 0o100755, script.as_bytes())]));
-        let path = dir.join("initrd.cpio");
-        std::fs::write(&path, bytes)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        Ok(path)
+        initrd_with_script(&self.guest_cpio, &dir.join("initrd.cpio"), script)
     }
 
     /// Writes `dir/rootfs.ext4`, a private copy of the root file system image.
@@ -62,6 +56,16 @@ impl LinuxImages {
             .map_err(|e| format!("cannot copy {}: {e}", self.rootfs.display()))?;
         Ok(to)
     }
+}
+
+/// Writes `to`: the initramfs `guest_cpio` with `script` as its /test.sh, the base archive
+/// with a second one appended, which the kernel unpacks over the first.
+pub fn initrd_with_script(guest_cpio: &Path, to: &Path, script: &str) -> Result<PathBuf, String> {
+    let mut bytes = std::fs::read(guest_cpio)
+        .map_err(|e| format!("cannot read {}: {e}", guest_cpio.display()))?;
+    bytes.extend_from_slice(&cpio_newc(&[("test.sh", 0o100755, script.as_bytes())]));
+    std::fs::write(to, bytes).map_err(|e| format!("cannot write {}: {e}", to.display()))?;
+    Ok(to.to_path_buf())
 }
 
 /// A newc ("070701") cpio archive of regular files, with its trailer.

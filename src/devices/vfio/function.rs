@@ -432,6 +432,24 @@ impl VfioPciFunction {
         Ok(())
     }
 
+    /// Turns MSI or MSI-X on or off at the host with `switch`, one interrupt kind at a time
+    /// as vfio-pci takes them: INTx goes off before a message kind goes on, and comes back
+    /// once none is on.
+    fn switch_messages(
+        &mut self,
+        on: bool,
+        switch: impl FnOnce(&Self) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        if on {
+            self.switch_intx(false)?;
+        }
+        switch(self)?;
+        if !on && !self.message_interrupts_on() {
+            self.switch_intx(true)?;
+        }
+        Ok(())
+    }
+
     /// Whether the guest has MSI or MSI-X on.
     fn message_interrupts_on(&self) -> bool {
         self.msix.as_ref().is_some_and(|m| m.msix.enabled())
@@ -504,23 +522,16 @@ impl VfioPciFunction {
         let r = match (was, now) {
             (false, true) => {
                 log::info!("{}: the guest turned MSI-X on", self.label);
-                self.switch_intx(false).and_then(|_| {
-                    let Some(m) = self.msix.as_ref() else {
-                        return Ok(());
-                    };
-                    let fds: Vec<&EventFd> = m.eventfds.iter().collect();
-                    self.backend.enable_msix(&fds)
+                self.switch_messages(true, |f| {
+                    f.msix.as_ref().map_or(Ok(()), |m| {
+                        f.backend
+                            .enable_msix(&m.eventfds.iter().collect::<Vec<_>>())
+                    })
                 })
             }
             (true, false) => {
                 log::info!("{}: the guest turned MSI-X off", self.label);
-                self.backend.disable_msix().and_then(|_| {
-                    if self.message_interrupts_on() {
-                        Ok(())
-                    } else {
-                        self.switch_intx(true)
-                    }
-                })
+                self.switch_messages(false, |f| f.backend.disable_msix())
             }
             _ => Ok(()),
         };
@@ -540,23 +551,16 @@ impl VfioPciFunction {
             Some(true) => {
                 let n = m.msi.enabled_vectors().min(m.eventfds.len());
                 log::info!("{}: the guest turned MSI on ({n} vectors)", self.label);
-                self.switch_intx(false).and_then(|_| {
-                    let Some(m) = self.msi.as_ref() else {
-                        return Ok(());
-                    };
-                    let fds: Vec<&EventFd> = m.eventfds[..n].iter().collect();
-                    self.backend.enable_msi(&fds)
+                self.switch_messages(true, |f| {
+                    f.msi.as_ref().map_or(Ok(()), |m| {
+                        f.backend
+                            .enable_msi(&m.eventfds[..n].iter().collect::<Vec<_>>())
+                    })
                 })
             }
             Some(false) => {
                 log::info!("{}: the guest turned MSI off", self.label);
-                self.backend.disable_msi().and_then(|_| {
-                    if self.message_interrupts_on() {
-                        Ok(())
-                    } else {
-                        self.switch_intx(true)
-                    }
-                })
+                self.switch_messages(false, |f| f.backend.disable_msi())
             }
             None => Ok(()),
         };
