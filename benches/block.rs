@@ -56,8 +56,9 @@ use ember::devices::virtio::block::request::{
 };
 use ember::devices::virtio::block::{Block, BlockConfig, QUEUE_SIZE};
 use ember::devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use ember::memory::GuestMemoryMmap;
 use ember_virtq_driver::{Desc, QueueDriver};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use common::{MIB, Result, env_number, median, median_of_sorted, min_max};
@@ -541,7 +542,7 @@ impl Rig {
     fn new(path: &Path, p: &Params) -> Result<Self> {
         let file = create_file(path, p.file_bytes)?;
         let mem_bytes = DATA_BASE as usize + p.depth * MAX_IO as usize;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_bytes)])
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_bytes)])
             .map_err(|e| format!("guest memory: {e}"))?;
         let sync = Device::new(&mem, path, SYNC_QUEUE_BASE, false)?;
         let asynch = Device::new(&mem, path, ASYNC_QUEUE_BASE, true)?;

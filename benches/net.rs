@@ -34,9 +34,10 @@ use common::{Result, env_number, exit_code, invoked_as_bench, runs_from_env};
 use ember::devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
 use ember::devices::virtio::net::{Net, NetConfig};
 use ember::devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use ember::memory::GuestMemoryMmap;
 use ember_virtq_driver::{Desc, QueueDriver};
 use event_manager::EventSet;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const TAP: &str = "embench0";
 const QUEUE: u16 = 256;
@@ -205,7 +206,7 @@ impl Rig {
         )
         .map_err(|e| e.to_string())?;
         let mem_size = (BUFFERS + SLOT * u64::from(QUEUE)) as usize;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)])
             .map_err(|e| e.to_string())?;
         Ok(Rig {
             mem,

@@ -98,6 +98,11 @@ pub struct Cli {
     /// Print the version and exit.
     #[arg(long)]
     pub version: bool,
+
+    /// Lay a diff snapshot's memory file over the full (or already rebased) memory file
+    /// it follows, in place, and exit: BASE then holds the memory of the diff's snapshot.
+    #[arg(long, num_args = 2, value_names = ["BASE", "DIFF"])]
+    pub rebase_memory: Option<Vec<PathBuf>>,
 }
 
 fn parse_id(s: &str) -> Result<String, String> {

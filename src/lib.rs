@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod rate_limiter;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;

@@ -35,11 +35,48 @@ fn main() -> ExitCode {
         println!("ember v{}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    if let Some(files) = &cli.rebase_memory {
+        return ExitCode::from(rebase_memory(files));
+    }
     let code = run(cli, started);
     // The log's last lines (why ember stops) are worth a short wait; a destination that
     // does not take them must not keep the process alive.
     logger::flush(LOG_FLUSH_LIMIT);
     ExitCode::from(code)
+}
+
+/// `--rebase-memory BASE DIFF`: the diff's pages written over the base, in place.
+fn rebase_memory(files: &[std::path::PathBuf]) -> u8 {
+    let [base, diff] = files else {
+        eprintln!("ember: --rebase-memory takes two files: BASE DIFF");
+        return exit_code::BAD_ARGUMENTS;
+    };
+    let open = |path: &std::path::Path, write: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))
+    };
+    let result = open(base, true).and_then(|b| {
+        let d = open(diff, false)?;
+        ember::snapshot::memory::rebase(&b, &d).map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(bytes) => {
+            println!(
+                "{}: {} MiB from {} laid over it",
+                base.display(),
+                bytes >> 20,
+                diff.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("ember: {e}");
+            exit_code::BAD_CONFIGURATION
+        }
+    }
 }
 
 /// How long ember waits at exit for the API thread to remove its socket file.

@@ -1,10 +1,37 @@
 //! Guest RAM: host memory mapped per region, later registered as KVM memory slots.
 
+use std::fs::File;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::ram_ranges;
 use crate::config::HugePages;
+
+/// Guest RAM as ember maps it. Every write the VMM makes through it (a device filling a
+/// buffer, the kernel loader) marks its pages in a bitmap, which with KVM's dirty log
+/// says what a diff snapshot must hold.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
+/// One region of guest RAM: where it sits in the guest and how long it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RamRegion {
+    pub guest_addr: u64,
+    pub len: u64,
+}
+
+/// The regions of `mem`, in address order.
+pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<RamRegion> {
+    mem.iter()
+        .map(|r| RamRegion {
+            guest_addr: r.start_addr().0,
+            len: r.len(),
+        })
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -58,33 +85,26 @@ pub fn create_guest_memory(
             }
             HugePages::None | HugePages::Transparent => "4 KiB pages",
         };
-        let region = MmapRegionBuilder::new(size as usize)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .with_hugetlbfs(huge_pages == HugePages::Hugetlbfs2M)
-            .build()
-            .map_err(|source| MemoryError::Map {
-                addr,
-                size_mib: size >> 20,
-                pages,
-                source,
-                hint: if huge_pages == HugePages::Hugetlbfs2M {
-                    " (are enough 2 MiB pages reserved in /proc/sys/vm/nr_hugepages?)"
-                } else {
-                    ""
-                },
-            })?;
-        // Guest RAM stays out of core dumps: a process killed by a signal (a seccomp
-        // violation ends in SIGSYS) would otherwise write the guest's memory, and its
-        // secrets, to disk. A failed hint is logged, not fatal.
-        // SAFETY: the range is the mapping we just created.
-        if unsafe { libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_DONTDUMP) } != 0
-        {
-            log::warn!(
-                "guest RAM at {addr:#x} may appear in core dumps: MADV_DONTDUMP failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let region = MmapRegionBuilder::new_with_bitmap(
+            size as usize,
+            AtomicBitmap::with_len(size as usize),
+        )
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags)
+        .with_hugetlbfs(huge_pages == HugePages::Hugetlbfs2M)
+        .build()
+        .map_err(|source| MemoryError::Map {
+            addr,
+            size_mib: size >> 20,
+            pages,
+            source,
+            hint: if huge_pages == HugePages::Hugetlbfs2M {
+                " (are enough 2 MiB pages reserved in /proc/sys/vm/nr_hugepages?)"
+            } else {
+                ""
+            },
+        })?;
+        keep_out_of_core_dumps(region.as_ptr(), size, addr);
         if huge_pages == HugePages::Transparent {
             // SAFETY: the range is the mapping we just created. A failed hint is harmless.
             unsafe {
@@ -96,13 +116,72 @@ pub fn create_guest_memory(
             regions.push(r);
         }
     }
-    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
+    vm_memory::GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
+}
+
+/// Lets the kernel back `mem` with transparent huge pages where it can. A failed hint is
+/// harmless.
+pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for r in mem.iter() {
+        // SAFETY: the range is one of guest memory's own mappings.
+        unsafe {
+            libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+/// Keeps guest RAM out of core dumps: a process killed by a signal (a seccomp violation
+/// ends in SIGSYS) would otherwise write the guest's memory, and its secrets, to disk. A
+/// failed hint is logged, not fatal.
+fn keep_out_of_core_dumps(ptr: *mut u8, size: u64, addr: u64) {
+    // SAFETY: the caller passes a mapping it just created, of `size` bytes.
+    if unsafe { libc::madvise(ptr.cast(), size as usize, libc::MADV_DONTDUMP) } != 0 {
+        log::warn!(
+            "guest RAM at {addr:#x} may appear in core dumps: MADV_DONTDUMP failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Maps guest RAM from a snapshot's memory file, region after region as `regions` lay
+/// them out in it, private and copy-on-write: nothing is read until the guest touches a
+/// page, so mapping costs the same for any guest size, and the guest's writes never reach
+/// the file.
+pub fn map_memory_file(file: &File, regions: &[RamRegion]) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut mapped = Vec::with_capacity(regions.len());
+    let mut offset = 0u64;
+    for r in regions {
+        let map_err = |source| MemoryError::Map {
+            addr: r.guest_addr,
+            size_mib: r.len >> 20,
+            pages: "the memory file",
+            source,
+            hint: "",
+        };
+        let dup = file
+            .try_clone()
+            .map_err(|e| map_err(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        let region = MmapRegionBuilder::new_with_bitmap(
+            r.len as usize,
+            AtomicBitmap::with_len(r.len as usize),
+        )
+        .with_file_offset(FileOffset::new(dup, offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(map_err)?;
+        keep_out_of_core_dumps(region.as_ptr(), r.len, r.guest_addr);
+        if let Some(region) = GuestRegionMmap::new(region, GuestAddress(r.guest_addr)) {
+            mapped.push(region);
+        }
+        offset += r.len;
+    }
+    vm_memory::GuestMemoryMmap::from_regions(mapped).map_err(MemoryError::Regions)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryBackend;
 
     #[test]
     #[cfg(target_arch = "x86_64")]

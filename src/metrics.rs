@@ -216,7 +216,8 @@ metric_group!(
         counters: [actions_count, actions_fails, boot_source_count, boot_source_fails,
             drive_count, drive_fails, logger_count, logger_fails, machine_cfg_count,
             machine_cfg_fails, metrics_count, metrics_fails, network_count, network_fails,
-            vfio_count, vfio_fails],
+            snapshot_create_count, snapshot_create_fails, snapshot_load_count,
+            snapshot_load_fails, vfio_count, vfio_fails],
     }
 );
 metric_group!(
@@ -248,7 +249,8 @@ metric_group!(
 metric_group!(
     /// Time taken by lifecycle operations, last value in microseconds.
     LatencyMetrics {
-        gauges: [instance_start_us, pause_vm_us, resume_vm_us],
+        gauges: [instance_start_us, pause_vm_us, resume_vm_us, full_create_snapshot_us,
+            diff_create_snapshot_us, load_snapshot_us],
     }
 );
 metric_group!(

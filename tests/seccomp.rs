@@ -105,6 +105,11 @@ fn every_thread_kind_dies_of_sigsys_on_each_forbidden_call() {
     let mut failures = Vec::new();
     for kind in ThreadKind::ALL {
         for (call, number) in FORBIDDEN {
+            // The API thread creates the files of PUT /snapshot/create (docs/security.md);
+            // the threads the guest can reach may not.
+            if kind == ThreadKind::Api && call == "create-file" {
+                continue;
+            }
             let out = Command::new(&me)
                 .args([
                     "child_makes_one_forbidden_call",

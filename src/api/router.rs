@@ -9,7 +9,8 @@ use crate::config::{
     BootSourceConfig, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig, NetConfig,
     VfioConfig,
 };
-use crate::vmm::action::{DriveUpdate, NetUpdate, VmmAction};
+use crate::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
+use crate::vmm::action::{DriveUpdate, NetUpdate, SnapshotCreate, VmmAction};
 use crate::vmm::resources::MachineConfigUpdate;
 
 /// Every (method, path) the server answers, with `{id}` for a path parameter. The OpenAPI
@@ -32,6 +33,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/logger"),
     ("PUT", "/metrics"),
     ("GET", "/metrics/prometheus"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
 ];
 
 /// Firecracker resources ember does not have; requests for them get a plain "not supported".
@@ -40,7 +43,6 @@ pub const UNSUPPORTED: &[&str] = &[
     "vsock",
     "mmds",
     "entropy",
-    "snapshot",
     "cpu-config",
     "pmem",
     "serial",
@@ -212,6 +214,20 @@ pub fn route(method: &str, target: &str, bytes: &[u8]) -> Result<VmmAction, Rout
         ("PUT", ["logger"]) => PutLogger(body::<LoggerConfig>(&endpoint, bytes)?),
         ("PUT", ["metrics"]) => PutMetrics(body::<MetricsConfig>(&endpoint, bytes)?),
         ("GET", ["metrics", "prometheus"]) => GetPrometheusMetrics,
+        ("PUT", ["snapshot", "create"]) => CreateSnapshot(SnapshotCreate {
+            params: body::<CreateSnapshotParams>(&endpoint, bytes)?,
+            files: None,
+        }),
+        ("PUT", ["snapshot", "load"]) => {
+            let params: LoadSnapshotParams = body(&endpoint, bytes)?;
+            // Exactly one memory source, as Firecracker insists, refused before the VMM
+            // is asked.
+            params.memory_source().map_err(|e| RouteError::Body {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?;
+            LoadSnapshot(params)
+        }
         _ => return Err(not_found()),
     })
 }
@@ -250,6 +266,36 @@ mod tests {
     #[test]
     fn every_route_reaches_its_action() {
         assert_eq!(ok("GET", "/", ""), VmmAction::GetInstanceInfo);
+        match ok(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","snapshot_type":"Diff"}"#,
+        ) {
+            VmmAction::CreateSnapshot(c) => {
+                assert_eq!(c.params.snapshot_type, crate::snapshot::SnapshotType::Diff);
+                assert_eq!(c.params.mem_file_path, "/m");
+                assert!(
+                    c.files.is_none(),
+                    "the API thread opens them, not the router"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match ok(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"Uffd","backend_path":"/u"},"enable_diff_snapshots":true,"resume_vm":true,"network_overrides":[{"iface_id":"eth0","host_dev_name":"tap1"}]}"#,
+        ) {
+            VmmAction::LoadSnapshot(l) => {
+                assert_eq!(
+                    l.memory_source().unwrap(),
+                    (crate::snapshot::MemBackendType::Uffd, "/u")
+                );
+                assert!(l.tracks_dirty_pages() && l.resume_vm);
+                assert_eq!(l.network_overrides[0].host_dev_name, "tap1");
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(ok("GET", "/version", ""), VmmAction::GetVersion);
         assert!(matches!(
             ok("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#),
@@ -355,7 +401,23 @@ mod tests {
             "invalid request method and/or path: PUT /version"
         );
         assert!(err("PUT", "/balloon", "{}").contains("/balloon resource is not supported"));
-        assert!(err("GET", "/snapshot/create", "").contains("not supported"));
+        assert!(err("GET", "/vsock", "").contains("not supported"));
+        assert_eq!(
+            err("GET", "/snapshot/create", ""),
+            "invalid request method and/or path: GET /snapshot/create"
+        );
+        // Exactly one memory source, refused before the VMM is asked.
+        let both = r#"{"snapshot_path":"/s","mem_file_path":"/m","mem_backend":{"backend_type":"File","backend_path":"/m"}}"#;
+        assert!(err("PUT", "/snapshot/load", both).contains("not both"));
+        assert!(err("PUT", "/snapshot/load", r#"{"snapshot_path":"/s"}"#).contains("required"));
+        assert!(
+            err(
+                "PUT",
+                "/snapshot/create",
+                r#"{"snapshot_path":"/s","mem_file_path":"/m","snapshot_type":"Half"}"#
+            )
+            .contains("unknown variant `Half`")
+        );
         assert!(err("PUT", "/boot-source", "").contains("has no body"));
         assert!(err("PUT", "/boot-source", "{").contains("EOF while parsing"));
         assert!(err("PUT", "/boot-source", r#"{"kernel_image_path":1}"#).contains("invalid type"));

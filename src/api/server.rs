@@ -19,7 +19,7 @@ use crate::devices::virtio::block::open_backing;
 use crate::metrics::METRICS;
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vmm::ApiRequest;
-use crate::vmm::action::{DriveUpdate, OpenedBacking, VmmAction, VmmData};
+use crate::vmm::action::{DriveUpdate, OpenedBacking, SnapshotCreate, VmmAction, VmmData};
 
 /// Open connections at most. When all are taken, the one idle the longest makes room for a
 /// new one; only when every connection is busy is the new one closed at once.
@@ -177,6 +177,11 @@ impl VmmClient {
         {
             return refused;
         }
+        if let VmmAction::CreateSnapshot(request) = &mut action
+            && let Err(refused) = self.create_snapshot_files(request)
+        {
+            return refused;
+        }
         match self.exchange(action) {
             Ok(data) => data_response(data),
             Err(refused) => refused,
@@ -232,6 +237,21 @@ impl VmmClient {
             file: Arc::new(file),
             capacity,
         });
+        Ok(())
+    }
+}
+
+impl VmmClient {
+    /// `PUT /snapshot/create`: once the VMM says it would take the snapshot now, creates
+    /// its two files here, since the vmm thread's filter allows it no `open`.
+    fn create_snapshot_files(&self, request: &mut SnapshotCreate) -> Result<(), Response> {
+        self.exchange(VmmAction::CheckSnapshotCreate(request.params.snapshot_type))?;
+        let files = crate::vmm::controller::open_snapshot_files(&request.params).map_err(|e| {
+            METRICS.put_api_requests.snapshot_create_count.inc();
+            METRICS.put_api_requests.snapshot_create_fails.inc();
+            Response::fault(400, &format!("cannot create the snapshot: {e}"))
+        })?;
+        request.files = Some(files);
         Ok(())
     }
 }

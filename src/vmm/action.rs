@@ -10,6 +10,7 @@ use crate::config::{
     BootSourceConfig, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
     NetConfig, VfioConfig, VmConfig,
 };
+use crate::snapshot::{CreateSnapshotParams, LoadSnapshotParams, SnapshotError, SnapshotType};
 use crate::vmm::builder::BuildError;
 use crate::vmm::resources::MachineConfigUpdate;
 
@@ -51,6 +52,32 @@ pub struct NetUpdate {
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// The two files of a snapshot, created by the API thread (the vmm thread's filter allows
+/// it no `open`).
+#[derive(Clone, Debug)]
+pub struct SnapshotFiles {
+    pub state: Arc<std::fs::File>,
+    pub memory: Arc<std::fs::File>,
+}
+
+/// Two requests are the same when they carry the same open files.
+impl PartialEq for SnapshotFiles {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.state, &other.state) && Arc::ptr_eq(&self.memory, &other.memory)
+    }
+}
+
+impl Eq for SnapshotFiles {}
+
+/// `PUT /snapshot/create`: what to write, and the files to write it to (opened by the API
+/// thread; opened by the vmm thread itself when absent, which only callers inside the
+/// process do).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotCreate {
+    pub params: CreateSnapshotParams,
+    pub files: Option<SnapshotFiles>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmmAction {
     GetInstanceInfo,
@@ -76,6 +103,11 @@ pub enum VmmAction {
     FlushMetrics,
     Pause,
     Resume,
+    /// Whether `PUT /snapshot/create` of this type would be accepted now, asked before the
+    /// API thread creates its files.
+    CheckSnapshotCreate(SnapshotType),
+    CreateSnapshot(SnapshotCreate),
+    LoadSnapshot(LoadSnapshotParams),
 }
 
 /// The `GET /` body.
@@ -132,6 +164,18 @@ pub enum ActionError {
     PauseTimeout(u128),
     #[error("{0} is not available on {arch}", arch = std::env::consts::ARCH)]
     NotOnThisArch(&'static str),
+    #[error("cannot create the snapshot: {0}")]
+    SnapshotCreate(SnapshotError),
+    #[error("cannot load the snapshot: {0}")]
+    SnapshotLoad(SnapshotError),
+    #[error("cannot load the snapshot: {0}")]
+    Restore(BuildError),
+    #[error("a snapshot can only be created while the microVM is paused (PATCH /vm Paused first)")]
+    SnapshotNotPaused,
+    #[error(
+        "loading a snapshot is not allowed after configuring boot-specific resources; it must be the first thing a fresh ember is asked"
+    )]
+    LoadAfterConfiguration,
 }
 
 impl ActionError {

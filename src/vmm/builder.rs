@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 use crate::arch::{self, BootSpec};
 use crate::config::boot_source::{CMDLINE_MAX_LEN, DEFAULT_BOOT_ARGS};
@@ -58,6 +58,9 @@ pub enum BuildError {
     },
     #[error("{0} is not available on {arch} yet", arch = std::env::consts::ARCH)]
     NotOnThisArch(&'static str),
+    #[cfg(target_arch = "x86_64")]
+    #[error("{0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 impl BuildError {
@@ -120,6 +123,8 @@ pub struct MicroVm {
     /// The VM keeps the memory its slots map until its fd is closed (see `vstate::vm`).
     pub vm: Vm,
     pub kvm: KvmContext,
+    /// A restored VM's userfaultfd (Uffd memory backend), open while the VM lives.
+    pub uffd: Option<std::os::fd::OwnedFd>,
 }
 
 fn boot_timer_hook(start: Option<Instant>) -> Option<Box<dyn FnOnce() + Send>> {
@@ -363,6 +368,74 @@ fn check_vcpus_for_irqchip(
     Ok(())
 }
 
+/// The vCPUs of `machine`, created (and on arm64 initialised) before any device: arm64's
+/// vGIC is initialised for them, and only then takes the devices' irqfds.
+fn create_vcpus(
+    vm: &Vm,
+    kvm: &KvmContext,
+    machine: &MachineConfig,
+) -> Result<Vec<(u8, kvm_ioctls::VcpuFd)>, BuildError> {
+    // The interrupt controller's limit first: it is the configuration's to fix, and KVM's
+    // own limit follows from it on an arm64 host with a GICv2.
+    let irqchip = vm.irqchip().unwrap_or(machine.irqchip);
+    check_vcpus_for_irqchip(machine.vcpu_count, irqchip)?;
+    if usize::from(machine.vcpu_count) > kvm.max_vcpus() {
+        return Err(BuildError::TooManyVcpus {
+            requested: machine.vcpu_count,
+            max: kvm.max_vcpus(),
+        });
+    }
+    #[cfg(target_arch = "aarch64")]
+    let preferred_target = vm.preferred_target()?;
+    let mut vcpu_fds = Vec::with_capacity(usize::from(machine.vcpu_count));
+    for index in 0..machine.vcpu_count {
+        let fd = vm.create_vcpu(index)?;
+        #[cfg(target_arch = "aarch64")]
+        arch::init_vcpu(&fd, index, &preferred_target)?;
+        vcpu_fds.push((index, fd));
+    }
+    vm.finish_interrupt_controllers()?;
+    Ok(vcpu_fds)
+}
+
+/// Every device a configuration names, attached in the one order a snapshot relies on:
+/// the platform's, the PCI root, drives (root first), network interfaces, VFIO functions.
+#[allow(clippy::too_many_arguments)]
+fn attach_devices(
+    vm: &Vm,
+    guest_memory: &GuestMemoryMmap,
+    machine: &MachineConfig,
+    drives: &[DriveConfig],
+    interfaces: &[NetConfig],
+    vfio: &[VfioConfig],
+    opts: &BuildOptions,
+    on_first_byte: Option<Box<dyn FnOnce() + Send>>,
+) -> Result<(DeviceManager, AttachedDrives, Vec<String>, AttachedNets), BuildError> {
+    let mut devices = DeviceManager::new()?;
+    devices.attach_platform(vm, machine.vcpu_count, &opts.stop, on_first_byte)?;
+    #[cfg(target_arch = "x86_64")]
+    if opts.enable_pci {
+        devices.attach_pci_root(machine.mem_size_bytes())?;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    if opts.enable_pci || !vfio.is_empty() {
+        return Err(BuildError::NotOnThisArch(
+            "the PCI bus (--enable-pci) and VFIO passthrough",
+        ));
+    }
+    let (blocks, root_args) = attach_drives(vm, guest_memory, &mut devices, drives)?;
+    let nets = attach_nets(
+        vm,
+        guest_memory,
+        &mut devices,
+        interfaces,
+        &opts.instance_id,
+    )?;
+    #[cfg(target_arch = "x86_64")]
+    devices.attach_vfio(vm, guest_memory, vfio)?;
+    Ok((devices, blocks, root_args, nets))
+}
+
 /// Builds a microVM, from `prepared` if it was made for this machine configuration.
 pub fn build_microvm(
     boot: &BootSourceConfig,
@@ -391,57 +464,18 @@ pub fn build_microvm(
             PreparedVm::new(machine)?
         }
     };
-    // The interrupt controller's limit first: it is the configuration's to fix, and KVM's
-    // own limit follows from it on an arm64 host with a GICv2.
     let irqchip = vm.irqchip().unwrap_or(machine.irqchip);
-    check_vcpus_for_irqchip(machine.vcpu_count, irqchip)?;
-    if usize::from(machine.vcpu_count) > kvm.max_vcpus() {
-        return Err(BuildError::TooManyVcpus {
-            requested: machine.vcpu_count,
-            max: kvm.max_vcpus(),
-        });
-    }
-    // The vCPUs exist before any device: arm64's vGIC is initialised for them, and only
-    // then takes the devices' irqfds.
-    #[cfg(target_arch = "aarch64")]
-    let preferred_target = vm.preferred_target()?;
-    let mut vcpu_fds = Vec::with_capacity(usize::from(machine.vcpu_count));
-    for index in 0..machine.vcpu_count {
-        let fd = vm.create_vcpu(index)?;
-        #[cfg(target_arch = "aarch64")]
-        arch::init_vcpu(&fd, index, &preferred_target)?;
-        vcpu_fds.push((index, fd));
-    }
-    vm.finish_interrupt_controllers()?;
-
-    let stop = opts.stop;
-    let mut devices = DeviceManager::new()?;
-    devices.attach_platform(
-        &vm,
-        machine.vcpu_count,
-        &stop,
-        boot_timer_hook(opts.boot_timer_start),
-    )?;
-    #[cfg(target_arch = "x86_64")]
-    if opts.enable_pci {
-        devices.attach_pci_root(machine.mem_size_bytes())?;
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    if opts.enable_pci || !vfio.is_empty() {
-        return Err(BuildError::NotOnThisArch(
-            "the PCI bus (--enable-pci) and VFIO passthrough",
-        ));
-    }
-    let (blocks, root_args) = attach_drives(&vm, &guest_memory, &mut devices, drives)?;
-    let nets = attach_nets(
+    let vcpu_fds = create_vcpus(&vm, &kvm, machine)?;
+    let (devices, blocks, root_args, nets) = attach_devices(
         &vm,
         &guest_memory,
-        &mut devices,
+        machine,
+        drives,
         interfaces,
-        &opts.instance_id,
+        vfio,
+        &opts,
+        boot_timer_hook(opts.boot_timer_start),
     )?;
-    #[cfg(target_arch = "x86_64")]
-    devices.attach_vfio(&vm, &guest_memory, vfio)?;
     let mut words = devices.cmdline_words().to_vec();
     words.extend(root_args);
     let cmdline = compose_cmdline(boot, opts.enable_pci, &words)?;
@@ -483,10 +517,88 @@ pub fn build_microvm(
         devices,
         blocks,
         nets,
-        stop,
+        stop: opts.stop,
         guest_memory,
         vm,
         kvm,
+        uffd: None,
+    })
+}
+
+/// Where a restored VM's memory comes from: mapped, and for the Uffd backend the
+/// userfaultfd that the page-fault handler serves (kept open for the VM's life).
+pub struct RestoredMemory {
+    pub guest_memory: GuestMemoryMmap,
+    pub uffd: Option<std::os::fd::OwnedFd>,
+}
+
+/// Builds a microVM from a snapshot: the devices of its configuration attached in the same
+/// order, then every vCPU, KVM's VM-wide state and every device put back as saved. The
+/// vCPUs do not run until the controller resumes them.
+#[cfg(target_arch = "x86_64")]
+pub fn restore_microvm(
+    state: &crate::snapshot::MicroVmState,
+    memory: RestoredMemory,
+    track_dirty_pages: bool,
+    clock_realtime: bool,
+    opts: BuildOptions,
+) -> Result<MicroVm, BuildError> {
+    use crate::arch::x86_64::state;
+    use crate::snapshot::SnapshotError;
+    let RestoredMemory { guest_memory, uffd } = memory;
+    let kvm = KvmContext::open()?;
+    let mut vm = Vm::new(&kvm)?;
+    vm.register_memory(&guest_memory, track_dirty_pages)?;
+    vm.create_interrupt_controllers(state.irqchip)?;
+    let vcpu_fds = create_vcpus(&vm, &kvm, &state.machine_config)?;
+    let (devices, blocks, _, nets) = attach_devices(
+        &vm,
+        &guest_memory,
+        &state.machine_config,
+        &state.drives,
+        &state.network_interfaces,
+        &[],
+        &opts,
+        None,
+    )?;
+    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+    for ((index, fd), saved) in vcpu_fds.into_iter().zip(&state.vcpus) {
+        state::restore_vcpu(&fd, index, saved).map_err(SnapshotError::from)?;
+        vcpus.push(Vcpu { index, fd });
+    }
+    state::restore_vm(vm.fd(), &state.vm, clock_realtime).map_err(SnapshotError::from)?;
+    devices
+        .restore_state(
+            &vm,
+            &state.devices,
+            restore_timer_hook(opts.boot_timer_start),
+        )
+        .map_err(SnapshotError::from)?;
+    Ok(MicroVm {
+        vcpus,
+        devices,
+        blocks,
+        nets,
+        stop: opts.stop,
+        guest_memory,
+        vm,
+        kvm,
+        uffd,
+    })
+}
+
+/// Logs the time from `start` (the snapshot load request) to the restored guest's first
+/// console byte.
+#[cfg(target_arch = "x86_64")]
+fn restore_timer_hook(start: Option<Instant>) -> Option<Box<dyn FnOnce() + Send>> {
+    start.map(|start| {
+        Box::new(move || {
+            let us = start.elapsed().as_micros();
+            log::info!(
+                "Guest-restore-time = {us:>6} us {} ms (first serial output after the snapshot load)",
+                us / 1000
+            );
+        }) as Box<dyn FnOnce() + Send>
     })
 }
 

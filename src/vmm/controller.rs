@@ -1,13 +1,21 @@
 //! The controller: owns the microVM's configuration and, once started, the VM itself.
 //! Every request (API or config file) goes through [`Controller::handle`] on the vmm thread.
 
+#[cfg(target_arch = "x86_64")]
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberId, SubscriberOps};
 
-use super::action::{ActionError, DriveUpdate, InstanceInfo, NetUpdate, VmmAction, VmmData};
+#[cfg(target_arch = "x86_64")]
+use super::action::SnapshotCreate;
+use super::action::{
+    ActionError, DriveUpdate, InstanceInfo, NetUpdate, SnapshotFiles, VmmAction, VmmData,
+};
 use super::builder::{BuildOptions, MicroVm, PreparedVm, build_microvm, open_boot_files};
+#[cfg(target_arch = "x86_64")]
+use super::builder::{RestoredMemory, restore_microvm};
 use super::console::{ConsoleInput, ConsoleWriter, HostOutput, RawTerminal};
 use super::resources::VmResources;
 use super::vcpus::VcpuSet;
@@ -18,6 +26,9 @@ use crate::exit_code;
 use crate::logger;
 use crate::metrics::{METRICS, MetricsSink};
 use crate::seccomp::{Filters, ThreadKind};
+use crate::snapshot::SnapshotError;
+#[cfg(target_arch = "x86_64")]
+use crate::snapshot::{LoadSnapshotParams, SnapshotType};
 use crate::stop::StopSignal;
 use crate::vstate::vcpu::VcpuContext;
 
@@ -46,8 +57,8 @@ struct RunningVm {
     microvm: MicroVm,
     vcpus: VcpuSet,
     /// Event-loop handlers that act for the guest (devices, console input): taken off the
-    /// loop while the VM is paused.
-    device_handlers: Vec<(SubscriberId, Subscriber)>,
+    /// loop while the VM is paused (no id then).
+    device_handlers: Vec<(Option<SubscriberId>, Subscriber)>,
     console_writer: Arc<Mutex<ConsoleWriter>>,
 }
 
@@ -159,6 +170,16 @@ impl Controller {
         action: VmmAction,
         events: &mut EventManager<Subscriber>,
     ) -> Result<VmmData, ActionError> {
+        if let VmmAction::CheckSnapshotCreate(_) = &action {
+            // The first half of a PUT /snapshot/create: counted only when the request
+            // ends here.
+            let result = self.dispatch(action, events);
+            if result.is_err() {
+                METRICS.put_api_requests.snapshot_create_count.inc();
+                METRICS.put_api_requests.snapshot_create_fails.inc();
+            }
+            return result;
+        }
         if let VmmAction::GetDriveAccess(_) = &action {
             // The first half of a PATCH /drives: counted only when the request ends here.
             let result = self.dispatch(action, events);
@@ -300,6 +321,19 @@ impl Controller {
                 self.post_boot("PATCH /vm")?;
                 empty(self.resume(events))
             }
+            #[cfg(target_arch = "x86_64")]
+            CheckSnapshotCreate(kind) => empty(self.check_snapshot_create(kind)),
+            #[cfg(target_arch = "x86_64")]
+            CreateSnapshot(request) => {
+                self.check_snapshot_create(request.params.snapshot_type)?;
+                empty(self.create_snapshot(request))
+            }
+            #[cfg(target_arch = "x86_64")]
+            LoadSnapshot(params) => empty(self.load_snapshot(params, events)),
+            #[cfg(not(target_arch = "x86_64"))]
+            CheckSnapshotCreate(_) | CreateSnapshot(_) | LoadSnapshot(_) => {
+                Err(ActionError::NotOnThisArch("snapshots"))
+            }
         }
     }
 
@@ -422,7 +456,7 @@ impl Controller {
             .boot_source
             .clone()
             .ok_or(ActionError::NoBootSource)?;
-        let mut microvm = build_microvm(
+        let microvm = build_microvm(
             &boot,
             &self.resources.machine_config,
             &self.resources.drives,
@@ -436,10 +470,28 @@ impl Controller {
                 enable_pci: self.enable_pci,
             },
         )?;
+        self.launch(microvm, events, true)?;
+        METRICS.vmm.instance_starts.inc();
+        METRICS
+            .latencies_us
+            .instance_start_us
+            .set(started.elapsed().as_micros() as u64);
+        Ok(())
+    }
+
+    /// Runs a built (or restored) VM: its handlers on the event loop, a thread per vCPU,
+    /// this thread jailed; with `resume` the guest runs, else it stays paused (its device
+    /// handlers then join the loop at resume).
+    fn launch(
+        &mut self,
+        mut microvm: MicroVm,
+        events: &mut EventManager<Subscriber>,
+        resume: bool,
+    ) -> Result<(), ActionError> {
         let run_err = |what: &str, e: std::io::Error| ActionError::Run(format!("{what}: {e}"));
         // Handlers are registered only once everything they need exists, and taken off
         // again if a later step fails, so a failed start leaves no stale handler behind.
-        let mut device_handlers: Vec<(SubscriberId, Subscriber)> = Vec::new();
+        let mut device_handlers: Vec<(Option<SubscriberId>, Subscriber)> = Vec::new();
         let mut other_handlers: Vec<SubscriberId> = Vec::new();
         // Registered for the VM's life (console output, the work queue): the event loop
         // ends with the VM.
@@ -466,15 +518,23 @@ impl Controller {
         other_handlers.push(events.add_subscriber(writer.clone()));
         other_handlers.push(events.add_subscriber(Arc::new(Mutex::new(WorkRunner(work.clone())))));
         for h in std::iter::once(input).chain(microvm.devices.take_handlers()) {
-            device_handlers.push((events.add_subscriber(h.clone()), h));
+            let id = resume.then(|| events.add_subscriber(h.clone()));
+            device_handlers.push((id, h));
         }
 
+        #[cfg(target_arch = "x86_64")]
+        let msrs_to_save = Arc::new(
+            crate::arch::x86_64::state::msrs_to_save(&microvm.kvm.kvm)
+                .map_err(|e| ActionError::Run(e.to_string()))?,
+        );
         let ctx = VcpuContext {
             pio_bus: Arc::new(microvm.devices.pio_bus.clone()),
             mmio_bus: Arc::new(microvm.devices.mmio_bus.clone()),
             stop: self.stop.clone(),
             seccomp: self.seccomp.clone(),
             ioapic: microvm.vm.ioapic(),
+            #[cfg(target_arch = "x86_64")]
+            msrs_to_save,
         };
         // The vCPU threads wait, jailed, until the vmm thread is jailed too: from here on
         // the guest runs, and this thread serves it.
@@ -484,7 +544,9 @@ impl Controller {
                 self.seccomp
                     .install(ThreadKind::Vmm)
                     .map_err(|e| e.to_string())?;
-                vcpus.resume().map_err(|e| e.to_string())?;
+                if resume {
+                    vcpus.resume().map_err(|e| e.to_string())?;
+                }
                 Ok(vcpus)
             });
         let vcpus = match started_vcpus {
@@ -492,7 +554,7 @@ impl Controller {
             Err(e) => {
                 for id in device_handlers
                     .iter()
-                    .map(|(id, _)| *id)
+                    .filter_map(|(id, _)| *id)
                     .chain(other_handlers.iter().copied())
                 {
                     let _ = events.remove_subscriber(id);
@@ -500,12 +562,11 @@ impl Controller {
                 return Err(ActionError::Run(e));
             }
         };
-        log::info!("microVM running with {} vCPUs", vcpus.len());
-        METRICS.vmm.instance_starts.inc();
-        METRICS
-            .latencies_us
-            .instance_start_us
-            .set(started.elapsed().as_micros() as u64);
+        log::info!(
+            "microVM {} with {} vCPUs",
+            if resume { "running" } else { "paused" },
+            vcpus.len()
+        );
         self.vm = Some(RunningVm {
             _terminal: RawTerminal::enter(),
             microvm,
@@ -513,7 +574,11 @@ impl Controller {
             device_handlers,
             console_writer: writer,
         });
-        self.state = VmState::Running;
+        self.state = if resume {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
         Ok(())
     }
 
@@ -530,8 +595,10 @@ impl Controller {
         vm.vcpus
             .pause()
             .map_err(|e| ActionError::Run(e.to_string()))?;
-        for (id, _) in &vm.device_handlers {
-            let _ = events.remove_subscriber(*id);
+        for (id, _) in vm.device_handlers.iter_mut() {
+            if let Some(id) = id.take() {
+                let _ = events.remove_subscriber(id);
+            }
         }
         vm.microvm.devices.quiesce();
         self.state = VmState::Paused;
@@ -554,7 +621,9 @@ impl Controller {
         let started = Instant::now();
         // Devices first: what the guest queued while paused is handled as soon as it runs.
         for (id, handler) in vm.device_handlers.iter_mut() {
-            *id = events.add_subscriber(handler.clone());
+            if id.is_none() {
+                *id = Some(events.add_subscriber(handler.clone()));
+            }
         }
         vm.vcpus
             .resume()
@@ -566,6 +635,256 @@ impl Controller {
             .resume_vm_us
             .set(started.elapsed().as_micros() as u64);
         log::info!("microVM resumed");
+        Ok(())
+    }
+
+    /// Refuses a snapshot the VM cannot give now: it must be paused, its devices ones a
+    /// snapshot holds, and a diff needs dirty page tracking.
+    #[cfg(target_arch = "x86_64")]
+    fn check_snapshot_create(&self, kind: SnapshotType) -> Result<(), ActionError> {
+        self.post_boot("PUT /snapshot/create")?;
+        let Some(vm) = &self.vm else {
+            return Err(ActionError::PostBootOnly("PUT /snapshot/create"));
+        };
+        if self.state != VmState::Paused {
+            return Err(ActionError::SnapshotNotPaused);
+        }
+        vm.microvm
+            .devices
+            .check_snapshot_support()
+            .map_err(|e| ActionError::SnapshotCreate(e.into()))?;
+        if kind == SnapshotType::Diff && !self.resources.machine_config.track_dirty_pages {
+            return Err(ActionError::SnapshotCreate(
+                SnapshotError::DiffWithoutTracking,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the paused VM to a snapshot: every vCPU's state (saved on its own thread),
+    /// KVM's VM-wide state, every device's, and guest memory (all of it, or only what
+    /// changed since the last snapshot), then the state file that describes it all.
+    #[cfg(target_arch = "x86_64")]
+    fn create_snapshot(&mut self, request: SnapshotCreate) -> Result<(), ActionError> {
+        use crate::snapshot::{MicroVmState, memory};
+        let started = Instant::now();
+        let fail = ActionError::SnapshotCreate;
+        let files = match request.files {
+            Some(f) => f,
+            None => open_snapshot_files(&request.params).map_err(fail)?,
+        };
+        if let Some(v) = &request.params.version {
+            log::info!(
+                "snapshot format version {v:?} asked for; ember writes format {}",
+                crate::snapshot::file::FORMAT_VERSION
+            );
+        }
+        let tracking = self.resources.machine_config.track_dirty_pages;
+        let instance_id = self.instance_id.clone();
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(ActionError::PostBootOnly("PUT /snapshot/create"));
+        };
+        let vcpus = vm
+            .vcpus
+            .save_states()
+            .map_err(|e| fail(SnapshotError::Vcpus(e.to_string())))?;
+        let microvm = &vm.microvm;
+        let irqchip = microvm
+            .vm
+            .irqchip()
+            .unwrap_or(self.resources.machine_config.irqchip);
+        let vm_state = crate::arch::x86_64::state::save_vm(
+            microvm.vm.fd(),
+            irqchip == crate::config::Irqchip::Kernel,
+        )
+        .map_err(|e| fail(e.into()))?;
+        let devices = microvm
+            .devices
+            .save_state(&microvm.vm)
+            .map_err(|e| fail(e.into()))?;
+        let kind = request.params.snapshot_type;
+        let written = match kind {
+            SnapshotType::Full => memory::write_full(
+                &microvm.guest_memory,
+                &files.memory,
+                tracking.then_some(&microvm.vm as &dyn memory::DirtyLog),
+            ),
+            SnapshotType::Diff => {
+                memory::write_diff(&microvm.guest_memory, &files.memory, &microvm.vm)
+            }
+        }
+        .map_err(|e| fail(e.into()))?;
+        let network_interfaces = self
+            .resources
+            .network_interfaces
+            .iter()
+            .map(|n| {
+                let mut n = n.clone();
+                if n.guest_mac.is_none() {
+                    let mac = crate::devices::virtio::net::generated_mac(&instance_id, &n.iface_id);
+                    n.guest_mac = Some(mac.map(|b| format!("{b:02x}")).join(":"));
+                }
+                n
+            })
+            .collect();
+        let state = MicroVmState {
+            ember_version: env!("CARGO_PKG_VERSION").to_owned(),
+            host_cpu: crate::arch::x86_64::state::host_cpu_identity(),
+            snapshot_type: kind,
+            machine_config: self.resources.machine_config.clone(),
+            boot_source: self.resources.boot_source.clone(),
+            drives: self.resources.drives.clone(),
+            network_interfaces,
+            irqchip,
+            memory: crate::memory::ram_regions(&microvm.guest_memory),
+            vcpus,
+            vm: vm_state,
+            devices,
+        };
+        let bytes = state.encode().map_err(fail)?;
+        let write_err = |e| fail(crate::snapshot::file::FileError::Write(e).into());
+        (&*files.state).write_all(&bytes).map_err(write_err)?;
+        files.state.sync_all().map_err(write_err)?;
+        files
+            .memory
+            .sync_all()
+            .map_err(|e| fail(memory::MemoryFileError::Write(e).into()))?;
+        let us = started.elapsed().as_micros() as u64;
+        match kind {
+            SnapshotType::Full => METRICS.latencies_us.full_create_snapshot_us.set(us),
+            SnapshotType::Diff => METRICS.latencies_us.diff_create_snapshot_us.set(us),
+        }
+        log::info!(
+            "{kind:?} snapshot written: {} bytes of state, {} MiB of memory, in {} ms",
+            bytes.len(),
+            written >> 20,
+            us / 1000
+        );
+        Ok(())
+    }
+
+    /// Continues a VM from a snapshot in this fresh process: reads and checks the state
+    /// file, maps guest memory from the memory file (copy-on-write) or hands it to a
+    /// page-fault handler, rebuilds the VM and puts every saved state back. Nothing is
+    /// changed when any step fails.
+    #[cfg(target_arch = "x86_64")]
+    fn load_snapshot(
+        &mut self,
+        params: LoadSnapshotParams,
+        events: &mut EventManager<Subscriber>,
+    ) -> Result<(), ActionError> {
+        use crate::snapshot::{MemBackendType, MicroVmState, RestoreHugePages, memory};
+        let started = Instant::now();
+        self.pre_boot("PUT /snapshot/load")?;
+        if self.resources.boot_source.is_some()
+            || !self.resources.drives.is_empty()
+            || !self.resources.network_interfaces.is_empty()
+            || !self.resources.vfio.is_empty()
+            || self.resources.machine_config != MachineConfig::default()
+        {
+            return Err(ActionError::LoadAfterConfiguration);
+        }
+        let fail = ActionError::SnapshotLoad;
+        let (backend, mem_path) = params.memory_source().map_err(fail)?;
+        let open = |what, path: &str| {
+            std::fs::File::open(path).map_err(|source| {
+                fail(SnapshotError::Open {
+                    what,
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+        };
+        let mut state_file =
+            std::io::BufReader::new(open("the snapshot state file", &params.snapshot_path)?);
+        let mut state = MicroVmState::decode(&mut state_file).map_err(fail)?;
+        for o in &params.network_overrides {
+            let iface = state
+                .network_interfaces
+                .iter_mut()
+                .find(|n| n.iface_id == o.iface_id)
+                .ok_or_else(|| fail(SnapshotError::UnknownOverride(o.iface_id.clone())))?;
+            iface.host_dev_name = o.host_dev_name.clone();
+        }
+        let huge_pages = match params.huge_pages {
+            RestoreHugePages::Snapshot => state.machine_config.huge_pages,
+            RestoreHugePages::None => crate::config::HugePages::None,
+            RestoreHugePages::Transparent => crate::config::HugePages::Transparent,
+            RestoreHugePages::Hugetlbfs2M => crate::config::HugePages::Hugetlbfs2M,
+        };
+        let need = state.memory_len();
+        let memory = match backend {
+            MemBackendType::File => {
+                if huge_pages == crate::config::HugePages::Hugetlbfs2M {
+                    return Err(fail(SnapshotError::HugePagesNeedUffd));
+                }
+                let file = open("the snapshot memory file", mem_path)?;
+                memory::check_len(&file, need).map_err(|e| fail(e.into()))?;
+                let guest_memory = crate::memory::map_memory_file(&file, &state.memory)
+                    .map_err(|e| ActionError::Restore(e.into()))?;
+                if huge_pages == crate::config::HugePages::Transparent {
+                    crate::memory::advise_huge_pages(&guest_memory);
+                }
+                RestoredMemory {
+                    guest_memory,
+                    uffd: None,
+                }
+            }
+            MemBackendType::Uffd => {
+                let guest_memory = crate::memory::create_guest_memory(need, huge_pages)
+                    .map_err(|e| ActionError::Restore(e.into()))?;
+                if crate::memory::ram_regions(&guest_memory) != state.memory {
+                    return Err(fail(SnapshotError::Contents(
+                        "its memory regions are not the ones this ember lays out for the guest's size".into(),
+                    )));
+                }
+                let uffd = crate::snapshot::uffd::hand_over(&guest_memory, mem_path)
+                    .map_err(|e| fail(e.into()))?;
+                RestoredMemory {
+                    guest_memory,
+                    uffd: Some(uffd),
+                }
+            }
+        };
+        let tracking = params.tracks_dirty_pages();
+        let microvm = restore_microvm(
+            &state,
+            memory,
+            tracking,
+            params.clock_realtime,
+            BuildOptions {
+                boot_timer_start: self.boot_timer_start.map(|_| started),
+                stop: self.stop.clone(),
+                instance_id: self.instance_id.clone(),
+                enable_pci: false,
+            },
+        )
+        .map_err(ActionError::Restore)?;
+        if let Some(old) = self.prepared.take() {
+            old.discard();
+        }
+        self.launch(microvm, events, params.resume_vm)?;
+        // The configuration the VM now runs, as GET /vm/config and PATCH requests see it.
+        let mut machine_config = state.machine_config.clone();
+        machine_config.track_dirty_pages = tracking;
+        machine_config.huge_pages = huge_pages;
+        self.resources.machine_config = machine_config;
+        self.resources.boot_source = state.boot_source.take();
+        self.resources.drives = std::mem::take(&mut state.drives);
+        self.resources.network_interfaces = std::mem::take(&mut state.network_interfaces);
+        let us = started.elapsed().as_micros() as u64;
+        METRICS.latencies_us.load_snapshot_us.set(us);
+        log::info!(
+            "snapshot loaded ({:?}, {} MiB of guest memory{}) in {} us",
+            state.snapshot_type,
+            need >> 20,
+            if backend == MemBackendType::Uffd {
+                ", pages from the Uffd handler"
+            } else {
+                ""
+            },
+            us
+        );
         Ok(())
     }
 
@@ -605,6 +924,33 @@ impl Controller {
         drop(microvm);
         exit
     }
+}
+
+/// Creates (or empties) the two files of a snapshot, readable by their owner only: they
+/// hold the guest's memory and secrets.
+pub fn open_snapshot_files(
+    params: &crate::snapshot::CreateSnapshotParams,
+) -> Result<SnapshotFiles, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let create = |what, path: &str| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map(Arc::new)
+            .map_err(|source| SnapshotError::Open {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+    };
+    Ok(SnapshotFiles {
+        state: create("the snapshot state file", &params.snapshot_path)?,
+        memory: create("the snapshot memory file", &params.mem_file_path)?,
+    })
 }
 
 /// Opens the kernel and initrd as InstanceStart will, so a wrong path is refused when it is
@@ -656,5 +1002,9 @@ fn request_counters(
             (&put.actions_count, Some(&put.actions_fails))
         }
         Pause | Resume => (&patch.vm_count, Some(&patch.vm_fails)),
+        CheckSnapshotCreate(_) | CreateSnapshot(_) => {
+            (&put.snapshot_create_count, Some(&put.snapshot_create_fails))
+        }
+        LoadSnapshot(_) => (&put.snapshot_load_count, Some(&put.snapshot_load_fails)),
     }
 }

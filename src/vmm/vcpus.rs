@@ -20,6 +20,8 @@ pub enum VcpuSetError {
     Vcpu(#[from] VcpuError),
     #[error("vCPU {0} did not answer within {1} s")]
     NoAnswer(u8, u64),
+    #[error("cannot save the vCPUs' state: {0}")]
+    Save(String),
 }
 
 pub struct VcpuSet {
@@ -130,6 +132,28 @@ impl VcpuSet {
         self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)
     }
 
+    /// Every vCPU's state, in vCPU order, for a snapshot. The vCPUs must be paused.
+    #[cfg(target_arch = "x86_64")]
+    pub fn save_states(
+        &mut self,
+    ) -> Result<Vec<crate::arch::x86_64::state::VcpuState>, VcpuSetError> {
+        self.command_all(VcpuCommand::SaveState, VcpuEvent::Saved)?;
+        let mut states = Vec::with_capacity(self.handles.len());
+        for h in &self.handles {
+            match h.saved.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(Ok(state)) => states.push(state),
+                Some(Err(e)) => return Err(VcpuSetError::Save(e)),
+                None => {
+                    return Err(VcpuSetError::Save(format!(
+                        "vCPU {} ended before it saved its state",
+                        h.index
+                    )));
+                }
+            }
+        }
+        Ok(states)
+    }
+
     pub fn resume(&mut self) -> Result<(), VcpuSetError> {
         self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)
     }
@@ -171,17 +195,18 @@ impl Drop for VcpuSet {
 mod tests {
     use super::*;
     use crate::devices::bus::Bus;
+    use crate::memory::GuestMemoryMmap;
     use crate::stop::StopSignal;
     use crate::vstate::kvm::KvmContext;
     use crate::vstate::vm::Vm;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     /// A VM whose vCPUs run `code` in real mode from address 0, with RAM below 0x8000 and
     /// `mmio` at 0x8000.
     fn vm_running(n: u8, code: &[u8], mmio: Bus, work: Arc<WorkQueue>) -> (VcpuSet, Vm) {
         let kvm = KvmContext::open().unwrap();
         let mut vm = Vm::new(&kvm).unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8000)]).unwrap();
         mem.write_slice(code, GuestAddress(0)).unwrap();
         vm.register_memory(&mem, false).unwrap();
         vm.create_interrupt_controllers(crate::config::Irqchip::Kernel)
@@ -211,6 +236,7 @@ mod tests {
             stop: StopSignal::new().unwrap(),
             seccomp: Arc::new(crate::seccomp::Filters::none()),
             ioapic: None,
+            msrs_to_save: Arc::new(Vec::new()),
         };
         let set = VcpuSet::start(vcpus, ctx, work).unwrap();
         // Let them into the guest without waiting for their answers: `resume` would run

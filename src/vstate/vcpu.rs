@@ -142,6 +142,10 @@ pub enum VcpuCommand {
     Resume,
     /// End the thread; it answers with [`VcpuEvent::Exited`].
     Exit,
+    /// While paused: read the vCPU's state for a snapshot into the handle's slot; answered
+    /// with [`VcpuEvent::Saved`].
+    #[cfg(target_arch = "x86_64")]
+    SaveState,
 }
 
 /// What a vCPU tells the vmm thread.
@@ -149,9 +153,16 @@ pub enum VcpuCommand {
 pub enum VcpuEvent {
     Paused,
     Resumed,
+    /// The state asked for with [`VcpuCommand::SaveState`] is in the handle's slot.
+    #[cfg(target_arch = "x86_64")]
+    Saved,
     /// The thread ended, told to or on its own (guest reset, fault).
     Exited,
 }
+
+/// Where a vCPU thread leaves its saved state (or why it could not save it).
+#[cfg(target_arch = "x86_64")]
+pub type SavedStateSlot = Arc<Mutex<Option<Result<arch::x86_64::state::VcpuState, String>>>>;
 
 /// The vCPUs' answers, with an eventfd that is readable while any wait.
 pub struct VcpuEvents {
@@ -214,6 +225,19 @@ pub struct VcpuContext {
     /// ember's I/O APIC (split irqchip): the local APIC's EOIs of level-triggered
     /// interrupts come to it through this vCPU's exits.
     pub ioapic: Option<Arc<Mutex<Ioapic>>>,
+    /// The MSRs a snapshot saves (`state::msrs_to_save`), read once per VM.
+    #[cfg(target_arch = "x86_64")]
+    pub msrs_to_save: Arc<Vec<u32>>,
+}
+
+/// What a vCPU thread waits on and answers through.
+struct Waiter<'a> {
+    rx: &'a Receiver<VcpuCommand>,
+    events: &'a EventSender,
+    #[cfg(target_arch = "x86_64")]
+    slot: &'a SavedStateSlot,
+    #[cfg(target_arch = "x86_64")]
+    msrs_to_save: &'a [u32],
 }
 
 /// A vCPU configured and ready to run.
@@ -226,6 +250,8 @@ pub struct Vcpu {
 pub struct VcpuHandle {
     pub index: u8,
     commands: Sender<VcpuCommand>,
+    #[cfg(target_arch = "x86_64")]
+    pub saved: SavedStateSlot,
     thread: Option<JoinHandle<VcpuOutcome>>,
     /// Set once the thread has said it exited.
     exited: bool,
@@ -239,16 +265,28 @@ impl Vcpu {
         let index = self.index;
         let (commands, rx) = channel();
         let sender = events.sender();
+        #[cfg(target_arch = "x86_64")]
+        let saved: SavedStateSlot = Arc::new(Mutex::new(None));
+        #[cfg(target_arch = "x86_64")]
+        let slot = saved.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let mut vcpu = self;
+                let waiter = Waiter {
+                    rx: &rx,
+                    events: &sender,
+                    #[cfg(target_arch = "x86_64")]
+                    slot: &slot,
+                    #[cfg(target_arch = "x86_64")]
+                    msrs_to_save: &ctx.msrs_to_save,
+                };
                 // Jailed before it waits for the first Resume, which comes only once the
                 // vmm thread is jailed too: no guest code runs beside an unfiltered thread.
                 let outcome = match ctx.seccomp.install(ThreadKind::Vcpu) {
                     Err(e) => VcpuOutcome::SetupError(e.to_string()),
-                    Ok(()) if !vcpu.wait_paused(&rx, &sender) => VcpuOutcome::Stopped,
-                    Ok(()) => vcpu.run_loop(&ctx, &rx, &sender),
+                    Ok(()) if !vcpu.wait_paused(&waiter) => VcpuOutcome::Stopped,
+                    Ok(()) => vcpu.run_loop(&ctx, &waiter),
                 };
                 if outcome != VcpuOutcome::Stopped {
                     if outcome.is_fault() {
@@ -267,6 +305,8 @@ impl Vcpu {
         Ok(VcpuHandle {
             index,
             commands,
+            #[cfg(target_arch = "x86_64")]
+            saved,
             thread: Some(thread),
             exited: false,
         })
@@ -282,34 +322,72 @@ impl Vcpu {
     }
 
     /// Waits while paused. Returns false when told to exit.
-    fn wait_paused(&self, rx: &Receiver<VcpuCommand>, events: &EventSender) -> bool {
+    fn wait_paused(&mut self, w: &Waiter) -> bool {
         loop {
-            match rx.recv() {
+            match w.rx.recv() {
                 Ok(VcpuCommand::Resume) => {
-                    events.send(self.index, VcpuEvent::Resumed);
+                    w.events.send(self.index, VcpuEvent::Resumed);
                     return true;
                 }
-                Ok(VcpuCommand::Pause) => events.send(self.index, VcpuEvent::Paused),
+                Ok(VcpuCommand::Pause) => w.events.send(self.index, VcpuEvent::Paused),
+                #[cfg(target_arch = "x86_64")]
+                Ok(VcpuCommand::SaveState) => {
+                    let state = self.save_state(w.msrs_to_save);
+                    *w.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+                    w.events.send(self.index, VcpuEvent::Saved);
+                }
                 Ok(VcpuCommand::Exit) | Err(_) => return false,
             }
         }
     }
 
-    fn run_loop(
+    /// The vCPU's state for a snapshot. The last exit's instruction is completed first
+    /// (an `in` needs the value the device gave): KVM does that on an entry that leaves at
+    /// once, without running guest code.
+    #[cfg(target_arch = "x86_64")]
+    fn save_state(
         &mut self,
-        ctx: &VcpuContext,
-        rx: &Receiver<VcpuCommand>,
-        events: &EventSender,
-    ) -> VcpuOutcome {
+        msrs_to_save: &[u32],
+    ) -> Result<arch::x86_64::state::VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot complete vCPU {}'s last exit: {e}",
+                    self.index
+                ));
+            }
+            Ok(exit) => {
+                return Err(format!(
+                    "vCPU {} left KVM with {exit:?} while completing its last exit",
+                    self.index
+                ));
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        arch::x86_64::state::save_vcpu(&self.fd, self.index, msrs_to_save)
+            .map_err(|e| e.to_string())
+    }
+
+    fn run_loop(&mut self, ctx: &VcpuContext, w: &Waiter) -> VcpuOutcome {
+        let (rx, events) = (w.rx, w.events);
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut _));
         loop {
             match rx.try_recv() {
                 Ok(VcpuCommand::Pause) => {
                     events.send(self.index, VcpuEvent::Paused);
-                    if !self.wait_paused(rx, events) {
+                    if !self.wait_paused(w) {
                         return VcpuOutcome::Stopped;
                     }
                     continue;
+                }
+                // Only a paused vCPU saves its state; a running one says it could not.
+                #[cfg(target_arch = "x86_64")]
+                Ok(VcpuCommand::SaveState) => {
+                    *w.slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Err(format!("vCPU {} is not paused", self.index)));
+                    events.send(self.index, VcpuEvent::Saved);
                 }
                 Ok(VcpuCommand::Resume) => events.send(self.index, VcpuEvent::Resumed),
                 Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => {

@@ -9,10 +9,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::memory::GuestMemoryMmap;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{DeviceFd, IoEventAddress, NoDatamatch, VcpuFd, VmFd};
 use vm_allocator::IdAllocator;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use kvm_bindings::{KvmIrqRouting, kvm_msi};
@@ -81,6 +82,8 @@ pub struct VmShared {
     nr_slots: usize,
     /// KVM's GSI routing table, which every route change replaces whole.
     routes: Mutex<GsiRoutes>,
+    /// Guest RAM's slots: (guest address, length, slot), for the dirty log.
+    ram_slots: Mutex<Vec<(u64, u64, u32)>>,
 }
 
 impl VmShared {
@@ -140,6 +143,7 @@ impl Vm {
                 slots: Mutex::new(slots),
                 nr_slots,
                 routes: Mutex::new(GsiRoutes::split_irqchip()),
+                ram_slots: Mutex::new(Vec::new()),
             }),
             ioapic: None,
             irqchip: None,
@@ -164,6 +168,11 @@ impl Vm {
             ))));
         }
         Ok(())
+    }
+
+    /// The KVM VM itself, for saving and restoring the state KVM keeps of it.
+    pub fn fd(&self) -> &kvm_ioctls::VmFd {
+        &self.shared.fd
     }
 
     /// The interrupt controllers as created (on arm64 "kernel" becomes the GIC KVM had).
@@ -285,8 +294,37 @@ impl Vm {
             // clone of `mem` sits in `VmShared::memory`, which drops after `VmShared::fd`.
             unsafe { self.shared.fd.set_user_memory_region(desc) }
                 .map_err(|source| VmError::MemorySlot { slot, source })?;
+            self.shared
+                .ram_slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((region.start_addr().0, region.len(), slot));
         }
         Ok(())
+    }
+
+    /// KVM's dirty log of the guest RAM region at `gpa` (one bit per page written by the
+    /// guest since the last call), which it clears as it answers. Only for memory
+    /// registered with dirty page tracking.
+    pub fn dirty_log(&self, gpa: u64) -> std::io::Result<Vec<u64>> {
+        let found = self
+            .shared
+            .ram_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(start, _, _)| *start == gpa)
+            .copied();
+        let (_, len, slot) = found.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no guest RAM slot starts at {gpa:#x}"),
+            )
+        })?;
+        self.shared
+            .fd
+            .get_dirty_log(slot, len as usize)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 
     pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
@@ -721,7 +759,7 @@ mod tests {
     #[test]
     fn memory_after_the_irqchip_is_refused() {
         let mut vm = vm();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         vm.create_interrupt_controllers(Irqchip::default()).unwrap();
         assert!(matches!(
             vm.register_memory(&mem, false),
@@ -732,7 +770,7 @@ mod tests {
     #[test]
     fn slots_come_from_the_allocator_and_memory_stays_mapped() {
         let mut vm = vm();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 1 << 20),
             (GuestAddress(1 << 30), 1 << 20),
         ])
@@ -740,7 +778,7 @@ mod tests {
         vm.register_memory(&mem, false).unwrap();
         assert!(vm.shared.slots().is_allocated(0) && vm.shared.slots().is_allocated(1));
         assert!(!vm.shared.slots().is_allocated(2));
-        let mem2 = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(2 << 30), 1 << 20)]).unwrap();
+        let mem2 = GuestMemoryMmap::from_ranges(&[(GuestAddress(2 << 30), 1 << 20)]).unwrap();
         vm.register_memory(&mem2, false).unwrap();
         assert!(
             vm.shared.slots().is_allocated(2),
@@ -752,7 +790,7 @@ mod tests {
     #[test]
     fn overlapping_slot_is_refused_with_its_number() {
         let mut vm = vm();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         vm.register_memory(&mem, false).unwrap();
         let err = vm.register_memory(&mem, false).unwrap_err();
         assert!(matches!(err, VmError::MemorySlot { slot: 1, .. }), "{err}");
@@ -779,7 +817,7 @@ mod tests {
     #[test]
     fn device_memory_maps_at_run_time_and_its_slot_is_given_back() {
         let mut vm = vm();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         vm.register_memory(&mem, false).unwrap();
         vm.create_interrupt_controllers(Irqchip::default()).unwrap();
         let bar = Arc::new(MmapRegion::<()>::new(0x2000).unwrap());

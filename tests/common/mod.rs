@@ -8,6 +8,7 @@ pub mod arm64;
 pub mod linux;
 pub mod nested;
 pub mod netns;
+pub mod uffd;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -17,6 +17,7 @@ mod blkcheck;
 mod bootinfo;
 mod bootparams;
 mod cmdline;
+mod counter;
 mod cpu;
 mod cpuid;
 mod e820;
@@ -227,6 +228,9 @@ extern "C" fn probe_main(boot_info: u64, entry: u64) -> ! {
     }
     if boot.cmdline.get(b"probe.serial") == Some(b"rep") {
         serial::write_string_io(b"PROBE serial.rep written with rep outsb, every byte of it\n");
+    }
+    if boot.cmdline.get(b"probe.count").is_some() {
+        counter::run(&boot.cmdline, blk0);
     }
     if boot.cmdline.get(b"probe.flood") == Some(b"serial") {
         hostile::flood_serial();

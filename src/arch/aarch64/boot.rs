@@ -3,10 +3,11 @@
 
 use std::io::{Read, Seek, SeekFrom};
 
+use crate::memory::GuestMemoryMmap;
 use kvm_bindings::kvm_vcpu_init;
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::{KernelLoader, pe::PE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::fdt::{self, FdtBuildError, FdtSpec, GicVersion};
 use super::kernel::{self, HEADER_LEN, ImageError, ImageHeader};

@@ -2,9 +2,9 @@
 //! tables that describe the machine (MP table, ACPI), the boot protocol's data (zero page or
 //! PVH start info), and each vCPU's state at entry.
 
+use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{CpuId, kvm_mp_state};
 use kvm_ioctls::VcpuFd;
-use vm_memory::GuestMemoryMmap;
 
 use super::acpi::{self, AcpiConfig, DsdtDevice, PowerRegisters};
 use super::boot_params::{self, LinuxBootInfo};

@@ -183,7 +183,8 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use crate::arch::x86_64::layout::HIGH_RAM_START;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use crate::memory::GuestMemoryMmap;
+    use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;
 
@@ -234,8 +235,7 @@ mod tests {
 
     #[test]
     fn zero_page_read_back() {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
         let info = LinuxBootInfo {
             mem_bytes: 64 * MIB,
             cmdline_len: 42,
@@ -292,8 +292,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_read_back() {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
         let addr = write_pvh_start_info(&mem, 64 * MIB, Some((0x200_0000, 0x500)), Some(0xe_0000))
             .unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();

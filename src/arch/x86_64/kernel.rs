@@ -146,16 +146,17 @@ pub fn load_cmdline<M: GuestMemoryBackend>(mem: &M, args: &str) -> Result<usize,
 mod tests {
     use super::*;
     use crate::host_file::{self, Accept, Access};
+    use crate::memory::GuestMemoryMmap;
     use std::io::Write;
     use std::path::Path;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
     fn open(p: &Path) -> HostFile {
         host_file::open("kernel", p, Access::ReadOnly, Accept::RegularFile).unwrap()
     }
 
     fn mem(bytes: usize) -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), bytes)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes)]).unwrap()
     }
 
     fn temp_file(name: &str, contents: &[u8]) -> std::path::PathBuf {

@@ -568,7 +568,7 @@ fn check_bz_range<M: GuestMemoryBackend, R: ReadAt + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::memory::GuestMemoryMmap;
 
     const MIB: u64 = 1 << 20;
     const ELF_PATH: &str = "/x/vmlinux";
@@ -590,7 +590,7 @@ mod tests {
             .iter()
             .map(|&(start, len)| (GuestAddress(start), len as usize))
             .collect();
-        GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap()
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
     }
 
     fn ram_16m() -> GuestMemoryMmap {

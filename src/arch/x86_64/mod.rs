@@ -11,6 +11,7 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod state;
 pub mod vm;
 
 pub use boot::{

@@ -120,7 +120,7 @@ pub fn write<M: GuestMemoryBackend>(mem: &M, vcpu_count: u8) -> Result<(), MpTab
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::memory::GuestMemoryMmap;
 
     fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn every_vcpu_listed() {
         for n in [1u8, 4, 32] {
-            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
             write(&mem, n).unwrap();
             let (cpus, ioapic) = parse(&mem);
             assert_eq!(cpus.len(), n as usize);

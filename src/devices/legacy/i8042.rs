@@ -78,7 +78,40 @@ pub struct I8042 {
     kbd_interrupt: IrqLine,
 }
 
+/// The controller's registers and output queue as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub status: u8,
+    pub control: u8,
+    pub outp: u8,
+    pub pending_cmd: Option<u8>,
+    pub out_buf: Vec<u8>,
+    pub pending_break: bool,
+}
+
 impl I8042 {
+    /// The registers and queued bytes, for a snapshot.
+    pub fn save_state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            outp: self.outp,
+            pending_cmd: self.pending_cmd,
+            out_buf: self.out_buf.iter().copied().collect(),
+            pending_break: self.pending_break,
+        }
+    }
+
+    /// Puts the controller back in a saved state.
+    pub fn restore_state(&mut self, state: &I8042State) {
+        self.status = state.status;
+        self.control = state.control;
+        self.outp = state.outp;
+        self.pending_cmd = state.pending_cmd;
+        self.out_buf = state.out_buf.iter().copied().collect();
+        self.pending_break = state.pending_break;
+    }
+
     pub fn new(stop: StopSignal, kbd_interrupt: IrqLine) -> Self {
         I8042 {
             status: SB_SYSTEM | SB_KBD_ENABLED,
@@ -214,6 +247,30 @@ mod tests {
         let mut b = [0u8];
         dev.read(off, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn a_saved_controller_restores_its_registers_and_queued_bytes() {
+        let prepared = || {
+            let (mut dev, _, _) = device();
+            dev.write(OFF_COMMAND, &[CMD_WRITE_CTR]);
+            dev.write(OFF_DATA, &[0x47]);
+            dev.send_ctrl_alt_del();
+            dev
+        };
+        let mut reference = prepared();
+        let all: Vec<u8> = (0..11).map(|_| read(&mut reference, OFF_DATA)).collect();
+        let mut dev = prepared();
+        assert_eq!(read(&mut dev, OFF_DATA), all[0], "one of 11 bytes read");
+        let saved: I8042State =
+            serde_json::from_str(&serde_json::to_string(&dev.save_state()).unwrap()).unwrap();
+        let (mut fresh, _, _) = device();
+        fresh.restore_state(&saved);
+        assert_eq!(fresh.save_state(), saved);
+        let rest: Vec<u8> = (0..10).map(|_| read(&mut fresh, OFF_DATA)).collect();
+        assert_eq!(rest, all[1..], "the queue goes on where it was");
+        fresh.write(OFF_COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut fresh, OFF_DATA), 0x47);
     }
 
     #[test]

@@ -68,7 +68,39 @@ pub struct Ioapic {
     sink: Box<dyn MsiSink>,
 }
 
+/// The I/O APIC's registers and input levels as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoapicState {
+    pub id: u32,
+    pub select: u8,
+    pub redirection: Vec<u64>,
+    pub level: Vec<bool>,
+}
+
 impl Ioapic {
+    /// The registers and input levels, for a snapshot.
+    pub fn save_state(&self) -> IoapicState {
+        IoapicState {
+            id: self.id,
+            select: self.select,
+            redirection: self.redirection.to_vec(),
+            level: self.level.to_vec(),
+        }
+    }
+
+    /// Puts the I/O APIC back in a saved state and tells KVM its routes again.
+    pub fn restore_state(&mut self, state: &IoapicState) {
+        self.id = state.id;
+        self.select = state.select;
+        for (mine, saved) in self.redirection.iter_mut().zip(&state.redirection) {
+            *mine = *saved;
+        }
+        for (mine, saved) in self.level.iter_mut().zip(&state.level) {
+            *mine = *saved;
+        }
+        self.update_routes();
+    }
+
     /// An I/O APIC with ID `id` (the MP table's and the MADT's), every pin masked.
     pub fn new(id: u8, sink: Box<dyn MsiSink>) -> Self {
         Ioapic {
@@ -371,6 +403,26 @@ mod tests {
             | if masked { MASKED as u32 } else { 0 };
         write_reg(io, REG_REDIRECTION + 2 * pin + 1, u32::from(dest) << 24);
         write_reg(io, REG_REDIRECTION + 2 * pin, low);
+    }
+
+    #[test]
+    fn a_saved_ioapic_restores_its_pins_and_tells_kvm_its_routes_again() {
+        let (mut io, _, _) = ioapic();
+        program(&mut io, 4, 0x31, false, false, 1);
+        program(&mut io, 9, 0x41, true, false, 0);
+        io.raise(9); // level, delivered: remote IRR set, input high
+        let saved: IoapicState =
+            serde_json::from_str(&serde_json::to_string(&io.save_state()).unwrap()).unwrap();
+        let (mut fresh, sent, routes) = ioapic();
+        fresh.restore_state(&saved);
+        assert_eq!(fresh.save_state(), saved);
+        assert_eq!(read_reg(&mut fresh, REG_REDIRECTION + 8) & 0xff, 0x31);
+        let pushed = routes.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(pushed.iter().map(|r| r.0).collect::<Vec<_>>(), vec![4, 9]);
+        // The level pin's interrupt is still outstanding: its EOI delivers it again, as
+        // the input is still high.
+        fresh.end_of_interrupt(0x41);
+        assert_eq!(sent.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -53,6 +53,16 @@ impl vm_superio::Trigger for IrqLine {
     }
 }
 
+impl Line for std::sync::Arc<dyn Line> {
+    fn raise(&self) -> std::io::Result<()> {
+        (**self).raise()
+    }
+
+    fn lower(&self) {
+        (**self).lower()
+    }
+}
+
 impl Line for Box<dyn Line> {
     fn raise(&self) -> std::io::Result<()> {
         (**self).raise()

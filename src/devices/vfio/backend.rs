@@ -5,7 +5,8 @@
 use std::io;
 use std::sync::Arc;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// What the kernel says about one BAR's region.

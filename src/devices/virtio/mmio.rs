@@ -9,12 +9,12 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{StatusWrite, TransportState};
+use super::transport::{StatusWrite, TransportSnapshot, TransportState, TransportStateError};
 use super::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use crate::devices::bus::BusDevice;
 use crate::devices::legacy::Line;
@@ -84,6 +84,13 @@ impl VirtioInterrupt for MmioInterrupt {
     }
 }
 
+/// A virtio-mmio device as a snapshot keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioSnapshot {
+    pub transport: TransportSnapshot,
+    pub interrupt_status: u32,
+}
+
 pub struct MmioTransport {
     state: TransportState,
     interrupt: Arc<MmioInterrupt>,
@@ -105,6 +112,26 @@ impl MmioTransport {
             interrupt,
             queue_evts,
         }
+    }
+
+    /// The transport's state and its pending interrupt bits, for a snapshot.
+    pub fn save_state(&self) -> MmioSnapshot {
+        MmioSnapshot {
+            transport: self.state.save_state(),
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// Puts a freshly attached transport in a saved state. The interrupt bits come back
+    /// without a new edge: the interrupt controllers' saved state already holds the one
+    /// that announced them.
+    pub fn restore_state(&mut self, saved: &MmioSnapshot) -> Result<(), TransportStateError> {
+        self.state
+            .restore_state(&saved.transport, self.interrupt.clone())?;
+        self.interrupt
+            .status
+            .store(saved.interrupt_status, Ordering::SeqCst);
+        Ok(())
     }
 
     fn read_reg(&mut self, offset: u32) -> u32 {
@@ -269,7 +296,7 @@ mod tests {
 
     fn transport() -> Setup {
         let dev = Arc::new(Mutex::new(FakeDevice::new(&[16])));
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let vm = Vm::with_irqfds_for_tests();
         let irq = Arc::new(MmioInterrupt::new(Box::new(vm.irqfd(5, "test").unwrap())));
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -332,6 +359,58 @@ mod tests {
         setup_queue(&mut s.t);
         w(&mut s.t, reg::VIRTIO_MMIO_STATUS, 0xf);
         s
+    }
+
+    #[test]
+    fn a_running_transport_restores_into_a_fresh_one_and_its_device_resumes_its_queues() {
+        let s = running();
+        s.dev.lock().unwrap().progress = (5, 4);
+        s.t.interrupt.trigger(VirtioInterruptType::Queue(0));
+        let saved = s.t.save_state();
+        assert!(saved.transport.activated);
+        assert_eq!(saved.transport.status, 0xf);
+        assert_eq!(saved.interrupt_status, reg::VIRTIO_MMIO_INT_VRING);
+        let q = saved.transport.queues[0].0;
+        assert_eq!(
+            (q.next_avail, q.next_used),
+            (5, 4),
+            "the device's positions"
+        );
+        assert_eq!(
+            (q.desc_table, q.avail_ring, q.used_ring, q.size),
+            (0x1000, 0x2000, 0x3000, 16)
+        );
+
+        // Through the state file's encoding, into a transport just attached.
+        let back: MmioSnapshot =
+            serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+        assert_eq!(back, saved);
+        let mut fresh = transport();
+        fresh.t.restore_state(&back).unwrap();
+        assert_eq!(r(&mut fresh.t, reg::VIRTIO_MMIO_STATUS), 0xf);
+        assert_eq!(r(&mut fresh.t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
+        assert_eq!(
+            r(&mut fresh.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS),
+            reg::VIRTIO_MMIO_INT_VRING
+        );
+        let dev = fresh.dev.lock().unwrap();
+        assert_eq!(dev.activated_with, Some((1 << VIRTIO_F_VERSION_1, 1)));
+        let q = dev.activated_queues[0];
+        assert_eq!((q.next_avail, q.next_used, q.desc_table), (5, 4, 0x1000));
+        drop(dev);
+
+        // A device that does not match what was saved is refused, not half-restored.
+        let other = Arc::new(Mutex::new(FakeDevice::new(&[16, 16])));
+        let mut t = MmioTransport::new(
+            other.clone(),
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+            Arc::new(MmioInterrupt::new(Box::new(RecordedLine::default()))),
+            vec![],
+            Arc::new(WorkQueue::new().unwrap()),
+        );
+        let e = t.restore_state(&back).unwrap_err().to_string();
+        assert!(e.contains("1 queues for a device with 2"), "{e}");
+        assert!(other.lock().unwrap().activated_with.is_none());
     }
 
     #[test]

@@ -11,9 +11,9 @@ pub mod transport;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use event_manager::EventSet;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 /// Feature bits shared by every device.
 pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -107,6 +107,13 @@ pub trait VirtioDevice: Send {
     }
     /// Waits until nothing the device started still writes guest memory (the VM pauses).
     fn quiesce(&mut self) {}
+    /// The queues as the running device holds them, for a snapshot taken after
+    /// [`Self::quiesce`]: a chain the device took but has not answered is given back
+    /// (its position is before it), so the restored device takes it again. Empty while
+    /// the device is not active.
+    fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
     /// The device's own counters and the kind they are reported under (`block`): the
     /// device manager puts them in every metrics flush while the device is attached.
     fn metrics(&self) -> Option<(&'static str, Arc<dyn crate::metrics::Group>)> {

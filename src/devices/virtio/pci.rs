@@ -11,8 +11,8 @@
 use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{StatusWrite, TransportState};

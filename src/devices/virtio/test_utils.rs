@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::{ActivateError, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt};
 use crate::devices::work_queue::WorkQueue;
@@ -22,6 +22,10 @@ pub struct FakeDevice {
     pub io_thread: Option<std::thread::ThreadId>,
     /// The device gave up on its queues until reset.
     pub broken: bool,
+    /// The queues it was last activated with.
+    pub activated_queues: Vec<virtio_queue::QueueState>,
+    /// (next_avail, next_used) the running device reports for its queues in a snapshot.
+    pub progress: (u16, u16),
 }
 
 impl FakeDevice {
@@ -36,6 +40,8 @@ impl FakeDevice {
             config: 0x1234u64.to_le_bytes(),
             io_thread: None,
             broken: false,
+            activated_queues: Vec::new(),
+            progress: (0, 0),
         }
     }
 }
@@ -62,8 +68,19 @@ impl VirtioDevice for FakeDevice {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.activated_with = Some((features, queues.len()));
+        self.activated_queues = queues.iter().map(Queue::state).collect();
         self.interrupt = Some(interrupt);
         Ok(())
+    }
+    fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
+        self.activated_queues
+            .iter()
+            .map(|q| virtio_queue::QueueState {
+                next_avail: self.progress.0,
+                next_used: self.progress.1,
+                ..*q
+            })
+            .collect()
     }
     fn reset(&mut self) {
         self.resets += 1;

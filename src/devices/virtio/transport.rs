@@ -9,12 +9,58 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status};
 use crate::devices::work_queue::WorkQueue;
 use crate::metrics::METRICS;
+
+/// A virtqueue as a snapshot keeps it.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue(#[serde(with = "QueueStateDef")] pub QueueState);
+
+/// What a transport knows of its device, as a snapshot keeps it: the negotiation, the
+/// status, the queues (with the running device's positions in them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub config_generation: u32,
+    pub activated: bool,
+    pub queues: Vec<SavedQueue>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportStateError {
+    #[error("the snapshot holds a virtio device of type {saved} where this VM has type {here}")]
+    DeviceType { saved: u32, here: u32 },
+    #[error("the snapshot holds {saved} queues for a device with {here}")]
+    QueueCount { saved: usize, here: usize },
+    #[error("queue {0} of the snapshot is invalid: {1}")]
+    Queue(usize, String),
+    #[error("the device would not take its saved queues back: {0}")]
+    Activate(String),
+}
 
 /// A device as its transport drives it.
 pub struct TransportState {
@@ -269,6 +315,94 @@ impl TransportState {
     pub fn write_device_config(&mut self, offset: u64, data: &[u8]) {
         self.device().write_config(offset, data);
         self.config_generation = self.config_generation.wrapping_add(1);
+    }
+}
+
+impl TransportState {
+    /// The transport and its device's queue positions, for a snapshot taken while the VM
+    /// is paused and the device quiesced.
+    pub fn save_state(&self) -> TransportSnapshot {
+        let device = self.device();
+        let running = if self.activated {
+            device.saved_queues()
+        } else {
+            Vec::new()
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| SavedQueue(running.get(i).copied().unwrap_or_else(|| q.state())))
+            .collect();
+        TransportSnapshot {
+            device_type: device.device_type(),
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            queues,
+        }
+    }
+
+    /// Puts a freshly attached transport in a saved state; a device that was running is
+    /// activated again on its saved queues with `interrupt`.
+    pub fn restore_state(
+        &mut self,
+        saved: &TransportSnapshot,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), TransportStateError> {
+        let here = self.device().device_type();
+        if saved.device_type != here {
+            return Err(TransportStateError::DeviceType {
+                saved: saved.device_type,
+                here,
+            });
+        }
+        if saved.queues.len() != self.queues.len() {
+            return Err(TransportStateError::QueueCount {
+                saved: saved.queues.len(),
+                here: self.queues.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (i, (q, max)) in saved
+            .queues
+            .iter()
+            .zip(self.device().queue_max_sizes().iter().copied())
+            .enumerate()
+        {
+            if q.0.max_size != max {
+                return Err(TransportStateError::Queue(
+                    i,
+                    format!("its largest size is {} here, {} saved", max, q.0.max_size),
+                ));
+            }
+            let queue =
+                Queue::try_from(q.0).map_err(|e| TransportStateError::Queue(i, e.to_string()))?;
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.queue_select = saved.queue_select;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.driver_features = saved.driver_features;
+        self.status = saved.status;
+        self.config_generation = saved.config_generation;
+        if saved.activated {
+            let queues: Vec<Queue> = self
+                .queues
+                .iter()
+                .filter_map(|q| Queue::try_from(q.state()).ok())
+                .collect();
+            self.device()
+                .activate(self.mem.clone(), self.driver_features, queues, interrupt)
+                .map_err(|e| TransportStateError::Activate(e.to_string()))?;
+            self.activated = true;
+        }
+        Ok(())
     }
 }
 

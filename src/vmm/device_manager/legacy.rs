@@ -15,6 +15,7 @@ use crate::arch::layout::{
 };
 #[cfg(target_arch = "aarch64")]
 use crate::arch::layout::{RTC_IRQ, RTC_START, SERIAL_IRQ, SERIAL_START};
+#[cfg(target_arch = "x86_64")]
 use crate::devices::legacy::IrqLine;
 #[cfg(target_arch = "x86_64")]
 use crate::devices::legacy::i8042::{self, I8042};
@@ -60,13 +61,16 @@ fn console(
         OutputBuffer::new(OUTPUT_BUFFER_BYTES)
             .map_err(|e| DeviceManagerError::Io("the console output buffer", e))?,
     );
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        IrqLine(vm.interrupt_line(irq, "the serial port")?),
-        serial_input_drained
-            .try_clone()
-            .map_err(|e| DeviceManagerError::EventFd("the serial port".into(), e))?,
-        ConsoleOutput::new(console_output.clone(), on_first_byte),
-    )));
+    let serial = Arc::new(Mutex::new(
+        SerialDevice::new(
+            vm.interrupt_line(irq, "the serial port")?,
+            serial_input_drained
+                .try_clone()
+                .map_err(|e| DeviceManagerError::EventFd("the serial port".into(), e))?,
+            ConsoleOutput::new(console_output.clone(), on_first_byte),
+        )
+        .map_err(|e| DeviceManagerError::EventFd("the serial port".into(), e))?,
+    ));
     Ok((serial, serial_input_drained, console_output))
 }
 

@@ -14,10 +14,11 @@ pub mod virtio_handler;
 mod legacy;
 #[cfg(target_arch = "x86_64")]
 pub mod pci;
+pub mod snapshot;
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 use crate::arch::PlatformDevice;
 use crate::devices::bus::{Bus, BusError};
@@ -60,6 +61,8 @@ struct AttachedVirtio {
     label: String,
     device: Arc<Mutex<dyn VirtioDevice>>,
     placement: VirtioPlacement,
+    /// The virtio-mmio transport (None on PCI), whose state a snapshot keeps.
+    mmio: Option<Arc<Mutex<MmioTransport>>>,
     /// The mmio transport's queue notifications; a PCI function keeps its own, as they
     /// move with its BAR.
     _notifications: Vec<IoEventFd>,
@@ -158,19 +161,19 @@ impl DeviceManager {
         let on_pci = self.pci.is_some();
         #[cfg(not(target_arch = "x86_64"))]
         let on_pci = false;
-        let (placement, notifications) = if on_pci {
+        let (placement, notifications, mmio) = if on_pci {
             #[cfg(target_arch = "x86_64")]
             {
                 let placement =
                     self.connect_pci(vm, mem, &label, device.clone(), transport_evts)?;
-                (placement, Vec::new())
+                (placement, Vec::new(), None)
             }
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!()
         } else {
             let slot = self.resources.allocate(MMIO_WINDOW)?;
             match self.connect_mmio(vm, mem, &label, device.clone(), slot, &evts, transport_evts) {
-                Ok(regs) => (VirtioPlacement::Mmio(slot), regs),
+                Ok((regs, transport)) => (VirtioPlacement::Mmio(slot), regs, Some(transport)),
                 Err(e) => {
                     self.resources.free(slot);
                     return Err(e);
@@ -197,6 +200,7 @@ impl DeviceManager {
             label,
             device,
             placement,
+            mmio,
             _notifications: notifications,
             _metrics: metrics,
         });
@@ -206,7 +210,7 @@ impl DeviceManager {
     /// virtio-mmio: a 4 KiB window and an interrupt line, an ioeventfd per queue on
     /// QueueNotify (matching the queue index), the interrupt through the VM's interrupt
     /// controller, the `virtio_mmio.device=` word and the firmware table entry. Returns the
-    /// notification registrations.
+    /// notification registrations and the transport.
     #[allow(clippy::too_many_arguments)]
     fn connect_mmio(
         &mut self,
@@ -217,7 +221,7 @@ impl DeviceManager {
         slot: DeviceSlot,
         evts: &[EventFd],
         transport_evts: Vec<EventFd>,
-    ) -> Result<Vec<IoEventFd>, DeviceManagerError> {
+    ) -> Result<(Vec<IoEventFd>, Arc<Mutex<MmioTransport>>), DeviceManagerError> {
         let handle = vm.handle();
         let mut registrations = Vec::with_capacity(evts.len());
         for (index, evt) in evts.iter().enumerate() {
@@ -236,8 +240,9 @@ impl DeviceManager {
             transport_evts,
             self.work.clone(),
         );
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+            .insert(transport.clone(), slot.base, slot.len)?;
         // x86_64 kernels without ACPI find the device on the command line; arm64 kernels
         // find it in the device tree alone.
         #[cfg(target_arch = "x86_64")]
@@ -250,7 +255,7 @@ impl DeviceManager {
             len: slot.len,
             irq: slot.irq,
         });
-        Ok(registrations)
+        Ok((registrations, transport))
     }
 
     /// Kernel command-line words that announce the devices, in attach order.
@@ -353,7 +358,7 @@ mod tests {
     #[test]
     fn one_attach_call_places_connects_and_announces_a_device() {
         let vm = Vm::with_irqfds_for_tests();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut dm = DeviceManager::new().unwrap();
         let mmio = |p: VirtioPlacement| match p {
             VirtioPlacement::Mmio(slot) => slot,
@@ -411,7 +416,7 @@ mod tests {
         let mut vm = Vm::new(&KvmContext::open().unwrap()).unwrap();
         vm.create_interrupt_controllers(crate::config::Irqchip::Split)
             .unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut dm = DeviceManager::new().unwrap();
         dm.attach_pci_root(1 << 20).unwrap();
         // Ids of their own: the metrics registry is shared with the other tests.

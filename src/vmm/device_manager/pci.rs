@@ -3,8 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::memory::GuestMemoryMmap;
 use vm_allocator::{AddressAllocator, AllocPolicy};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceManager, DeviceManagerError, VirtioPlacement};

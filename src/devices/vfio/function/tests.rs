@@ -1,6 +1,7 @@
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::*;
 use crate::devices::pci::config_space::{COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE};
@@ -530,7 +531,7 @@ fn a_looping_or_stray_capability_chain_ends() {
 
 #[test]
 fn every_ram_region_is_mapped_for_dma_at_its_guest_address() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+    let mem = GuestMemoryMmap::from_ranges(&[
         (GuestAddress(0), 0x10_0000),
         (GuestAddress(0x1_0000_0000), 0x20_0000),
     ])

@@ -17,10 +17,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use event_manager::EventSet;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -663,6 +664,11 @@ fn guest_iovecs(mem: &GuestMemoryMmap, req: &Request) -> std::io::Result<Vec<lib
         let slice = mem
             .get_slice(*addr, *len as usize)
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+        if req.kind == RequestType::In {
+            // The host kernel fills it behind vm-memory's back: a diff snapshot must still
+            // know these pages changed.
+            vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, *len as usize);
+        }
         iovecs.push(libc::iovec {
             iov_base: slice.ptr_guard_mut().as_ptr().cast(),
             iov_len: *len as usize,
@@ -778,6 +784,14 @@ impl VirtioDevice for Block {
         self.needs_reset
     }
 
+    fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
+        // After quiesce nothing is in flight: every request taken has been answered.
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
+
     fn config_generation(&self) -> u32 {
         self.generation
     }
@@ -860,7 +874,7 @@ mod tests {
         let mut f = File::create(&path).unwrap();
         let contents: Vec<u8> = (0..SECTORS * SECTOR_SIZE).map(disk_byte).collect();
         f.write_all(&contents).unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let driver = QueueDriver::new(&mem, 0, 16);
         let mut block = Block::new(BlockConfig {
             id: "data_disk".into(),

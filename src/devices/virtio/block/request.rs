@@ -2,8 +2,9 @@
 //! and a status byte. Everything here comes from an untrusted guest, so every field and
 //! every address is checked before the device acts on it.
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 pub const SECTOR_SIZE: u64 = 512;
 /// The GET_ID answer is at most this long (virtio 1.2, 5.2.6).
@@ -162,7 +163,7 @@ mod tests {
     const WRITE: u16 = 2; // VRING_DESC_F_WRITE
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     fn header(m: &GuestMemoryMmap, kind: u32, sector: u64) -> Descriptor {
@@ -262,7 +263,7 @@ mod tests {
     fn data_that_would_overflow_the_used_length_is_refused() {
         // Two 3 GiB buffers in a 7 GiB guest: each is valid memory, together they carry
         // more than the used ring's 32-bit length can report.
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 7 << 30)]).unwrap();
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 7 << 30)]).unwrap();
         let big = Descriptor::new(1 << 30, 3 << 30, WRITE, 0);
         let big2 = Descriptor::new(4 << 30, 3 << 30, WRITE, 0);
         let chain = [header(&m, VIRTIO_BLK_T_IN, 0), big, big2, status()];

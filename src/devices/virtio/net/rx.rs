@@ -10,8 +10,9 @@
 
 use std::collections::VecDeque;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::VNET_HDR_LEN;
 
@@ -56,6 +57,13 @@ impl RxReserve {
         Self::default()
     }
 
+    /// How many chains wait in the reserve. They are the last usable ones taken from the
+    /// queue; a chain the guest made unusable after them was answered at once, which a
+    /// snapshot then answers a second time (a driver bug either way).
+    pub fn len(&self) -> usize {
+        self.chains.len()
+    }
+
     /// Forgets every reserved chain (the queue was reset or stopped).
     pub fn clear(&mut self) {
         self.chains.clear();
@@ -95,8 +103,9 @@ impl RxReserve {
             let Ok(slice) = mem.get_slice(addr, len) else {
                 break;
             };
-            // Written by the kernel behind vm-memory's back: guest memory has no dirty
-            // bitmap today; one would have to be marked here.
+            // Written by the kernel behind vm-memory's back: marked here so a diff snapshot
+            // knows these pages changed.
+            vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, len);
             out.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: len,

@@ -69,7 +69,7 @@ impl Rig {
     }
 
     fn with_config(config: NetConfig, features: u64) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let rx = QueueDriver::new(&mem, RX_RINGS, 16);
         let tx = QueueDriver::new(&mem, TX_RINGS, 16);
         let (device_end, host) = socket_pair();

@@ -5,8 +5,9 @@
 //! descriptor, a buffer outside guest memory, less than a header, more than the largest
 //! frame, or a header asking for an offload the device did not offer.
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryBackend;
 
 use super::header::{self, NetHeader};
 use super::tap::VNET_HDR_LEN;

@@ -1,6 +1,7 @@
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -21,7 +22,7 @@ struct Setup {
 /// A function for a device with two queues, BAR 0 at `BAR`, no VM behind it.
 fn function() -> Setup {
     let dev = Arc::new(Mutex::new(FakeDevice::new(&[16, 16])));
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let work = Arc::new(WorkQueue::new().unwrap());
     run_work_on_a_thread(work.clone());
     let vectors: Vec<Vector> = (0..3).map(|_| Vector::default()).collect();
@@ -244,7 +245,7 @@ fn the_configuration_access_window_reaches_bar_0() {
 #[test]
 fn a_function_needs_a_vector_per_queue_plus_one() {
     let dev = Arc::new(Mutex::new(FakeDevice::new(&[16, 16])));
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let work = Arc::new(WorkQueue::new().unwrap());
     let one: Vec<Box<dyn VectorSink>> = vec![Box::new(Vector::default())];
     let err = VirtioPciFunction::new(dev, mem, work, BAR, one, Vec::new(), None)

@@ -1,0 +1,416 @@
+//! Snapshots end to end with the probe guest counting (`probe.count`, resources/probe):
+//! a running guest is paused and written to a snapshot, and a new ember process continues
+//! it, from a full snapshot, from a diff laid over one, from one snapshot twice, from
+//! memory served by a userfaultfd handler; and every bad request is refused with its
+//! reason, leaving the fresh ember able to load a good snapshot afterwards.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use common::api::{ApiVm, boot_source};
+use common::{Scratch, disk_image};
+
+/// How far the probe counts: long enough to pause it midway on a loaded host.
+const COUNT_TO: u64 = 150;
+
+/// Starts ember and the counting probe with `machine` (JSON) and, with `disk`, a block
+/// device the count reads every step.
+fn counting_vm(machine: &str, disk: Option<&Path>, count_to: u64) -> ApiVm {
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let extra = format!(
+        "probe.count={count_to}{}",
+        if disk.is_some() { " probe.blk=1" } else { "" }
+    );
+    for (path, body) in [
+        ("/machine-config", machine.to_owned()),
+        ("/boot-source", boot_source(&extra, 2, 128)),
+    ] {
+        let r = c.call("PUT", path, Some(&body));
+        assert_eq!(r.status, 204, "PUT {path}: {r:?}");
+    }
+    if let Some(disk) = disk {
+        let body = serde_json::json!({
+            "drive_id": "data", "path_on_host": disk,
+            "is_root_device": false, "is_read_only": false,
+        })
+        .to_string();
+        let r = c.call("PUT", "/drives/data", Some(&body));
+        assert_eq!(r.status, 204, "{r:?}");
+    }
+    let r = c.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    vm
+}
+
+fn call_ok(vm: &ApiVm, method: &str, path: &str, body: &str) {
+    let r = vm.call(method, path, Some(body));
+    assert_eq!(r.status, 204, "{method} {path} {body}: {r:?}");
+}
+
+/// Waits for `PROBE COUNT n`, then pauses the VM and writes a snapshot of `kind`; returns
+/// the console lines read meanwhile.
+fn snapshot_at(vm: &mut ApiVm, n: u64, kind: &str, state: &Path, mem: &Path) -> String {
+    let lines = vm.wait_for_line(&format!("PROBE COUNT {n}")).join("\n");
+    call_ok(vm, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+    let body = serde_json::json!({
+        "snapshot_type": kind, "snapshot_path": state, "mem_file_path": mem,
+    })
+    .to_string();
+    call_ok(vm, "PUT", "/snapshot/create", &body);
+    lines
+}
+
+/// The counts in `PROBE COUNT` lines, in order, and whether each read its disk fine.
+fn counts(out: &str) -> Vec<(u64, bool)> {
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("PROBE COUNT ")?;
+            let mut words = rest.split_whitespace();
+            let n = words.next()?.parse().ok()?;
+            Some((n, words.next().is_none_or(|w| w == "blk=ok")))
+        })
+        .collect()
+}
+
+/// The last count the original VM printed before it was stopped, `seen` being the console
+/// lines the test already read.
+fn last_count(vm: ApiVm, seen: &str) -> u64 {
+    let (_, out, _) = vm.terminate();
+    counts(&format!("{seen}\n{out}")).last().map_or(0, |c| c.0)
+}
+
+/// Loads a snapshot in a fresh ember with `resume_vm` and waits for the guest to finish
+/// counting; returns the counts it printed, having checked it continued (no reboot) and
+/// ended cleanly.
+fn restore_and_finish(load_body: &str, count_to: u64) -> Vec<u64> {
+    let vm = ApiVm::start(&["--boot-timer"]);
+    call_ok(&vm, "PUT", "/snapshot/load", load_body);
+    let (code, out, err) = vm.finish();
+    assert_eq!(
+        code,
+        Some(0),
+        "the restored guest ends itself:\n{out}\n{err}"
+    );
+    assert!(
+        !out.contains("PROBE START"),
+        "a restored guest continues; it does not boot again:\n{out}"
+    );
+    let got = counts(&out);
+    assert!(
+        !got.is_empty(),
+        "nothing counted after the restore:\n{out}\n{err}"
+    );
+    assert!(got.iter().all(|c| c.1), "a disk read failed:\n{out}");
+    let numbers: Vec<u64> = got.iter().map(|c| c.0).collect();
+    for w in numbers.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "the count goes on one by one:\n{out}");
+    }
+    assert_eq!(numbers.last(), Some(&count_to), "{out}");
+    assert!(
+        err.contains("Guest-restore-time"),
+        "the restore is timed to the first console byte:\n{err}"
+    );
+    numbers
+}
+
+fn load_body(state: &Path, mem: &Path) -> String {
+    serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    })
+    .to_string()
+}
+
+#[test]
+fn a_full_snapshot_continues_in_a_new_process_and_twice_from_one_snapshot() {
+    let dir = Scratch::new("snap-full");
+    let disk = disk_image(&dir, "data.img", 0, 2048);
+    let (state, mem) = (dir.path("state"), dir.path("mem"));
+    let mut vm = counting_vm(
+        r#"{"vcpu_count":2,"mem_size_mib":128}"#,
+        Some(&disk),
+        COUNT_TO,
+    );
+    let seen = snapshot_at(&mut vm, 8, "Full", &state, &mem);
+    let before = last_count(vm, &seen);
+    assert!(before >= 8);
+
+    // The files hold the guest's memory: only their owner may read them.
+    for f in [&state, &mem] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    // All of guest memory's length, but only the pages the guest used take space.
+    let m = std::fs::metadata(&mem).unwrap();
+    assert_eq!(m.len(), 128 << 20);
+    assert!(
+        m.blocks() * 512 < 64 << 20,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+
+    let first = restore_and_finish(&load_body(&state, &mem), COUNT_TO);
+    assert!(
+        first[0] > before.saturating_sub(1) && first[0] <= before + 2,
+        "the count goes on from {before}, not from {}",
+        first[0]
+    );
+    // The snapshot is not changed by a restore that ran: a second one starts the same.
+    let second = restore_and_finish(&load_body(&state, &mem), COUNT_TO);
+    assert_eq!(second[0], first[0]);
+}
+
+#[test]
+fn a_diff_laid_over_its_full_snapshot_continues_from_the_diff() {
+    let dir = Scratch::new("snap-diff");
+    let disk = disk_image(&dir, "data.img", 0, 2048);
+    let (full_state, full_mem) = (dir.path("full.state"), dir.path("full.mem"));
+    let (diff_state, diff_mem) = (dir.path("diff.state"), dir.path("diff.mem"));
+    // The in-kernel irqchip (PIC, I/O APIC and PIT in KVM) this time.
+    let mut vm = counting_vm(
+        r#"{"vcpu_count":2,"mem_size_mib":128,"track_dirty_pages":true,"irqchip":"kernel"}"#,
+        Some(&disk),
+        COUNT_TO,
+    );
+    snapshot_at(&mut vm, 5, "Full", &full_state, &full_mem);
+    call_ok(&vm, "PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    let seen = snapshot_at(&mut vm, 30, "Diff", &diff_state, &diff_mem);
+    let before = last_count(vm, &seen);
+    assert!(before >= 30);
+
+    let full_blocks = std::fs::metadata(&full_mem).unwrap().blocks();
+    let diff = std::fs::metadata(&diff_mem).unwrap();
+    assert_eq!(diff.len(), 128 << 20, "a diff is as long as guest memory");
+    assert!(
+        diff.blocks() < full_blocks,
+        "a diff holds only what changed: {} blocks against {full_blocks}",
+        diff.blocks()
+    );
+
+    let out = std::process::Command::new(common::EMBER)
+        .arg("--rebase-memory")
+        .args([&full_mem, &diff_mem])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let after = restore_and_finish(&load_body(&diff_state, &full_mem), COUNT_TO);
+    assert!(
+        after[0] > 30 && after[0] <= before + 2,
+        "the diff's count ({before}) goes on, not the full snapshot's: {}",
+        after[0]
+    );
+}
+
+#[test]
+fn memory_served_by_a_userfaultfd_handler_continues_the_guest() {
+    let dir = Scratch::new("snap-uffd");
+    let (state, mem) = (dir.path("state"), dir.path("mem"));
+    let mut vm = counting_vm(r#"{"vcpu_count":2,"mem_size_mib":128}"#, None, 60);
+    let seen = snapshot_at(&mut vm, 4, "Full", &state, &mem);
+    let before = last_count(vm, &seen);
+
+    let socket = dir.path("uffd.sock");
+    let handler = common::uffd::UffdHandler::start(&socket, &mem);
+    let body = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "Uffd", "backend_path": socket},
+        "resume_vm": true,
+    })
+    .to_string();
+    let counted = restore_and_finish(&body, 60);
+    assert!(counted[0] > before.saturating_sub(1) && counted[0] <= before + 2);
+    let faults = handler.faults.load(std::sync::atomic::Ordering::SeqCst);
+    handler.stop().expect("the handler served every fault");
+    // The guest's pages came from the handler, and only the ones it touched.
+    assert!(faults > 10, "{faults} pages served");
+    assert!(faults < (128 << 20) / 4096, "{faults} pages served");
+}
+
+/// A snapshot to break in the tests below: state and memory files of a counting probe.
+fn a_snapshot(dir: &Scratch) -> (PathBuf, PathBuf) {
+    let (state, mem) = (dir.path("state"), dir.path("mem"));
+    let mut vm = counting_vm(r#"{"vcpu_count":2,"mem_size_mib":128}"#, None, 60);
+    snapshot_at(&mut vm, 2, "Full", &state, &mem);
+    let _ = vm.terminate();
+    (state, mem)
+}
+
+/// The state file with its body changed by `edit`, written back with a good checksum.
+fn edited_state(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(from).unwrap();
+    let body = ember::snapshot::file::read(&mut &bytes[..]).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    edit(&mut v);
+    let mut out = Vec::new();
+    ember::snapshot::file::write(&mut out, &serde_json::to_vec(&v).unwrap()).unwrap();
+    std::fs::write(to, out).unwrap();
+}
+
+#[test]
+fn bad_snapshot_requests_are_refused_with_their_reason_and_change_nothing() {
+    let dir = Scratch::new("snap-bad");
+    let (state, mem) = a_snapshot(&dir);
+
+    // Creating: before the start, while running, a diff without tracking, an unwritable
+    // path.
+    let vm = ApiVm::start(&[]);
+    let create = |state: &Path, kind: &str| {
+        serde_json::json!({"snapshot_path": state, "mem_file_path": dir.path("m2"), "snapshot_type": kind}).to_string()
+    };
+    let mut c = vm.client();
+    c.expect_fault(
+        "PUT",
+        "/snapshot/create",
+        &create(&dir.path("s2"), "Full"),
+        "only allowed after the microVM starts",
+    );
+    drop(c);
+    drop(vm);
+    let vm = counting_vm(r#"{"vcpu_count":1,"mem_size_mib":64}"#, None, 1000);
+    let mut c = vm.client();
+    c.expect_fault(
+        "PUT",
+        "/snapshot/create",
+        &create(&dir.path("s2"), "Full"),
+        "only be created while the microVM is paused",
+    );
+    assert!(
+        !dir.path("s2").exists(),
+        "no file is made for a refused request"
+    );
+    call_ok(&vm, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+    c.expect_fault(
+        "PUT",
+        "/snapshot/create",
+        &create(&dir.path("s2"), "Diff"),
+        "Diff snapshots need dirty page tracking",
+    );
+    c.expect_fault(
+        "PUT",
+        "/snapshot/create",
+        &create(&dir.path("no/such/dir/state"), "Full"),
+        "cannot open the snapshot state file",
+    );
+    drop(c);
+    drop(vm);
+
+    // Loading: broken bodies and files, each on the same fresh ember, which must then
+    // still load the good snapshot.
+    let truncated = dir.path("truncated");
+    let whole = std::fs::read(&state).unwrap();
+    std::fs::write(&truncated, &whole[..whole.len() / 2]).unwrap();
+    let corrupted = dir.path("corrupted");
+    let mut flipped = whole.clone();
+    let at = flipped.len() - 10;
+    flipped[at] ^= 0x20;
+    std::fs::write(&corrupted, flipped).unwrap();
+    let other_version = dir.path("other-version");
+    let mut v2 = whole.clone();
+    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&other_version, v2).unwrap();
+    let other_cpu = dir.path("other-cpu");
+    edited_state(&state, &other_cpu, |v| {
+        v["host_cpu"] = "SomeOtherVendor family 0x19 model 0x1".into();
+    });
+    let short_mem = dir.path("short.mem");
+    std::fs::write(&short_mem, vec![0u8; 1 << 20]).unwrap();
+    let not_a_snapshot = dir.path("not-a-snapshot");
+    std::fs::write(&not_a_snapshot, "{\"hello\": 1}").unwrap();
+
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let load = |state: &Path, mem: &Path| load_body(state, mem);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            serde_json::json!({"snapshot_path": state}).to_string(),
+            "mem_backend (or the older mem_file_path) is required",
+        ),
+        (
+            serde_json::json!({"snapshot_path": state, "mem_file_path": mem,
+                "mem_backend": {"backend_type": "File", "backend_path": mem}})
+            .to_string(),
+            "not both",
+        ),
+        (
+            load(&dir.path("missing"), &mem),
+            "cannot open the snapshot state file",
+        ),
+        (
+            load(&state, &dir.path("missing.mem")),
+            "cannot open the snapshot memory file",
+        ),
+        (load(&not_a_snapshot, &mem), "not an ember snapshot"),
+        (load(&truncated, &mem), "truncated"),
+        (load(&corrupted, &mem), "checksum does not match"),
+        (load(&other_version, &mem), "format version 2"),
+        (load(&other_cpu, &mem), "taken on a different CPU"),
+        (load(&state, &short_mem), "holds 1048576 bytes"),
+        (
+            serde_json::json!({"snapshot_path": state,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "network_overrides": [{"iface_id": "eth9", "host_dev_name": "tap9"}]})
+            .to_string(),
+            "eth9",
+        ),
+        (
+            serde_json::json!({"snapshot_path": state,
+                "mem_backend": {"backend_type": "Uffd", "backend_path": dir.path("nobody.sock")}})
+            .to_string(),
+            "cannot reach the page-fault handler",
+        ),
+    ];
+    for (body, want) in &cases {
+        c.expect_fault("PUT", "/snapshot/load", body, want);
+        let info = c.call("GET", "/", None).json();
+        assert_eq!(info["state"], "Not started", "after {body}");
+    }
+    // After all that, the good snapshot loads (paused: resume_vm is false).
+    let body = serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string();
+    call_ok(&vm, "PUT", "/snapshot/load", &body);
+    assert_eq!(c.call("GET", "/", None).json()["state"], "Paused");
+    // The configuration it runs is the snapshot's.
+    let config = c.call("GET", "/vm/config", None).json();
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    assert_eq!(config["machine-config"]["mem_size_mib"], 128);
+    // Loaded once: a second load, and boot-time configuration, are refused.
+    c.expect_fault(
+        "PUT",
+        "/snapshot/load",
+        &body,
+        "only allowed before the microVM starts",
+    );
+    c.expect_fault(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":64}"#,
+        "only allowed before",
+    );
+    call_ok(&vm, "PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    let (code, out, err) = vm.finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(counts(&out).last().map(|c| c.0), Some(60), "{out}");
+
+    // Configuring first forbids a load, as Firecracker does.
+    let vm = ApiVm::start(&[]);
+    call_ok(
+        &vm,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":1,"mem_size_mib":64}"#,
+    );
+    vm.client().expect_fault(
+        "PUT",
+        "/snapshot/load",
+        &load(&state, &mem),
+        "not allowed after configuring boot-specific resources",
+    );
+}
