@@ -2,19 +2,69 @@
 
 use std::fs::File;
 
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::bitmap::NewBitmap;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::ram_ranges;
 use crate::config::HugePages;
 
-/// Guest RAM as ember maps it. Every write the VMM makes through it (a device filling a
-/// buffer, the kernel loader) marks its pages in a bitmap, which with KVM's dirty log
-/// says what a diff snapshot must hold.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+/// Guest RAM as ember maps it. With dirty page tracking, every write the VMM makes
+/// through it (a device filling a buffer, the kernel loader) marks its pages in a bitmap,
+/// which with KVM's dirty log says what a diff snapshot must hold.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<DirtyBitmap>;
+
+/// vm-memory's page bitmap where dirty pages are tracked, nothing elsewhere: a VM that
+/// never takes a diff snapshot pays nothing for it on its I/O path (a bitmap always
+/// present cost 10-15 % of 4 KiB block throughput, docs/performance.md).
+#[derive(Debug, Default)]
+pub struct DirtyBitmap(Option<AtomicBitmap>);
+
+impl DirtyBitmap {
+    /// A bitmap for `len` bytes of guest memory, or none when not `tracking`.
+    pub fn new(len: usize, tracking: bool) -> Self {
+        DirtyBitmap(tracking.then(|| AtomicBitmap::with_len(len)))
+    }
+
+    /// Whether page `index` of the region was written since the last [`Self::reset`].
+    pub fn page_dirty(&self, index: usize) -> bool {
+        self.0.as_ref().is_some_and(|b| b.is_bit_set(index))
+    }
+
+    pub fn reset(&self) {
+        if let Some(b) = &self.0 {
+            b.reset();
+        }
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for DirtyBitmap {
+    type S = Option<RefSlice<'a, AtomicBitmap>>;
+}
+
+impl Bitmap for DirtyBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some(b) = &self.0 {
+            b.mark_dirty(offset, len);
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.0.as_ref().is_some_and(|b| b.dirty_at(offset))
+    }
+
+    fn slice_at(&self, offset: usize) -> Option<RefSlice<'_, AtomicBitmap>> {
+        self.0.as_ref().map(|b| b.slice_at(offset))
+    }
+}
+
+/// Memory made without saying (`from_ranges`, in tests and benchmarks) tracks nothing.
+impl NewBitmap for DirtyBitmap {
+    fn with_len(_len: usize) -> Self {
+        DirtyBitmap(None)
+    }
+}
 
 /// One region of guest RAM: where it sits in the guest and how long it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -60,10 +110,12 @@ pub fn host_ram_bytes() -> u64 {
 }
 
 /// Maps guest RAM of `mem_bytes`, split around the MMIO gap. Ordinary pages are reserved
-/// lazily (`MAP_NORESERVE`): the guest's footprint on the host is what it touches.
+/// lazily (`MAP_NORESERVE`): the guest's footprint on the host is what it touches. With
+/// `track_dirty_pages`, the VMM's own writes are marked (see [`DirtyBitmap`]).
 pub fn create_guest_memory(
     mem_bytes: u64,
     huge_pages: HugePages,
+    track_dirty_pages: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let host = host_ram_bytes();
     if mem_bytes > host {
@@ -87,7 +139,7 @@ pub fn create_guest_memory(
         };
         let region = MmapRegionBuilder::new_with_bitmap(
             size as usize,
-            AtomicBitmap::with_len(size as usize),
+            DirtyBitmap::new(size as usize, track_dirty_pages),
         )
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags)
@@ -113,6 +165,29 @@ pub fn create_guest_memory(
         }
         // `new` only fails when the region would wrap the address space; ram_ranges never does.
         if let Some(r) = GuestRegionMmap::new(region, GuestAddress(addr)) {
+            regions.push(r);
+        }
+    }
+    vm_memory::GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
+}
+
+/// Anonymous guest memory at `ranges`, for tests and benchmarks that need the VMM's
+/// writes marked (`from_ranges` memory tracks nothing).
+pub fn tracked_memory(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(addr, size) in ranges {
+        let region = MmapRegionBuilder::new_with_bitmap(size, DirtyBitmap::new(size, true))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map {
+                addr: addr.0,
+                size_mib: (size >> 20) as u64,
+                pages: "4 KiB pages",
+                source,
+                hint: "",
+            })?;
+        if let Some(r) = GuestRegionMmap::new(region, addr) {
             regions.push(r);
         }
     }
@@ -147,7 +222,11 @@ fn keep_out_of_core_dumps(ptr: *mut u8, size: u64, addr: u64) {
 /// them out in it, private and copy-on-write: nothing is read until the guest touches a
 /// page, so mapping costs the same for any guest size, and the guest's writes never reach
 /// the file.
-pub fn map_memory_file(file: &File, regions: &[RamRegion]) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn map_memory_file(
+    file: &File,
+    regions: &[RamRegion],
+    track_dirty_pages: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let mut mapped = Vec::with_capacity(regions.len());
     let mut offset = 0u64;
     for r in regions {
@@ -163,7 +242,7 @@ pub fn map_memory_file(file: &File, regions: &[RamRegion]) -> Result<GuestMemory
             .map_err(|e| map_err(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
         let region = MmapRegionBuilder::new_with_bitmap(
             r.len as usize,
-            AtomicBitmap::with_len(r.len as usize),
+            DirtyBitmap::new(r.len as usize, track_dirty_pages),
         )
         .with_file_offset(FileOffset::new(dup, offset))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -187,7 +266,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn regions_follow_layout() {
         use vm_memory::{Bytes, GuestMemoryRegion};
-        let mem = create_guest_memory(3584 << 20, HugePages::None).unwrap();
+        let mem = create_guest_memory(3584 << 20, HugePages::None, false).unwrap();
         let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         assert_eq!(regions, vec![(0, 0xc000_0000), (0x1_0000_0000, 512 << 20)]);
         // Both sides of the gap are backed; the gap is not.
@@ -198,7 +277,7 @@ mod tests {
 
     #[test]
     fn guest_ram_is_left_out_of_core_dumps() {
-        let mem = create_guest_memory(64 << 20, HugePages::None).unwrap();
+        let mem = create_guest_memory(64 << 20, HugePages::None, false).unwrap();
         let ram_start = crate::arch::layout::ram_ranges(64 << 20)[0].0;
         let start = mem.get_host_address(GuestAddress(ram_start)).unwrap() as usize;
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
@@ -220,7 +299,8 @@ mod tests {
 
     #[test]
     fn more_than_host_refused() {
-        let err = create_guest_memory(host_ram_bytes() + (1 << 30), HugePages::None).unwrap_err();
+        let err =
+            create_guest_memory(host_ram_bytes() + (1 << 30), HugePages::None, false).unwrap_err();
         assert!(matches!(err, MemoryError::MoreThanHost { .. }), "{err}");
     }
 }

@@ -1104,3 +1104,141 @@ fn vfio_passthrough_of_an_nvme_controller_and_an_e1000e_nic() {
         "the host file does not hold what the guest wrote"
     );
 }
+
+/// The guest of the snapshot test: a tick with the uptime every half second, and a shell
+/// that runs what is typed on the console.
+const SNAPSHOT_GUEST: &str = r#"
+echo "EMBER-TEST ready root=$(grep ' / ' /proc/mounts | cut -d' ' -f1)"
+( i=0; while true; do echo "EMBER-TEST tick $i up=$(cut -d' ' -f1 /proc/uptime | cut -d. -f1)"; i=$((i + 1)); sleep 0.5; done ) &
+while true; do
+    read -r cmd < /dev/console
+    eval "$cmd"
+done
+"#;
+
+/// Pauses the VM and writes a snapshot of `kind` to `state` and `mem`.
+fn linux_snapshot(vm: &LinuxVm, kind: &str, state: &std::path::Path, mem: &std::path::Path) {
+    let mut api = vm.api();
+    let r = api.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    let body = serde_json::json!({"snapshot_type": kind, "snapshot_path": state,
+                                  "mem_file_path": mem});
+    let r = api.call("PUT", "/snapshot/create", Some(&body.to_string()));
+    assert_eq!(r.status, 204, "{r:?}");
+}
+
+/// The uptime (whole seconds) in the next tick line.
+fn next_uptime(vm: &mut LinuxVm) -> u64 {
+    number(&vm.wait_for("EMBER-TEST tick"), "up")
+}
+
+/// Continues the guest from `state` with its memory from `mem` in a new ember; returns it
+/// once it ticks again, having checked its uptime goes on from `uptime` (it did not boot
+/// again) and that it still answers on its console.
+fn linux_restore(
+    dir: &Scratch,
+    state: &std::path::Path,
+    mem: &std::path::Path,
+    uptime: u64,
+) -> LinuxVm {
+    let mut vm = LinuxVm::serve_api(dir);
+    let body = serde_json::json!({"snapshot_path": state, "resume_vm": true,
+        "mem_backend": {"backend_type": "File", "backend_path": mem}});
+    let r = vm
+        .api()
+        .call("PUT", "/snapshot/load", Some(&body.to_string()));
+    assert_eq!(r.status, 204, "{r:?}");
+    let up = next_uptime(&mut vm);
+    assert!(
+        up >= uptime && up < uptime + 30,
+        "the restored guest's uptime goes on from {uptime} s: {up} s"
+    );
+    vm.type_text("echo EMBER-TEST answered $((6*7))\n");
+    vm.wait_for("EMBER-TEST answered 42");
+    vm
+}
+
+#[test]
+fn a_linux_guest_continues_from_full_and_diff_snapshots() {
+    linux_test(
+        "a_linux_guest_continues_from_full_and_diff_snapshots",
+        |images| {
+            let dir = Scratch::new("linux-snapshot");
+            let rootfs = images.rootfs_copy(&dir.0).unwrap();
+            let initrd = guest_initrd(images, &dir, SNAPSHOT_GUEST);
+            let mut vm = LinuxVm::serve_api(&dir);
+            let mut api = vm.api();
+            for (path, body) in [
+                (
+                    "/machine-config",
+                    serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256,
+                                       "track_dirty_pages": true}),
+                ),
+                (
+                    "/boot-source",
+                    serde_json::json!({"kernel_image_path": images.bzimage,
+                                       "initrd_path": initrd, "boot_args": BOOT_ARGS}),
+                ),
+                (
+                    "/drives/rootfs",
+                    serde_json::json!({"drive_id": "rootfs", "path_on_host": rootfs,
+                                       "is_root_device": true, "is_read_only": false}),
+                ),
+                (
+                    "/actions",
+                    serde_json::json!({"action_type": "InstanceStart"}),
+                ),
+            ] {
+                let r = api.call("PUT", path, Some(&body.to_string()));
+                assert_eq!(r.status, 204, "PUT {path}: {r:?}");
+            }
+            let ready = vm.wait_for("EMBER-TEST ready");
+            assert_eq!(field(&ready, "root"), "/dev/vda", "{ready}");
+            vm.wait_for("EMBER-TEST tick 2");
+
+            // A full snapshot, and the disk as it was then (the guest's page cache in the
+            // snapshot belongs with it).
+            let (full_state, full_mem) = (dir.path("full.state"), dir.path("full.mem"));
+            let up_full = next_uptime(&mut vm);
+            linux_snapshot(&vm, "Full", &full_state, &full_mem);
+            std::fs::copy(&rootfs, dir.path("rootfs-at-full")).unwrap();
+            let r = api.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+            assert_eq!(r.status, 204, "{r:?}");
+
+            // The guest writes a file, then a diff snapshot on top of the full one.
+            vm.type_text("echo one > /mark; sync; echo EMBER-TEST marked $(cat /mark)\n");
+            vm.wait_for("EMBER-TEST marked one");
+            let up_diff = next_uptime(&mut vm);
+            let (diff_state, diff_mem) = (dir.path("diff.state"), dir.path("diff.mem"));
+            linux_snapshot(&vm, "Diff", &diff_state, &diff_mem);
+            std::fs::copy(&rootfs, dir.path("rootfs-at-diff")).unwrap();
+            drop(api);
+            drop(vm);
+
+            // From the full snapshot: it runs, answers, and its disk works.
+            std::fs::copy(dir.path("rootfs-at-full"), &rootfs).unwrap();
+            let mut restored = linux_restore(&dir, &full_state, &full_mem, up_full);
+            // (The quotes keep the console's echo of the command from matching.)
+            restored.type_text(
+                "echo two > /mark2; sync; echo 3 > /proc/sys/vm/drop_caches; echo EMBER-TEST \"disk=$(cat /mark2) before=$(cat /mark 2>/dev/null || echo none)\"\n",
+            );
+            let disk = restored.wait_for("EMBER-TEST disk=");
+            assert_eq!(field(&disk, "disk"), "two", "{disk}");
+            assert_eq!(field(&disk, "before"), "none", "{disk}");
+            drop(restored);
+
+            // The diff laid over the full memory file: the guest as it was at the diff,
+            // with the file it wrote after the full snapshot.
+            std::fs::copy(dir.path("rootfs-at-diff"), &rootfs).unwrap();
+            let out = std::process::Command::new(EMBER)
+                .arg("--rebase-memory")
+                .args([&full_mem, &diff_mem])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let mut restored = linux_restore(&dir, &diff_state, &full_mem, up_diff);
+            restored.type_text("echo EMBER-TEST mark $(cat /mark)\n");
+            restored.wait_for("EMBER-TEST mark one");
+        },
+    );
+}

@@ -10,7 +10,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::api::{ApiVm, boot_source};
-use common::{Scratch, disk_image};
+use common::netns::TestNetns;
+use common::{Scratch, cannot_run, disk_image};
 
 /// How far the probe counts: long enough to pause it midway on a loaded host.
 const COUNT_TO: u64 = 150;
@@ -413,4 +414,90 @@ fn bad_snapshot_requests_are_refused_with_their_reason_and_change_nothing() {
         &load(&state, &mem),
         "not allowed after configuring boot-specific resources",
     );
+}
+
+/// ember serving its API inside `ns`.
+fn api_vm_in(ns: &TestNetns, tag: &str) -> ApiVm {
+    let dir = Scratch::new(tag);
+    let sock = dir.path("api.sock");
+    let cmd = ns.ember_command(&["--api-sock", sock.to_str().unwrap()]);
+    ApiVm::start_command(dir, sock, cmd)
+}
+
+/// The restored interface attaches to the TAP `network_overrides` names, the old one being
+/// gone, with the load body a Firecracker SDK sends (`enable_diff_snapshots`,
+/// `mem_backend`, `resume_vm`, `network_overrides`).
+#[test]
+fn network_overrides_reattach_an_interface_to_another_tap() {
+    if !Path::new("/dev/net/tun").exists() {
+        cannot_run("no /dev/net/tun");
+        return;
+    }
+    let ns = match TestNetns::new("snap") {
+        Ok(ns) => ns,
+        Err(e) => {
+            cannot_run(&format!("cannot create a network namespace: {e}"));
+            return;
+        }
+    };
+    for tap in ["tap-a", "tap-b"] {
+        if let Err(e) = ns.add_tap(tap) {
+            cannot_run(&format!("cannot create a TAP device: {e}"));
+            return;
+        }
+    }
+    let mut vm = api_vm_in(&ns, "snap-net");
+    let dir = Scratch::new("snap-net-files");
+    let (state, mem) = (dir.path("state"), dir.path("mem"));
+    for (path, body) in [
+        (
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":128}"#.to_owned(),
+        ),
+        (
+            "/boot-source",
+            boot_source("probe.count=60 probe.net=1 probe.net.echo=0", 1, 128),
+        ),
+        (
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","host_dev_name":"tap-a"}"#.to_owned(),
+        ),
+        ("/actions", r#"{"action_type":"InstanceStart"}"#.to_owned()),
+    ] {
+        call_ok(&vm, "PUT", path, &body);
+    }
+    let seen = snapshot_at(&mut vm, 3, "Full", &state, &mem);
+    let mac =
+        vm.call("GET", "/vm/config", None).json()["network-interfaces"][0]["guest_mac"].clone();
+    let before = last_count(vm, &seen);
+    ns.delete_link("tap-a").unwrap();
+
+    let vm = api_vm_in(&ns, "snap-net-restore");
+    let body = serde_json::json!({
+        "enable_diff_snapshots": true,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "snapshot_path": state,
+        "resume_vm": true,
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-b"}],
+    });
+    call_ok(&vm, "PUT", "/snapshot/load", &body.to_string());
+    let config = vm.call("GET", "/vm/config", None).json();
+    let iface = &config["network-interfaces"][0];
+    assert_eq!(iface["host_dev_name"], "tap-b", "{config}");
+    // The snapshot fixed the MAC the guest saw (it was generated, not configured).
+    assert!(mac.is_null(), "{mac}");
+    assert!(iface["guest_mac"].is_string(), "{config}");
+    assert_eq!(
+        config["machine-config"]["track_dirty_pages"], true,
+        "{config}"
+    );
+    let (code, out, err) = vm.finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains("TAP tap-b"), "{err}");
+    let got = counts(&out);
+    assert!(
+        got[0].0 > before.saturating_sub(1) && got[0].0 <= before + 2,
+        "{out}"
+    );
+    assert_eq!(got.last().map(|c| c.0), Some(60), "{out}");
 }

@@ -24,11 +24,12 @@ use ember::devices::virtio::VirtioDevice;
 use ember::devices::virtio::block::{Block, BlockConfig};
 use ember::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
 use ember::devices::work_queue::WorkQueue;
+use ember::memory::GuestMemoryMmap;
 use ember::stop::StopSignal;
 use ember::vstate::kvm::KvmContext;
 use ember::vstate::vm::Vm;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 1 << 20;
@@ -80,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn run(vm: &Vm, data: &[u8]) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
     let block = Block::new(BlockConfig {
         id: "fuzz".into(),
         path: disk().into(),
@@ -102,10 +103,11 @@ fn run(vm: &Vm, data: &[u8]) {
     let stop = StopSignal::new().expect("stop signal");
     let out = Arc::new(OutputBuffer::new(4096).expect("output buffer"));
     let mut serial = SerialDevice::new(
-        line(),
+        Box::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
         EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         ConsoleOutput::new(out, None),
-    );
+    )
+    .expect("serial port");
     let mut i8042 = I8042::new(stop.clone(), line());
     let mut power = PowerManagement::new(5, stop);
 

@@ -18,9 +18,10 @@ use disk::{DISK_SECTORS, disk};
 use ember::devices::virtio::VirtioDevice;
 use ember::devices::virtio::block::{Block, BlockConfig, VIRTIO_RING_F_EVENT_IDX};
 use ember::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
+use ember::memory::GuestMemoryMmap;
 use ember_virtq_driver::QueueDriver;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 1 << 20;
@@ -32,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
     let driver = QueueDriver::new(&mem, 0, QUEUE);
     // Descriptor table (16 x 16 bytes) straight from the input; addresses are folded into
     // guest memory half the time so the device gets past the range checks.

@@ -18,10 +18,11 @@ use ember::devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
 use ember::devices::virtio::net::tx::MAX_FRAME_LEN;
 use ember::devices::virtio::net::{Net, NetConfig};
 use ember::devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use ember::memory::GuestMemoryMmap;
 use ember_virtq_driver::QueueDriver;
 use event_manager::EventSet;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM: usize = 1 << 20;
 const QUEUE: u16 = 16;
@@ -86,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
     let rx = QueueDriver::new(&mem, RX_RINGS, QUEUE);
     let tx = QueueDriver::new(&mem, TX_RINGS, QUEUE);
     let (ctl, rest) = data.split_at(4);

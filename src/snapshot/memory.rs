@@ -12,7 +12,6 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemoryMmap;
@@ -132,8 +131,8 @@ pub fn write_full(
     Ok(written)
 }
 
-/// The pages the VMM wrote in `region` (vm-memory marks them).
-fn vmm_bitmap(region: &crate::memory::GuestRegionMmap) -> &AtomicBitmap {
+/// The pages the VMM wrote in `region` (vm-memory marks them where pages are tracked).
+fn vmm_bitmap(region: &crate::memory::GuestRegionMmap) -> &crate::memory::DirtyBitmap {
     std::ops::Deref::deref(region).bitmap()
 }
 
@@ -172,7 +171,7 @@ pub fn write_diff(
         let dirty = |page: usize| {
             kvm.get(page / 64)
                 .is_some_and(|w| w & (1 << (page % 64)) != 0)
-                || vmm.is_bit_set(page)
+                || vmm.page_dirty(page)
         };
         written += write_pages(file, region_bytes(region), offset, |i, _| dirty(i))?;
         vmm.reset();
@@ -284,7 +283,7 @@ mod tests {
     }
 
     fn mem() -> GuestMemoryMmap {
-        vm_memory::GuestMemoryMmap::from_ranges(&[
+        crate::memory::tracked_memory(&[
             (GuestAddress(0), 64 << 10),
             (GuestAddress(1 << 20), 32 << 10),
         ])

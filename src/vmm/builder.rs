@@ -180,8 +180,11 @@ pub struct PreparedVm {
 impl PreparedVm {
     pub fn new(machine: &MachineConfig) -> Result<Self, BuildError> {
         let kvm = KvmContext::open()?;
-        let guest_memory =
-            memory::create_guest_memory(machine.mem_size_bytes(), machine.huge_pages)?;
+        let guest_memory = memory::create_guest_memory(
+            machine.mem_size_bytes(),
+            machine.huge_pages,
+            machine.track_dirty_pages,
+        )?;
         let mut vm = Vm::new(&kvm)?;
         // Slots before the irqchip: adding a slot once an in-kernel irqchip exists is much
         // slower (docs/performance.md).

@@ -813,6 +813,7 @@ impl Controller {
             RestoreHugePages::Hugetlbfs2M => crate::config::HugePages::Hugetlbfs2M,
         };
         let need = state.memory_len();
+        let tracking = params.tracks_dirty_pages();
         let memory = match backend {
             MemBackendType::File => {
                 if huge_pages == crate::config::HugePages::Hugetlbfs2M {
@@ -820,7 +821,7 @@ impl Controller {
                 }
                 let file = open("the snapshot memory file", mem_path)?;
                 memory::check_len(&file, need).map_err(|e| fail(e.into()))?;
-                let guest_memory = crate::memory::map_memory_file(&file, &state.memory)
+                let guest_memory = crate::memory::map_memory_file(&file, &state.memory, tracking)
                     .map_err(|e| ActionError::Restore(e.into()))?;
                 if huge_pages == crate::config::HugePages::Transparent {
                     crate::memory::advise_huge_pages(&guest_memory);
@@ -831,7 +832,7 @@ impl Controller {
                 }
             }
             MemBackendType::Uffd => {
-                let guest_memory = crate::memory::create_guest_memory(need, huge_pages)
+                let guest_memory = crate::memory::create_guest_memory(need, huge_pages, tracking)
                     .map_err(|e| ActionError::Restore(e.into()))?;
                 if crate::memory::ram_regions(&guest_memory) != state.memory {
                     return Err(fail(SnapshotError::Contents(
@@ -846,7 +847,6 @@ impl Controller {
                 }
             }
         };
-        let tracking = params.tracks_dirty_pages();
         let microvm = restore_microvm(
             &state,
             memory,

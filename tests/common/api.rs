@@ -165,10 +165,14 @@ impl ApiVm {
     pub fn start_at(dir: Scratch, sock: PathBuf, extra_flags: &[&str]) -> Self {
         let mut args = vec!["--api-sock", sock.to_str().expect("utf-8 path")];
         args.extend_from_slice(extra_flags);
-        let mut child = ember_command(&args)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("spawn ember");
+        let cmd = ember_command(&args);
+        Self::start_command(dir, sock, cmd)
+    }
+
+    /// Starts `cmd`, an ember told to serve the API at `sock` (run another way: inside a
+    /// network namespace, say).
+    pub fn start_command(dir: Scratch, sock: PathBuf, mut cmd: std::process::Command) -> Self {
+        let mut child = cmd.stdin(Stdio::piped()).spawn().expect("spawn ember");
         let start = Instant::now();
         while UnixStream::connect(&sock).is_err() {
             if let Some(status) = child.try_wait().expect("try_wait") {

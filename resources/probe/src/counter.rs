@@ -17,7 +17,8 @@ use crate::virtio_mmio::Mmio;
 
 /// The count, in guest memory (`.bss`): what a restored guest must still have.
 static COUNT: AtomicU64 = AtomicU64::new(0);
-/// About 50 ms between steps at the TSC rates hosts have.
+/// About 50 ms between steps at the TSC rates hosts have, unless `probe.count.gap` (TSC
+/// ticks) says otherwise.
 const STEP_TICKS: u64 = 1 << 27;
 
 pub fn run(cmdline: &Cmdline, blk0: Option<u64>) {
@@ -25,6 +26,10 @@ pub fn run(cmdline: &Cmdline, blk0: Option<u64>) {
         serial::write(b"PROBE COUNT FAIL probe.count is not a number\n");
         return;
     };
+    let gap = cmdline
+        .get(b"probe.count.gap")
+        .and_then(parse_u64)
+        .unwrap_or(STEP_TICKS);
     let mut blk = blk0.and_then(|base| {
         let mut detail = Detail::new();
         let blk = Blk::init(Transport::Mmio(Mmio::new(base)), 0, &mut detail);
@@ -49,6 +54,8 @@ pub fn run(cmdline: &Cmdline, blk0: Option<u64>) {
         if n >= limit {
             return;
         }
-        timeout::delay(STEP_TICKS);
+        if gap > 0 {
+            timeout::delay(gap);
+        }
     }
 }

@@ -132,8 +132,10 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState, 
     let regs = fd.get_regs().map_err(save("registers"))?;
     let sregs = fd.get_sregs().map_err(save("special registers"))?;
     let xsave = fd.get_xsave().map_err(save("XSAVE area"))?;
+    // A host without XSAVE answers with no XCRs at all, and refuses to have any set.
     let xcrs = match fd.get_xcrs() {
-        Ok(x) => Some(x),
+        Ok(x) if x.nr_xcrs > 0 => Some(x),
+        Ok(_) => None,
         Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENOTTY => None,
         Err(e) => return Err(save("extended control registers")(e)),
     };

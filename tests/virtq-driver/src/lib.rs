@@ -6,10 +6,8 @@
 use std::sync::atomic::{Ordering, fence};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
-
-/// Guest memory as ember maps it: pages written through it are marked dirty.
-type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 pub const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
@@ -47,7 +45,7 @@ fn page_align(x: u64) -> u64 {
 }
 
 impl QueueDriver {
-    pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
+    pub fn new<B: Bitmap>(mem: &GuestMemoryMmap<B>, base: u64, size: u16) -> Self {
         let desc = GuestAddress(base);
         let avail = GuestAddress(page_align(base + 16 * u64::from(size)));
         let used = GuestAddress(page_align(avail.0 + 6 + 2 * u64::from(size)));
@@ -82,7 +80,14 @@ impl QueueDriver {
     }
 
     /// Writes a raw descriptor at table index `index` (for hostile shapes: loops, bad next).
-    pub fn write_raw(&self, mem: &GuestMemoryMmap, index: u16, d: Desc, flags: u16, next: u16) {
+    pub fn write_raw<B: Bitmap>(
+        &self,
+        mem: &GuestMemoryMmap<B>,
+        index: u16,
+        d: Desc,
+        flags: u16,
+        next: u16,
+    ) {
         let at = self.desc.unchecked_add(16 * u64::from(index));
         let mut flags = flags;
         if d.write {
@@ -96,13 +101,13 @@ impl QueueDriver {
 
     /// Sets `used_event` (EVENT_IDX): the driver wants an interrupt once the used index
     /// passes this value.
-    pub fn set_used_event(&self, mem: &GuestMemoryMmap, value: u16) {
+    pub fn set_used_event<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>, value: u16) {
         let at = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
         let _ = mem.write_obj(value, at);
     }
 
     /// Makes `head` available to the device.
-    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+    pub fn publish<B: Bitmap>(&mut self, mem: &GuestMemoryMmap<B>, head: u16) {
         let slot = self.avail_idx % self.size;
         let _ = mem.write_obj(head, self.avail.unchecked_add(4 + 2 * u64::from(slot)));
         fence(Ordering::Release);
@@ -111,7 +116,7 @@ impl QueueDriver {
     }
 
     /// Adds a chain of `descs` and makes it available; returns its head index.
-    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, descs: &[Desc]) -> u16 {
+    pub fn add_chain<B: Bitmap>(&mut self, mem: &GuestMemoryMmap<B>, descs: &[Desc]) -> u16 {
         let head = self.next_desc;
         for (i, d) in descs.iter().enumerate() {
             let index = (head + i as u16) % self.size;
@@ -131,7 +136,7 @@ impl QueueDriver {
     }
 
     /// Used elements (head id, length) the device returned since the last call.
-    pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+    pub fn take_used<B: Bitmap>(&mut self, mem: &GuestMemoryMmap<B>) -> Vec<(u32, u32)> {
         let idx: u16 = mem
             .read_obj(self.used.unchecked_add(2))
             .unwrap_or(self.used_seen);
