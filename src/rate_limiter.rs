@@ -380,6 +380,77 @@ impl RateLimiter {
     }
 }
 
+/// A bucket's tokens as a snapshot keeps them; its size and refill time come from the
+/// configuration the device is attached with again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketState {
+    pub budget: u64,
+    pub one_time_burst: u64,
+    pub debt: u64,
+}
+
+/// What a rate limiter holds beyond its configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateLimiterState {
+    pub bandwidth: Option<BucketState>,
+    pub ops: Option<BucketState>,
+    /// A request was waiting for tokens.
+    pub blocked: bool,
+}
+
+impl TokenBucket {
+    fn save_state(&self) -> BucketState {
+        BucketState {
+            budget: self.budget,
+            one_time_burst: self.one_time_burst,
+            debt: self.debt,
+        }
+    }
+
+    /// Takes the saved tokens back, never more than the bucket holds; refill goes on from
+    /// `now` (the time the VM spent saved does not count).
+    fn restore_state(&mut self, saved: &BucketState, now: Instant) {
+        self.debt = saved.debt;
+        self.budget = if saved.debt > 0 {
+            0
+        } else {
+            saved.budget.min(self.size)
+        };
+        self.one_time_burst = saved.one_time_burst;
+        self.last_update = now;
+        self.carry = 0;
+    }
+}
+
+impl RateLimiter {
+    /// The buckets' tokens, for a snapshot.
+    pub fn save_state(&self) -> RateLimiterState {
+        RateLimiterState {
+            bandwidth: self.bandwidth.as_ref().map(TokenBucket::save_state),
+            ops: self.ops.as_ref().map(TokenBucket::save_state),
+            blocked: self.timer_armed,
+        }
+    }
+
+    /// Puts saved tokens into the buckets the configuration made (a bucket the
+    /// configuration no longer has stays absent). A limiter that was blocking wakes its
+    /// device at once, which then waits again for exactly what it still lacks.
+    pub fn restore_state(&mut self, saved: &RateLimiterState) {
+        let now = Instant::now();
+        for (bucket, state) in [
+            (&mut self.bandwidth, &saved.bandwidth),
+            (&mut self.ops, &saved.ops),
+        ] {
+            if let (Some(b), Some(s)) = (bucket.as_mut(), state) {
+                b.restore_state(s, now);
+            }
+        }
+        if saved.blocked {
+            self.arm_timer(MIN_TIMER_DELAY);
+        }
+    }
+}
+
 impl AsRawFd for RateLimiter {
     fn as_raw_fd(&self) -> RawFd {
         self.timer.as_raw_fd()
@@ -389,6 +460,50 @@ impl AsRawFd for RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_tokens_come_back_into_a_limiter_of_the_same_configuration() {
+        let config: RateLimiterConfig = serde_json::from_str(
+            r#"{"bandwidth":{"size":1000,"one_time_burst":500,"refill_time":100000},
+                "ops":{"size":10,"refill_time":100000}}"#,
+        )
+        .unwrap();
+        let mut rl = RateLimiter::new(&config).unwrap();
+        assert!(rl.consume(700, TokenType::Bytes));
+        assert!(rl.consume(4, TokenType::Ops));
+        let saved = rl.save_state();
+        let b = saved.bandwidth.unwrap();
+        assert_eq!(
+            (b.one_time_burst, b.budget),
+            (0, 800),
+            "the burst is spent first"
+        );
+        assert_eq!(saved.ops.unwrap().budget, 6);
+        let json = serde_json::to_string(&saved).unwrap();
+        let mut fresh = RateLimiter::new(&config).unwrap();
+        fresh.restore_state(&serde_json::from_str(&json).unwrap());
+        // The refill time is 100 s: what is left is what was saved, not a full bucket.
+        let b = fresh.bandwidth().unwrap();
+        assert_eq!((b.budget(), b.one_time_burst()), (800, 0));
+        assert!(!fresh.consume(900, TokenType::Bytes), "only 800 tokens");
+        assert!(fresh.is_blocked());
+        // A blocked limiter restores blocked, and its timer wakes the device soon.
+        let blocked = fresh.save_state();
+        assert!(blocked.blocked);
+        let mut again = RateLimiter::new(&config).unwrap();
+        again.restore_state(&blocked);
+        assert!(again.is_blocked());
+        std::thread::sleep(Duration::from_millis(5));
+        again.event_handler().unwrap();
+        assert!(!again.is_blocked());
+        // Saved tokens never exceed a smaller bucket the new configuration gives.
+        let small: RateLimiterConfig =
+            serde_json::from_str(r#"{"bandwidth":{"size":100,"refill_time":100000}}"#).unwrap();
+        let mut smaller = RateLimiter::new(&small).unwrap();
+        smaller.restore_state(&saved);
+        assert_eq!(smaller.bandwidth().unwrap().budget(), 100);
+        assert!(smaller.ops().is_none());
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

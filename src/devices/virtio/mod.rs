@@ -114,6 +114,14 @@ pub trait VirtioDevice: Send {
     fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
         Vec::new()
     }
+    /// The tokens in the device's rate limiters, for a snapshot (their limits come back
+    /// with the device's configuration).
+    fn rate_limiter_states(&self) -> Vec<crate::rate_limiter::RateLimiterState> {
+        Vec::new()
+    }
+    /// Puts saved tokens back into the rate limiters, in [`Self::rate_limiter_states`]'s
+    /// order.
+    fn restore_rate_limiters(&mut self, _saved: &[crate::rate_limiter::RateLimiterState]) {}
     /// The device's own counters and the kind they are reported under (`block`): the
     /// device manager puts them in every metrics flush while the device is attached.
     fn metrics(&self) -> Option<(&'static str, Arc<dyn crate::metrics::Group>)> {

@@ -48,6 +48,9 @@ pub struct TransportSnapshot {
     pub config_generation: u32,
     pub activated: bool,
     pub queues: Vec<SavedQueue>,
+    /// The device's rate limiters' tokens (block: one; net: receive, transmit).
+    #[serde(default)]
+    pub rate_limiters: Vec<crate::rate_limiter::RateLimiterState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,6 +347,7 @@ impl TransportState {
             config_generation: self.config_generation,
             activated: self.activated,
             queues,
+            rate_limiters: device.rate_limiter_states(),
         }
     }
 
@@ -391,6 +395,7 @@ impl TransportState {
         self.driver_features = saved.driver_features;
         self.status = saved.status;
         self.config_generation = saved.config_generation;
+        self.device().restore_rate_limiters(&saved.rate_limiters);
         if saved.activated {
             let queues: Vec<Queue> = self
                 .queues

@@ -168,3 +168,61 @@ impl DeviceManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::devices::virtio::test_utils::FakeDevice;
+    use crate::memory::GuestMemoryMmap;
+    use crate::stop::StopSignal;
+    use vm_memory::GuestAddress;
+
+    /// The platform devices and fake virtio devices named `ids`, attached in that order.
+    fn devices(vm: &Vm, ids: &[&str]) -> DeviceManager {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut dm = DeviceManager::new().unwrap();
+        dm.attach_platform(vm, 1, &StopSignal::new().unwrap(), None)
+            .unwrap();
+        for id in ids {
+            dm.attach_virtio(vm, &mem, id, Arc::new(Mutex::new(FakeDevice::new(&[8]))))
+                .unwrap();
+        }
+        dm
+    }
+
+    #[test]
+    fn the_saved_devices_come_back_only_into_the_same_devices_in_the_same_order() {
+        let vm = Vm::with_irqfds_for_tests();
+        let saved = devices(&vm, &["snap-a", "snap-b"]).save_state(&vm).unwrap();
+        assert_eq!(
+            saved
+                .virtio
+                .iter()
+                .map(|v| v.label.as_str())
+                .collect::<Vec<_>>(),
+            ["drive \"snap-a\"", "drive \"snap-b\""]
+        );
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: DevicesState = serde_json::from_str(&json).unwrap();
+
+        let vm2 = Vm::with_irqfds_for_tests();
+        devices(&vm2, &["snap-a", "snap-b"])
+            .restore_state(&vm2, &back, None)
+            .unwrap();
+        let e = devices(&vm2, &["snap-a"])
+            .restore_state(&vm2, &back, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds 2 virtio devices") && e.contains("has 1"),
+            "{e}"
+        );
+        let e = devices(&vm2, &["snap-b", "snap-a"])
+            .restore_state(&vm2, &back, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device 0 is drive \"snap-a\""), "{e}");
+    }
+}

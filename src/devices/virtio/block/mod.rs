@@ -784,6 +784,16 @@ impl VirtioDevice for Block {
         self.needs_reset
     }
 
+    fn rate_limiter_states(&self) -> Vec<crate::rate_limiter::RateLimiterState> {
+        vec![self.limiter.save_state()]
+    }
+
+    fn restore_rate_limiters(&mut self, saved: &[crate::rate_limiter::RateLimiterState]) {
+        if let Some(s) = saved.first() {
+            self.limiter.restore_state(s);
+        }
+    }
+
     fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
         // After quiesce nothing is in flight: every request taken has been answered.
         self.active

@@ -774,6 +774,19 @@ impl VirtioDevice for Net {
         self.drop_reserved();
     }
 
+    fn rate_limiter_states(&self) -> Vec<crate::rate_limiter::RateLimiterState> {
+        vec![self.rx_limiter.save_state(), self.tx_limiter.save_state()]
+    }
+
+    fn restore_rate_limiters(&mut self, saved: &[crate::rate_limiter::RateLimiterState]) {
+        for (limiter, s) in [&mut self.rx_limiter, &mut self.tx_limiter]
+            .into_iter()
+            .zip(saved)
+        {
+            limiter.restore_state(s);
+        }
+    }
+
     fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
         let Some(active) = &self.active else {
             return Vec::new();
