@@ -127,14 +127,17 @@ pub struct MicroVm {
     pub uffd: Option<std::os::fd::OwnedFd>,
 }
 
-fn boot_timer_hook(start: Option<Instant>) -> Option<Box<dyn FnOnce() + Send>> {
+/// A hook for the guest's first console byte that logs the time since `start` as `what`:
+/// `Guest-boot-time` from process start, `Guest-restore-time` from a snapshot load.
+fn first_byte_timer(
+    start: Option<Instant>,
+    what: &'static str,
+    since: &'static str,
+) -> Option<Box<dyn FnOnce() + Send>> {
     start.map(|start| {
         Box::new(move || {
             let us = start.elapsed().as_micros();
-            log::info!(
-                "Guest-boot-time = {us:>6} us {} ms (first serial output)",
-                us / 1000
-            );
+            log::info!("{what} = {us:>6} us {} ms ({since})", us / 1000);
         }) as Box<dyn FnOnce() + Send>
     })
 }
@@ -477,7 +480,11 @@ pub fn build_microvm(
         interfaces,
         vfio,
         &opts,
-        boot_timer_hook(opts.boot_timer_start),
+        first_byte_timer(
+            opts.boot_timer_start,
+            "Guest-boot-time",
+            "first serial output",
+        ),
     )?;
     let mut words = devices.cmdline_words().to_vec();
     words.extend(root_args);
@@ -574,7 +581,11 @@ pub fn restore_microvm(
         .restore_state(
             &vm,
             &state.devices,
-            restore_timer_hook(opts.boot_timer_start),
+            first_byte_timer(
+                opts.boot_timer_start,
+                "Guest-restore-time",
+                "first serial output after the snapshot load",
+            ),
         )
         .map_err(SnapshotError::from)?;
     Ok(MicroVm {
@@ -587,21 +598,6 @@ pub fn restore_microvm(
         vm,
         kvm,
         uffd,
-    })
-}
-
-/// Logs the time from `start` (the snapshot load request) to the restored guest's first
-/// console byte.
-#[cfg(target_arch = "x86_64")]
-fn restore_timer_hook(start: Option<Instant>) -> Option<Box<dyn FnOnce() + Send>> {
-    start.map(|start| {
-        Box::new(move || {
-            let us = start.elapsed().as_micros();
-            log::info!(
-                "Guest-restore-time = {us:>6} us {} ms (first serial output after the snapshot load)",
-                us / 1000
-            );
-        }) as Box<dyn FnOnce() + Send>
     })
 }
 
