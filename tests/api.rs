@@ -395,7 +395,13 @@ fn bad_requests_get_400_and_change_nothing() {
             "PUT",
             "/snapshot/create",
             r#"{}"#,
-            "not supported by ember yet",
+            "missing field `snapshot_path`",
+        ),
+        (
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#,
+            "only allowed after the microVM starts",
         ),
         (
             "PUT",
