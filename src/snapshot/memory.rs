@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{GuestMemoryMmap, GuestRegionMmap};
 
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -58,7 +58,7 @@ fn write_at(file: &File, bytes: &[u8], offset: u64) -> Result<(), MemoryFileErro
 
 /// The bytes of one region. The VM is paused and its devices quiesced, so nothing writes
 /// them while they are read.
-fn region_bytes(region: &crate::memory::GuestRegionMmap) -> &[u8] {
+fn region_bytes(region: &GuestRegionMmap) -> &[u8] {
     // SAFETY: the region maps `len` bytes for as long as `region` lives, and no vCPU or
     // device writes them while the VM is paused.
     unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
@@ -111,6 +111,39 @@ pub fn total_len(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
+/// Gives `file` guest memory's length, then has `write` fill in each region at its offset
+/// in the file; returns the bytes written.
+fn write_regions(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    mut write: impl FnMut(&GuestRegionMmap, u64) -> Result<u64, MemoryFileError>,
+) -> Result<u64, MemoryFileError> {
+    file.set_len(total_len(mem))
+        .map_err(MemoryFileError::Write)?;
+    let mut offset = 0;
+    let mut written = 0;
+    for region in mem.iter() {
+        written += write(region, offset)?;
+        offset += region.len();
+    }
+    Ok(written)
+}
+
+/// The pages the VMM wrote in `region` (vm-memory marks them where pages are tracked).
+fn vmm_bitmap(region: &GuestRegionMmap) -> &crate::memory::DirtyBitmap {
+    std::ops::Deref::deref(region).bitmap()
+}
+
+/// KVM's log of the pages the guest wrote in `region`, cleared as it is read.
+fn take_dirty_log(
+    log: &dyn DirtyLog,
+    region: &GuestRegionMmap,
+) -> Result<Vec<u64>, MemoryFileError> {
+    let gpa = region.start_addr().0;
+    log.take(gpa, region.len())
+        .map_err(|source| MemoryFileError::DirtyLog { gpa, source })
+}
+
 /// Writes every page of guest memory that is not zero into `file` (empty, as the API
 /// opens it) and forgets what was written before it: the next diff starts here. Returns
 /// the bytes written.
@@ -119,35 +152,14 @@ pub fn write_full(
     file: &File,
     dirty_log: Option<&dyn DirtyLog>,
 ) -> Result<u64, MemoryFileError> {
-    file.set_len(total_len(mem))
-        .map_err(MemoryFileError::Write)?;
-    let mut offset = 0;
-    let mut written = 0;
-    for region in mem.iter() {
-        written += write_pages(file, region_bytes(region), offset, |_, p| !is_zero(p))?;
-        reset_dirty(region, dirty_log)?;
-        offset += region.len();
-    }
-    Ok(written)
-}
-
-/// The pages the VMM wrote in `region` (vm-memory marks them where pages are tracked).
-fn vmm_bitmap(region: &crate::memory::GuestRegionMmap) -> &crate::memory::DirtyBitmap {
-    std::ops::Deref::deref(region).bitmap()
-}
-
-fn reset_dirty(
-    region: &crate::memory::GuestRegionMmap,
-    dirty_log: Option<&dyn DirtyLog>,
-) -> Result<(), MemoryFileError> {
-    let bitmap = vmm_bitmap(region);
-    bitmap.reset();
-    if let Some(log) = dirty_log {
-        let gpa = region.start_addr().0;
-        log.take(gpa, region.len())
-            .map_err(|source| MemoryFileError::DirtyLog { gpa, source })?;
-    }
-    Ok(())
+    write_regions(mem, file, |region, offset| {
+        let written = write_pages(file, region_bytes(region), offset, |_, p| !is_zero(p))?;
+        vmm_bitmap(region).reset();
+        if let Some(log) = dirty_log {
+            take_dirty_log(log, region)?;
+        }
+        Ok(written)
+    })
 }
 
 /// Writes the pages written since the last snapshot (or since the VM started) into `file`
@@ -158,26 +170,18 @@ pub fn write_diff(
     file: &File,
     dirty_log: &dyn DirtyLog,
 ) -> Result<u64, MemoryFileError> {
-    file.set_len(total_len(mem))
-        .map_err(MemoryFileError::Write)?;
-    let mut offset = 0;
-    let mut written = 0;
-    for region in mem.iter() {
-        let gpa = region.start_addr().0;
-        let kvm = dirty_log
-            .take(gpa, region.len())
-            .map_err(|source| MemoryFileError::DirtyLog { gpa, source })?;
+    write_regions(mem, file, |region, offset| {
+        let kvm = take_dirty_log(dirty_log, region)?;
         let vmm = vmm_bitmap(region);
         let dirty = |page: usize| {
             kvm.get(page / 64)
                 .is_some_and(|w| w & (1 << (page % 64)) != 0)
                 || vmm.page_dirty(page)
         };
-        written += write_pages(file, region_bytes(region), offset, |i, _| dirty(i))?;
+        let written = write_pages(file, region_bytes(region), offset, |i, _| dirty(i))?;
         vmm.reset();
-        offset += region.len();
-    }
-    Ok(written)
+        Ok(written)
+    })
 }
 
 /// Checks that a memory file holds the `need` bytes a snapshot's guest memory maps from it.

@@ -169,6 +169,20 @@ pub fn open_boot_files(
     Ok((kernel, initrd))
 }
 
+/// A VM with `guest_memory` in its slots and its interrupt controllers. Slots come first:
+/// adding a slot once an in-kernel irqchip exists is much slower (docs/performance.md).
+fn vm_with_memory(
+    kvm: &KvmContext,
+    guest_memory: &GuestMemoryMmap,
+    track_dirty_pages: bool,
+    irqchip: crate::config::Irqchip,
+) -> Result<Vm, BuildError> {
+    let mut vm = Vm::new(kvm)?;
+    vm.register_memory(guest_memory, track_dirty_pages)?;
+    vm.create_interrupt_controllers(irqchip)?;
+    Ok(vm)
+}
+
 /// The part of a VM that depends only on the machine configuration: KVM, the VM with its
 /// interrupt controllers, and guest memory registered in its slots. The controller builds it
 /// ahead of `InstanceStart` so starting does only what needs the kernel.
@@ -188,11 +202,12 @@ impl PreparedVm {
             machine.huge_pages,
             machine.track_dirty_pages,
         )?;
-        let mut vm = Vm::new(&kvm)?;
-        // Slots before the irqchip: adding a slot once an in-kernel irqchip exists is much
-        // slower (docs/performance.md).
-        vm.register_memory(&guest_memory, machine.track_dirty_pages)?;
-        vm.create_interrupt_controllers(machine.irqchip)?;
+        let vm = vm_with_memory(
+            &kvm,
+            &guest_memory,
+            machine.track_dirty_pages,
+            machine.irqchip,
+        )?;
         // Prepared ahead of InstanceStart when the API is used: the start then finds it.
         kvm.prefetch_cpuid();
         Ok(PreparedVm {
@@ -294,14 +309,7 @@ fn attach_nets(
 ) -> Result<AttachedNets, BuildError> {
     let mut nets = Vec::with_capacity(interfaces.len());
     for iface in interfaces {
-        let mac = match iface
-            .guest_mac
-            .as_deref()
-            .and_then(crate::config::net::parse_mac)
-        {
-            Some(mac) => mac,
-            None => net::generated_mac(instance_id, &iface.iface_id),
-        };
+        let mac = net::interface_mac(iface.guest_mac.as_deref(), instance_id, &iface.iface_id);
         let device = Net::new(net::NetConfig {
             id: iface.iface_id.clone(),
             tap_name: iface.host_dev_name.clone(),
@@ -316,7 +324,7 @@ fn attach_nets(
             "network interface {:?}: TAP {}, MAC {} {placement}",
             iface.iface_id,
             iface.host_dev_name,
-            mac.map(|b| format!("{b:02x}")).join(":"),
+            net::format_mac(mac),
         );
         nets.push((iface.iface_id.clone(), device));
     }
@@ -557,9 +565,7 @@ pub fn restore_microvm(
     use crate::snapshot::SnapshotError;
     let RestoredMemory { guest_memory, uffd } = memory;
     let kvm = KvmContext::open()?;
-    let mut vm = Vm::new(&kvm)?;
-    vm.register_memory(&guest_memory, track_dirty_pages)?;
-    vm.create_interrupt_controllers(state.irqchip)?;
+    let vm = vm_with_memory(&kvm, &guest_memory, track_dirty_pages, state.irqchip)?;
     let vcpu_fds = create_vcpus(&vm, &kvm, &state.machine_config)?;
     let (devices, blocks, _, nets) = attach_devices(
         &vm,

@@ -719,12 +719,12 @@ impl Controller {
             .network_interfaces
             .iter()
             .map(|n| {
-                let mut n = n.clone();
-                if n.guest_mac.is_none() {
-                    let mac = crate::devices::virtio::net::generated_mac(&instance_id, &n.iface_id);
-                    n.guest_mac = Some(mac.map(|b| format!("{b:02x}")).join(":"));
+                use crate::devices::virtio::net::{format_mac, interface_mac};
+                let mac = interface_mac(n.guest_mac.as_deref(), &instance_id, &n.iface_id);
+                crate::config::NetConfig {
+                    guest_mac: Some(format_mac(mac)),
+                    ..n.clone()
                 }
-                n
             })
             .collect();
         let state = MicroVmState {

@@ -77,6 +77,19 @@ pub struct NetConfig {
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// The MAC address an interface's guest sees: the configured `guest_mac` if it parses,
+/// else the generated one.
+pub fn interface_mac(guest_mac: Option<&str>, instance_id: &str, iface_id: &str) -> [u8; 6] {
+    guest_mac
+        .and_then(crate::config::net::parse_mac)
+        .unwrap_or_else(|| generated_mac(instance_id, iface_id))
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as the API shows MAC addresses.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 /// A MAC address for an interface the user gave none: stable for the same VM id and
 /// interface id, locally administered and unicast.
 pub fn generated_mac(instance_id: &str, iface_id: &str) -> [u8; 6] {
