@@ -22,7 +22,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "/run/ember.socket")]
     pub api_sock: PathBuf,
 
-    /// MicroVM id, used in log lines and metrics.
+    /// MicroVM id, used in log lines and metrics: 1-64 letters, digits and hyphens.
     #[arg(long, value_name = "ID", default_value = "anonymous-instance", value_parser = parse_id)]
     pub id: String,
 
@@ -99,22 +99,51 @@ pub struct Cli {
     #[arg(long)]
     pub version: bool,
 
+    /// Answer as the Firecracker version VERSION (by default the API version ember follows):
+    /// `--version` prints "Firecracker vVERSION" and `GET /version` reports VERSION, for
+    /// clients that check the binary's version before they use it.
+    #[arg(
+        long,
+        value_name = "VERSION",
+        num_args = 0..=1,
+        default_missing_value = crate::version::FIRECRACKER_API_VERSION,
+        value_parser = crate::version::parse_version
+    )]
+    pub firecracker_compat_version: Option<String>,
+
+    /// Print the snapshot format version this ember writes and exit.
+    #[arg(long)]
+    pub snapshot_version: bool,
+
+    /// Print the format version (and what it holds) of a snapshot's state file and exit.
+    #[arg(long, value_name = "PATH")]
+    pub describe_snapshot: Option<PathBuf>,
+
     /// Lay a diff snapshot's memory file over the full (or already rebased) memory file
     /// it follows, in place, and exit: BASE then holds the memory of the diff's snapshot.
     #[arg(long, num_args = 2, value_names = ["BASE", "DIFF"])]
     pub rebase_memory: Option<Vec<PathBuf>>,
 }
 
+/// Instance ids are 1-64 ASCII letters, digits and hyphens: orchestrators use them in
+/// paths (jails, sockets, cgroups), and Firecracker's launchers check the same rule.
 fn parse_id(s: &str) -> Result<String, String> {
-    if !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        Ok(s.to_owned())
-    } else {
-        Err("the id must be 1-64 characters from [A-Za-z0-9_-]".to_owned())
+    if s.is_empty() || s.len() > 64 {
+        return Err(format!(
+            "the id must be 1-64 characters long, this one has {}",
+            s.chars().count()
+        ));
     }
+    if let Some((position, c)) = s
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(format!(
+            "invalid character {c:?} at position {position}: use letters, digits and '-'"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 impl Cli {
@@ -183,6 +212,18 @@ mod tests {
     }
 
     #[test]
+    fn compat_version_defaults_to_the_followed_api() {
+        let bare = parse(&["--firecracker-compat-version"]).unwrap();
+        assert_eq!(
+            bare.firecracker_compat_version.as_deref(),
+            Some(crate::version::FIRECRACKER_API_VERSION)
+        );
+        let chosen = parse(&["--firecracker-compat-version", "1.7.0"]).unwrap();
+        assert_eq!(chosen.firecracker_compat_version.as_deref(), Some("1.7.0"));
+        assert_eq!(parse(&[]).unwrap().firecracker_compat_version, None);
+    }
+
+    #[test]
     fn no_api_needs_config_file() {
         assert!(parse(&["--no-api"]).is_err());
         assert!(parse(&["--no-api", "--config-file", "x.json"]).is_ok());
@@ -191,6 +232,11 @@ mod tests {
     #[test]
     fn bad_values_rejected() {
         assert!(parse(&["--id", "has space"]).is_err());
+        assert!(parse(&["--id", "under_score"]).is_err());
+        assert!(parse(&["--id", ""]).is_err());
+        assert!(parse(&["--id", &"a".repeat(65)]).is_err());
+        assert!(parse(&["--id", &"a".repeat(64)]).is_ok());
+        assert!(parse(&["--firecracker-compat-version", "one"]).is_err());
         assert!(parse(&["--level", "loud"]).is_err());
         assert!(parse(&["--no-seccomp", "--seccomp-filter", "f"]).is_err());
     }

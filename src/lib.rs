@@ -19,5 +19,6 @@ pub mod rate_limiter;
 pub mod seccomp;
 pub mod snapshot;
 pub mod stop;
+pub mod version;
 pub mod vmm;
 pub mod vstate;

@@ -31,9 +31,22 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Some(version) = &cli.firecracker_compat_version {
+        ember::version::set_firecracker_compat(version.clone());
+    }
     if cli.version {
-        println!("ember v{}", env!("CARGO_PKG_VERSION"));
+        println!("{}", ember::version::version_line());
         return ExitCode::SUCCESS;
+    }
+    if cli.snapshot_version {
+        println!(
+            "{}",
+            ember::snapshot::file::version_name(ember::snapshot::file::FORMAT_VERSION)
+        );
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.describe_snapshot {
+        return ExitCode::from(describe_snapshot(path));
     }
     if let Some(files) = &cli.rebase_memory {
         return ExitCode::from(rebase_memory(files));
@@ -43,6 +56,26 @@ fn main() -> ExitCode {
     // does not take them must not keep the process alive.
     logger::flush(LOG_FLUSH_LIMIT);
     ExitCode::from(code)
+}
+
+/// `--describe-snapshot PATH`: the state file's format version and what it holds.
+fn describe_snapshot(path: &std::path::Path) -> u8 {
+    let described = std::fs::File::open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+        .and_then(|mut f| {
+            ember::snapshot::file::describe(&mut std::io::BufReader::new(&mut f))
+                .map_err(|e| format!("{}: {e}", path.display()))
+        });
+    match described {
+        Ok(text) => {
+            println!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("ember: {e}");
+            exit_code::BAD_CONFIGURATION
+        }
+    }
 }
 
 /// `--rebase-memory BASE DIFF`: the diff's pages written over the base, in place.

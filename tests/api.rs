@@ -20,7 +20,24 @@ fn firecracker_client_flow_boots_the_probe() {
     assert_eq!(info.json()["app_name"], "ember");
     assert_eq!(info.json()["id"], "anonymous-instance");
     let version = c.call("GET", "/version", None).json();
-    assert_eq!(version["firecracker_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        version["firecracker_version"],
+        ember::version::FIRECRACKER_API_VERSION
+    );
+    assert_eq!(version["ember_version"], env!("CARGO_PKG_VERSION"));
+    // Before any configuration every section is there, as null, empty or defaults.
+    let empty = c.call("GET", "/vm/config", None).json();
+    assert_eq!(
+        empty,
+        serde_json::json!({
+            "balloon": null, "drives": [], "cpu-config": null, "logger": null,
+            "boot-source": {"kernel_image_path": "", "initrd_path": null, "boot_args": null},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": false,
+                "track_dirty_pages": false, "huge_pages": "None"},
+            "metrics": null, "memory-hotplug": null, "mmds-config": null,
+            "network-interfaces": [], "pmem": [], "vsock": null, "entropy": null,
+        })
+    );
 
     let drive_path = disk_image(&vm.dir, "disk.img", 0, 2048);
     let steps = [
@@ -935,4 +952,44 @@ fn send_ctrl_alt_del_reaches_the_guest_keyboard() {
     // Having read them, the probe resets the VM: a clean exit.
     let (code, _, err) = vm.finish();
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// Version-gated clients: `GET /version` names the Firecracker API version ember follows
+/// (or the operator's choice) beside ember's own; `--version` answers as Firecracker only
+/// when asked to.
+#[test]
+fn versions_answer_for_version_gated_clients() {
+    let fc = ember::version::FIRECRACKER_API_VERSION;
+    let own = run_ember(&["--version"]);
+    assert_eq!(
+        own.stdout.trim(),
+        format!(
+            "ember v{} (Firecracker API {fc})",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    let compat = run_ember(&["--firecracker-compat-version", "--version"]);
+    assert_eq!(compat.stdout.trim(), format!("Firecracker v{fc}"));
+    let chosen = run_ember(&["--version", "--firecracker-compat-version", "1.10.1"]);
+    assert_eq!(chosen.stdout.trim(), "Firecracker v1.10.1");
+    assert_fails(
+        &run_ember(&["--firecracker-compat-version", "ten", "--version"]),
+        2,
+        "\"ten\" is not a version",
+    );
+
+    let vm = ApiVm::start(&["--firecracker-compat-version", "1.10.1"]);
+    let version = vm.call("GET", "/version", None).json();
+    assert_eq!(version["firecracker_version"], "1.10.1");
+    assert_eq!(version["ember_version"], env!("CARGO_PKG_VERSION"));
+    let info = vm.call("GET", "/", None).json();
+    assert_eq!(info["vmm_version"], env!("CARGO_PKG_VERSION"));
+    let _ = vm.terminate();
+
+    // Instance ids as Firecracker's launchers accept them.
+    assert_fails(
+        &run_ember(&["--id", "vm_1", "--version"]),
+        2,
+        "invalid character '_' at position 2",
+    );
 }

@@ -348,3 +348,90 @@ fn parser_rejects_suspicious_layouts() {
         assert!(err.contains(want), "{text:?}: {err}");
     }
 }
+
+/// Firecracker's API description, beside the repository (`../shared/reference/`), if any.
+fn firecracker_description() -> Option<(std::path::PathBuf, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
+    let file = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("firecracker-api") && n.ends_with(".yaml"))
+        })?;
+    let text = std::fs::read_to_string(&file).ok()?;
+    Some((file, text))
+}
+
+/// A path with its parameters' names erased: `/drives/{drive_id}` and `/drives/{id}` are
+/// one path.
+fn shape(path: &str) -> String {
+    path.split('/')
+        .map(|s| if s.starts_with('{') { "{}" } else { s })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The operations docs/api.md lists under "Not supported".
+fn documented_unsupported() -> BTreeSet<(String, String)> {
+    let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md");
+    let text = std::fs::read_to_string(doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
+    let section = text
+        .split("\n## Not supported\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{doc} has no `## Not supported` section"));
+    let section = section.split("\n## ").next().unwrap_or_default();
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter_map(|op| op.split_once(' '))
+        .map(|(m, p)| (m.to_owned(), shape(p)))
+        .collect()
+}
+
+/// Every operation of Firecracker's API description is served by ember or listed, with a
+/// reason, as not supported in docs/api.md; nothing listed there is served.
+#[test]
+fn every_firecracker_operation_is_served_or_documented_as_not_supported() {
+    let Some((file, text)) = firecracker_description() else {
+        let reason = "Firecracker's API description is not in ../shared/reference/";
+        if std::env::var_os("CI").is_some() {
+            panic!("this test cannot run here: {reason}");
+        }
+        eprintln!("NOT RUN (this counts as a failure in CI): {reason}");
+        return;
+    };
+    let firecracker = parse_paths(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let served: BTreeSet<(String, String)> =
+        served().into_iter().map(|(m, p)| (m, shape(&p))).collect();
+    let unsupported = documented_unsupported();
+    let neither: Vec<(String, String)> = firecracker
+        .operations
+        .iter()
+        .map(|o| (o.method.to_ascii_uppercase(), shape(&o.path)))
+        .filter(|op| !served.contains(op) && !unsupported.contains(op))
+        .collect();
+    assert!(
+        neither.is_empty(),
+        "operations of {} neither served nor listed under \"Not supported\" in docs/api.md:\n{}",
+        file.display(),
+        list(&neither)
+    );
+    let both: Vec<(String, String)> = unsupported.intersection(&served).cloned().collect();
+    assert!(
+        both.is_empty(),
+        "docs/api.md lists served operations as not supported:\n{}",
+        list(&both)
+    );
+    // Each listed operation's resource is one the router refuses with "not supported".
+    for (method, path) in &unsupported {
+        let resource = path.split('/').nth(1).unwrap_or_default();
+        assert!(
+            UNSUPPORTED.contains(&resource),
+            "{method} {path} is listed as not supported but /{resource} is not in UNSUPPORTED"
+        );
+    }
+}

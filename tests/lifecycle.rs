@@ -207,7 +207,11 @@ fn version_flag() {
     assert_eq!(r.code(), Some(0));
     assert_eq!(
         r.stdout.trim(),
-        format!("ember v{}", env!("CARGO_PKG_VERSION"))
+        format!(
+            "ember v{} (Firecracker API {})",
+            env!("CARGO_PKG_VERSION"),
+            ember::version::FIRECRACKER_API_VERSION
+        )
     );
 }
 

@@ -58,6 +58,7 @@ const MACHINE_REPORT: &str = r#"
 echo "EMBER-TEST cmdline $(cat /proc/cmdline)"
 echo "EMBER-TEST machine cpus=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online) mem_kib=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
 echo "EMBER-TEST acpi devices=$(ls /sys/bus/acpi/devices | tr '\n' ' ')"
+echo "EMBER-TEST cpu vendor $(grep -m1 ^vendor_id /proc/cpuinfo)"
 echo "EMBER-TEST cpu flags $(grep -m1 ^flags /proc/cpuinfo)"
 poweroff -f
 "#;
@@ -80,8 +81,14 @@ fn without_pvh_note(vmlinux: &std::path::Path, dir: &Scratch) -> std::path::Path
     dir.write("vmlinux-no-pvh", elf)
 }
 
+/// What the guest's /proc/cpuinfo said: vendor and feature flags.
+struct GuestCpu {
+    vendor: String,
+    flags: std::collections::BTreeSet<String>,
+}
+
 /// Boots `kernel` with the machine report and checks what the guest saw and which boot
-/// protocol ember used (`protocol` as ember logs it).
+/// protocol ember used (`protocol` as ember logs it); `template` is the CPU template.
 fn boot_and_check_machine(
     images: &LinuxImages,
     dir: &Scratch,
@@ -89,10 +96,15 @@ fn boot_and_check_machine(
     protocol: &str,
     vcpus: u8,
     mem: usize,
-) {
+    template: Option<&str>,
+) -> GuestCpu {
     let initrd = guest_initrd(images, dir, MACHINE_REPORT);
     let args = format!("{BOOT_ARGS} ember.test=machine");
-    let mut vm = LinuxVm::boot_config(dir, &config(kernel, &initrd, vcpus, mem, &args));
+    let mut cfg = config(kernel, &initrd, vcpus, mem, &args);
+    if let Some(t) = template {
+        cfg["machine-config"]["cpu_template"] = t.into();
+    }
+    let mut vm = LinuxVm::boot_config(dir, &cfg);
     let init = vm.wait_for("EMBER-GUEST init");
     println!(
         "/init ran {:.1} s after spawn ({init})",
@@ -120,6 +132,7 @@ fn boot_and_check_machine(
     for hid in ["PNP0501", "PNP0303"] {
         assert!(acpi.contains(hid), "{acpi}");
     }
+    let vendor = vm.wait_for("EMBER-TEST cpu vendor");
     // The LAPIC's TSC-deadline mode, which KVM emulates and ember must announce.
     let flags = vm.wait_for("EMBER-TEST cpu flags");
     assert!(flags.contains(" tsc_deadline_timer"), "{flags}");
@@ -127,15 +140,75 @@ fn boot_and_check_machine(
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains(&format!("({protocol} boot)")), "{log}");
     assert!(log.contains("the guest powered off (ACPI S5)"), "{log}");
+    GuestCpu {
+        vendor: vendor.rsplit(' ').next().unwrap_or_default().to_owned(),
+        flags: flags
+            .split(':')
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
+/// A CPU template as the guest sees it: the flags of `templated` are those of `plain`
+/// less some the template hides (T2 on Intel: AVX-512, RDSEED, ADX, SMAP, CLFLUSHOPT, CLWB,
+/// SHA; T2A on AMD: AVX-512 and SVM), never more.
+fn assert_template_effect(template: &str, plain: &GuestCpu, templated: &GuestCpu) {
+    let hidden: &[&str] = if template == "T2" {
+        &[
+            "avx512f",
+            "avx512dq",
+            "avx512cd",
+            "avx512bw",
+            "avx512vl",
+            "rdseed",
+            "adx",
+            "smap",
+            "clflushopt",
+            "clwb",
+            "sha_ni",
+            "xsavec",
+            "xsaves",
+            "pku",
+            "vaes",
+            "gfni",
+        ]
+    } else {
+        &[
+            "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl", "svm", "vaes", "gfni",
+        ]
+    };
+    let added: Vec<&String> = templated.flags.difference(&plain.flags).collect();
+    assert!(added.is_empty(), "{template} added {added:?}");
+    let kept: Vec<&&str> = hidden
+        .iter()
+        .filter(|f| templated.flags.contains(**f))
+        .collect();
+    assert!(kept.is_empty(), "{template} left {kept:?} visible");
+    let removed: Vec<&String> = plain.flags.difference(&templated.flags).collect();
+    println!("{template} hid {removed:?} from the guest");
+    if hidden.iter().any(|f| plain.flags.contains(*f)) {
+        assert!(!removed.is_empty());
+    }
 }
 
 #[test]
 fn bzimage_and_64_bit_elf_boot_one_vcpu() {
     linux_test("bzimage_and_64_bit_elf_boot_one_vcpu", |images| {
         let dir = Scratch::new("linux-one-vcpu");
-        boot_and_check_machine(images, &dir, &images.bzimage, "Linux64", 1, 256);
+        let plain = boot_and_check_machine(images, &dir, &images.bzimage, "Linux64", 1, 256, None);
+        // The second boot also checks a CPU template for the host's vendor.
+        let template = if plain.vendor == "AuthenticAMD" {
+            "T2A"
+        } else {
+            "T2"
+        };
         let elf = without_pvh_note(&images.vmlinux, &dir);
-        boot_and_check_machine(images, &dir, &elf, "Linux64", 1, 384);
+        let templated =
+            boot_and_check_machine(images, &dir, &elf, "Linux64", 1, 384, Some(template));
+        assert_template_effect(template, &plain, &templated);
     });
 }
 
@@ -143,7 +216,7 @@ fn bzimage_and_64_bit_elf_boot_one_vcpu() {
 fn pvh_elf_boots_two_vcpus() {
     linux_test("pvh_elf_boots_two_vcpus", |images| {
         let dir = Scratch::new("linux-pvh");
-        boot_and_check_machine(images, &dir, &images.vmlinux, "Pvh", 2, 512);
+        boot_and_check_machine(images, &dir, &images.vmlinux, "Pvh", 2, 512, None);
     });
 }
 

@@ -264,11 +264,15 @@ fn data_response(data: VmmData) -> Response {
     match data {
         VmmData::Empty => Response::no_content(),
         VmmData::InstanceInfo(info) => to_json(serde_json::to_value(info)),
-        VmmData::Version(v) => {
-            Response::json(200, &serde_json::json!({ "firecracker_version": v }))
-        }
+        VmmData::Version(v) => Response::json(
+            200,
+            &serde_json::json!({
+                "firecracker_version": v,
+                "ember_version": crate::version::EMBER_VERSION,
+            }),
+        ),
         VmmData::MachineConfig(m) => to_json(serde_json::to_value(m)),
-        VmmData::VmConfig(c) => to_json(serde_json::to_value(c)),
+        VmmData::VmConfig(c) => to_json(c.full_json()),
         VmmData::Prometheus(text) => Response::text(200, "text/plain; version=0.0.4", text),
         VmmData::DriveAccess { read_only } => {
             Response::json(200, &serde_json::json!({ "read_only": read_only }))

@@ -64,8 +64,9 @@ impl Irqchip {
     }
 }
 
-/// CPU templates exist in the API for compatibility; ember passes the host CPU through
-/// (normalised), so only `None` is accepted.
+/// Static CPU templates: on x86_64, CPUID feature ceilings named after instance families
+/// (`arch::x86_64::cpu_template`, docs/configuration.md); `V1N1` is an arm64 template,
+/// which ember does not have.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub enum CpuTemplate {
     #[default]
@@ -76,6 +77,10 @@ pub enum CpuTemplate {
     T2CL,
     T2A,
     V1N1,
+}
+
+fn no_template(t: &Option<CpuTemplate>) -> bool {
+    matches!(t, None | Some(CpuTemplate::None))
 }
 
 /// The `machine-config` body and config-file key.
@@ -90,7 +95,8 @@ pub struct MachineConfig {
     pub track_dirty_pages: bool,
     #[serde(default)]
     pub huge_pages: HugePages,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Not shown when there is none (`None` included), as clients expect.
+    #[serde(default, skip_serializing_if = "no_template")]
     pub cpu_template: Option<CpuTemplate>,
     /// Shown only when not the default, so Firecracker clients see the shape they know.
     #[serde(default, skip_serializing_if = "Irqchip::is_default")]
@@ -127,7 +133,15 @@ pub enum MachineConfigError {
         "machine-config.mem_size_mib must be a multiple of 2 when huge_pages is \"2M\", got {0}"
     )]
     HugePageAlignment(usize),
-    #[error("machine-config.cpu_template {0:?} is not supported by ember; use \"None\" or omit it")]
+    #[error(
+        "machine-config.cpu_template {0:?} is not available on {arch}: use {choices}",
+        arch = std::env::consts::ARCH,
+        choices = if cfg!(target_arch = "x86_64") {
+            "C3, T2, T2S, T2CL or T2A (their vendor's hosts only) or \"None\""
+        } else {
+            "\"None\" or omit it"
+        }
+    )]
     CpuTemplate(CpuTemplate),
     #[error(
         "machine-config.irqchip \"{name}\" is not available on {arch}: use {choices}",
@@ -167,6 +181,8 @@ impl MachineConfig {
         }
         match self.cpu_template {
             None | Some(CpuTemplate::None) => Ok(()),
+            Some(CpuTemplate::V1N1) => Err(MachineConfigError::CpuTemplate(CpuTemplate::V1N1)),
+            Some(_) if cfg!(target_arch = "x86_64") => Ok(()),
             Some(other) => Err(MachineConfigError::CpuTemplate(other)),
         }
     }
@@ -254,14 +270,54 @@ mod tests {
     }
 
     #[test]
-    fn cpu_templates_other_than_none_refused() {
+    fn cpu_templates_of_this_architecture_accepted() {
         let mut c = config(1, 128);
         c.cpu_template = Some(CpuTemplate::None);
         assert_eq!(c.validate(), Ok(()));
-        c.cpu_template = Some(CpuTemplate::T2);
+        for t in ["C3", "T2", "T2S", "T2CL", "T2A"] {
+            let template: CpuTemplate = serde_json::from_str(&format!("\"{t}\"")).unwrap();
+            c.cpu_template = Some(template);
+            let expected = if cfg!(target_arch = "x86_64") {
+                Ok(())
+            } else {
+                Err(MachineConfigError::CpuTemplate(template))
+            };
+            assert_eq!(c.validate(), expected, "{t}");
+        }
+        c.cpu_template = Some(CpuTemplate::V1N1);
         assert_eq!(
             c.validate(),
-            Err(MachineConfigError::CpuTemplate(CpuTemplate::T2))
+            Err(MachineConfigError::CpuTemplate(CpuTemplate::V1N1))
+        );
+        assert!(serde_json::from_str::<CpuTemplate>("\"T3\"").is_err());
+    }
+
+    #[test]
+    fn no_template_not_shown() {
+        let mut c = config(1, 128);
+        for t in [None, Some(CpuTemplate::None)] {
+            c.cpu_template = t;
+            let shown = serde_json::to_value(&c).unwrap();
+            assert!(shown.get("cpu_template").is_none(), "{shown}");
+        }
+        c.cpu_template = Some(CpuTemplate::T2S);
+        assert_eq!(serde_json::to_value(&c).unwrap()["cpu_template"], "T2S");
+        let keys: Vec<String> = serde_json::to_value(config(2, 256))
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "huge_pages",
+                "mem_size_mib",
+                "smt",
+                "track_dirty_pages",
+                "vcpu_count"
+            ]
         );
     }
 

@@ -102,16 +102,83 @@ impl VmConfig {
         Self::from_json(&text)
     }
 
+    /// The `GET /vm/config` answer: every section of Firecracker's description present, as
+    /// null or `[]` when not configured (an empty boot source before `PUT /boot-source`),
+    /// and each device's optional fields as null, so clients that index into the answer
+    /// find every key they expect.
+    pub fn full_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        use serde_json::{Value, json};
+        fn fill(value: &mut Value, keys: &[&str]) {
+            if let Some(object) = value.as_object_mut() {
+                for key in keys {
+                    object.entry(*key).or_insert(Value::Null);
+                }
+            }
+        }
+        fn fill_limiters(value: &mut Value, keys: &[&str]) {
+            if let Some(object) = value.as_object_mut() {
+                for key in keys {
+                    match object.get_mut(*key) {
+                        Some(limiter @ Value::Object(_)) => fill(limiter, &["bandwidth", "ops"]),
+                        _ => {
+                            object.insert((*key).to_owned(), Value::Null);
+                        }
+                    }
+                }
+            }
+        }
+        let mut full = serde_json::to_value(self)?;
+        let Some(sections) = full.as_object_mut() else {
+            return Ok(full);
+        };
+        let boot = sections
+            .entry("boot-source")
+            .or_insert_with(|| json!({ "kernel_image_path": "" }));
+        fill(boot, &["initrd_path", "boot_args"]);
+        if let Some(Value::Array(drives)) = sections.get_mut("drives") {
+            for drive in drives {
+                fill(drive, &["partuuid", "socket"]);
+                fill_limiters(drive, &["rate_limiter"]);
+            }
+        }
+        if let Some(Value::Array(interfaces)) = sections.get_mut("network-interfaces") {
+            for interface in interfaces {
+                fill(interface, &["guest_mac"]);
+                fill_limiters(interface, &["rx_rate_limiter", "tx_rate_limiter"]);
+            }
+        }
+        for key in [
+            "balloon",
+            "cpu-config",
+            "logger",
+            "metrics",
+            "memory-hotplug",
+            "mmds-config",
+            "vsock",
+            "entropy",
+        ] {
+            sections.entry(key).or_insert(Value::Null);
+        }
+        sections.entry("pmem").or_insert_with(|| json!([]));
+        Ok(full)
+    }
+
     /// Validates every part. A boot source is required because a config file boots at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // `GET /vm/config` shows absent sections as null or `[]`; fed back as a config file,
+        // those mean "none".
+        let given = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))
+        };
         let unsupported = [
-            ("balloon", self.balloon.is_some()),
-            ("vsock", self.vsock.is_some()),
-            ("mmds-config", self.mmds_config.is_some()),
-            ("entropy", self.entropy.is_some()),
-            ("cpu-config", self.cpu_config.is_some()),
-            ("pmem", self.pmem.is_some()),
-            ("memory-hotplug", self.memory_hotplug.is_some()),
+            ("balloon", given(&self.balloon)),
+            ("vsock", given(&self.vsock)),
+            ("mmds-config", given(&self.mmds_config)),
+            ("entropy", given(&self.entropy)),
+            ("cpu-config", given(&self.cpu_config)),
+            ("pmem", given(&self.pmem)),
+            ("memory-hotplug", given(&self.memory_hotplug)),
         ];
         if let Some((key, _)) = unsupported.iter().find(|(_, present)| *present) {
             return Err(ConfigError::Unsupported(key));
@@ -184,6 +251,60 @@ mod tests {
             let err = VmConfig::from_json(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn full_json_has_every_section_and_reads_back() {
+        let empty = VmConfig::default().full_json().unwrap();
+        let keys: Vec<&str> = empty
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for key in [
+            "balloon",
+            "drives",
+            "boot-source",
+            "cpu-config",
+            "logger",
+            "machine-config",
+            "metrics",
+            "memory-hotplug",
+            "mmds-config",
+            "network-interfaces",
+            "pmem",
+            "vsock",
+            "entropy",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {empty}");
+        }
+        assert_eq!(
+            empty["boot-source"],
+            serde_json::json!({"kernel_image_path": "", "initrd_path": null, "boot_args": null})
+        );
+        assert_eq!(empty["drives"], serde_json::json!([]));
+        assert_eq!(empty["pmem"], serde_json::json!([]));
+        assert!(empty["vsock"].is_null() && empty["balloon"].is_null());
+
+        let text = r#"{"boot-source":{"kernel_image_path":"/k"},
+            "drives":[{"drive_id":"root","is_root_device":true,"path_on_host":"/d",
+                "rate_limiter":{"bandwidth":{"size":1,"refill_time":1}}}],
+            "network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0"}]}"#;
+        let config = VmConfig::from_json(text).unwrap();
+        let full = config.full_json().unwrap();
+        let drive = &full["drives"][0];
+        assert!(drive["partuuid"].is_null() && drive["socket"].is_null());
+        assert!(drive["rate_limiter"]["ops"].is_null());
+        assert_eq!(drive["rate_limiter"]["bandwidth"]["size"], 1);
+        let interface = &full["network-interfaces"][0];
+        assert!(interface["guest_mac"].is_null());
+        assert!(interface["rx_rate_limiter"].is_null() && interface["tx_rate_limiter"].is_null());
+        // What GET /vm/config shows is a config file that boots the same VM.
+        let again = VmConfig::from_json(&full.to_string()).unwrap();
+        assert_eq!(again.drives, config.drives);
+        assert_eq!(again.network_interfaces, config.network_interfaces);
+        assert_eq!(again.full_json().unwrap(), full);
     }
 
     #[test]

@@ -12,7 +12,12 @@ use super::rate_limiter::{RateLimiterConfig, RateLimiterError};
 pub struct NetConfig {
     pub iface_id: String,
     pub host_dev_name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Stored lowercased: the guest, `GET /vm/config` and snapshots all show one spelling.
+    #[serde(
+        default,
+        deserialize_with = "lowercase",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub guest_mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
@@ -20,6 +25,11 @@ pub struct NetConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+fn lowercase<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let mac: Option<String> = serde::Deserialize::deserialize(d)?;
+    Ok(mac.map(|m| m.to_ascii_lowercase()))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -129,6 +139,21 @@ mod tests {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         }
+    }
+
+    #[test]
+    fn guest_mac_stored_lowercase() {
+        let n: NetConfig = serde_json::from_str(
+            r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"AA:Bb:0C:00:00:01"}"#,
+        )
+        .unwrap();
+        assert_eq!(n.guest_mac.as_deref(), Some("aa:bb:0c:00:00:01"));
+        let shown = serde_json::to_value(&n).unwrap();
+        assert_eq!(shown["guest_mac"], "aa:bb:0c:00:00:01");
+        let none: NetConfig =
+            serde_json::from_str(r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":null}"#)
+                .unwrap();
+        assert_eq!(none.guest_mac, None);
     }
 
     #[test]

@@ -144,9 +144,88 @@ pub fn read(input: &mut impl Read) -> Result<Vec<u8>, FileError> {
     Ok(body)
 }
 
+/// How snapshot format versions are printed (`--snapshot-version`, `--describe-snapshot`).
+pub fn version_name(version: u32) -> String {
+    format!("v{version}.0.0")
+}
+
+/// What `--describe-snapshot` prints: the format version on the first line (also for
+/// files of a version this ember cannot read), then, for a readable file, what it holds.
+pub fn describe(input: &mut impl Read) -> Result<String, FileError> {
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    input
+        .by_ref()
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut header)
+        .map_err(FileError::Read)?;
+    if header.len() < 12 || &header[..8] != MAGIC {
+        return Err(FileError::NotASnapshot);
+    }
+    let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    let name = version_name(version);
+    if version != FORMAT_VERSION {
+        return Ok(format!(
+            "{name}\nthis ember reads {} only",
+            version_name(FORMAT_VERSION)
+        ));
+    }
+    let body = read(&mut header.as_slice().chain(input))?;
+    let state: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| FileError::Checksum)?;
+    let text = |key: &str| state.get(key).and_then(|v| v.as_str()).unwrap_or("?");
+    let count = |key: &str| {
+        state
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map_or(0, Vec::len)
+    };
+    let machine = state.get("machine_config");
+    let field = |key: &str| {
+        machine
+            .and_then(|m| m.get(key))
+            .and_then(|v| v.as_u64())
+            .map_or_else(|| "?".to_owned(), |n| n.to_string())
+    };
+    Ok(format!(
+        "{name}\nwritten by ember {}: {} snapshot of {} vCPUs and {} MiB, {} drives, {} network interfaces, on {}",
+        text("ember_version"),
+        text("snapshot_type"),
+        field("vcpu_count"),
+        field("mem_size_mib"),
+        count("drives"),
+        count("network_interfaces"),
+        text("host_cpu"),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_names_the_version_and_contents() {
+        let body = br#"{"ember_version":"9.9.9","snapshot_type":"Diff","host_cpu":"cpu x","machine_config":{"vcpu_count":2,"mem_size_mib":256},"drives":[{}],"network_interfaces":[]}"#;
+        let text = describe(&mut envelope(body).as_slice()).unwrap();
+        assert_eq!(
+            text,
+            "v1.0.0\nwritten by ember 9.9.9: Diff snapshot of 2 vCPUs and 256 MiB, 1 drives, 0 network interfaces, on cpu x"
+        );
+        let mut other = envelope(body);
+        other[8] = 7;
+        let text = describe(&mut other.as_slice()).unwrap();
+        assert!(text.starts_with("v7.0.0\n"), "{text}");
+        assert!(matches!(
+            describe(&mut &b"not a snapshot at all"[..]),
+            Err(FileError::NotASnapshot)
+        ));
+        let mut corrupt = envelope(body);
+        let last = corrupt.len() - 2;
+        corrupt[last] ^= 1;
+        assert!(matches!(
+            describe(&mut corrupt.as_slice()),
+            Err(FileError::Checksum)
+        ));
+    }
 
     fn envelope(body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();

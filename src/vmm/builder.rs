@@ -61,6 +61,9 @@ pub enum BuildError {
     #[cfg(target_arch = "x86_64")]
     #[error("{0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[cfg(target_arch = "x86_64")]
+    #[error("{0}")]
+    CpuTemplate(#[from] arch::x86_64::cpu_template::CpuTemplateError),
 }
 
 impl BuildError {
@@ -84,6 +87,9 @@ impl BuildError {
             BuildError::Devices(DeviceManagerError::Vfio(VfioAttachError::NeedsPci(_))) => {
                 exit_code::BAD_CONFIGURATION
             }
+            // A template for the other vendor's CPUs.
+            #[cfg(target_arch = "x86_64")]
+            BuildError::CpuTemplate(_) => exit_code::HOST_UNSUITABLE,
             // The interrupt controller asked for is not one this host's KVM can make.
             BuildError::Kvm(_)
             | BuildError::Memory(_)
@@ -512,7 +518,14 @@ pub fn build_microvm(
     log::info!("kernel {} loaded, {}", kernel.shown, boot_state.describe());
 
     #[cfg(target_arch = "x86_64")]
-    let supported_cpuid = kvm.supported_cpuid()?;
+    let supported_cpuid = {
+        let mut entries = kvm.supported_cpuid()?.as_slice().to_vec();
+        if let Some(template) = machine.cpu_template {
+            arch::x86_64::cpu_template::apply(&mut entries, template)?;
+        }
+        kvm_bindings::CpuId::from_entries(&entries)
+            .map_err(|e| arch::VcpuSetupError::CpuidList(0, e))?
+    };
     let mut vcpus = Vec::with_capacity(vcpu_fds.len());
     for (index, fd) in vcpu_fds {
         #[cfg(target_arch = "x86_64")]

@@ -214,7 +214,9 @@ impl Controller {
                 vmm_version: env!("CARGO_PKG_VERSION").to_owned(),
                 app_name: "ember",
             })),
-            GetVersion => Ok(VmmData::Version(env!("CARGO_PKG_VERSION").to_owned())),
+            GetVersion => Ok(VmmData::Version(
+                crate::version::firecracker_version().to_owned(),
+            )),
             GetMachineConfig => Ok(VmmData::MachineConfig(
                 self.resources.machine_config.clone(),
             )),

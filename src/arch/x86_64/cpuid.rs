@@ -69,13 +69,13 @@ impl Topology {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Vendor {
+pub(crate) enum Vendor {
     Intel,
     Amd,
     Other,
 }
 
-fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
+pub(crate) fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
     let Some(e) = entries.iter().find(|e| e.function == LEAF_VENDOR) else {
         return Vendor::Other;
     };

@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod boot_params;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod interrupts;
 pub mod kernel;
