@@ -201,6 +201,7 @@ impl Rig {
                 mtu: None,
                 rx_rate_limiter: None,
                 tx_rate_limiter: None,
+                mmds: None,
             },
             tap,
         )

@@ -74,9 +74,13 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_PAYLOAD)]
     pub http_api_max_payload_size: usize,
 
-    /// Largest MMDS data store, in bytes.
+    /// Largest MMDS data store, in bytes (by default the API's largest request body).
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<usize>,
+
+    /// A JSON file whose object becomes the MMDS data store before anything else.
+    #[arg(long, value_name = "PATH")]
+    pub metadata: Option<PathBuf>,
 
     /// Give the guest a PCI root complex (ECAM, a host bridge, ACPI); docs/pci.md says which
     /// devices sit on it.
@@ -152,9 +156,6 @@ impl Cli {
     /// an operator is not misled.
     pub fn not_yet_effective(&self) -> Vec<&'static str> {
         let mut flags = Vec::new();
-        if self.mmds_size_limit.is_some() {
-            flags.push("--mmds-size-limit");
-        }
         if self.start_time_cpu_us.is_some() {
             flags.push("--start-time-cpu-us");
         }
@@ -189,6 +190,8 @@ mod tests {
             "1000",
             "--mmds-size-limit",
             "10",
+            "--metadata",
+            "/tmp/md.json",
             "--enable-pci",
             "--start-time-us",
             "5",

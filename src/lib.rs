@@ -15,6 +15,7 @@ pub mod host_file;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+pub mod mmds;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod snapshot;

@@ -58,6 +58,14 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `--metadata PATH`: the file's JSON.
+fn read_metadata(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --metadata {}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("--metadata {} is not valid JSON: {e}", path.display()))
+}
+
 /// `--describe-snapshot PATH`: the state file's format version and what it holds.
 fn describe_snapshot(path: &std::path::Path) -> u8 {
     let described = std::fs::File::open(path)
@@ -153,6 +161,14 @@ fn run(cli: Cli, started: Instant) -> u8 {
         Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
     };
 
+    let metadata = match &cli.metadata {
+        Some(path) => match read_metadata(path) {
+            Ok(v) => Some(v),
+            Err(e) => return fail(exit_code::BAD_CONFIGURATION, e),
+        },
+        None => None,
+    };
+
     let config = match &cli.config_file {
         Some(path) => match VmConfig::from_file(&path.display().to_string()) {
             Ok(c) => Some(c),
@@ -186,6 +202,8 @@ fn run(cli: Cli, started: Instant) -> u8 {
         api,
         seccomp,
         enable_pci: cli.enable_pci,
+        mmds_size_limit: cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size),
+        metadata,
     };
     let result = vmm::run_vmm(opts);
     if let Some(thread) = api_thread {

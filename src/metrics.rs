@@ -207,7 +207,7 @@ metric_group!(
     /// GET requests by endpoint.
     GetRequestMetrics {
         counters: [instance_info_count, version_count, machine_cfg_count, vm_config_count,
-            prometheus_count],
+            prometheus_count, mmds_count],
     }
 );
 metric_group!(
@@ -217,14 +217,15 @@ metric_group!(
             drive_count, drive_fails, logger_count, logger_fails, machine_cfg_count,
             machine_cfg_fails, metrics_count, metrics_fails, network_count, network_fails,
             snapshot_create_count, snapshot_create_fails, snapshot_load_count,
-            snapshot_load_fails, vfio_count, vfio_fails],
+            snapshot_load_fails, vfio_count, vfio_fails, mmds_count, mmds_fails,
+            mmds_config_count, mmds_config_fails],
     }
 );
 metric_group!(
     /// PATCH requests by endpoint, with their failures.
     PatchRequestMetrics {
         counters: [drive_count, drive_fails, machine_cfg_count, machine_cfg_fails,
-            network_count, network_fails, vm_count, vm_fails],
+            network_count, network_fails, vm_count, vm_fails, mmds_count, mmds_fails],
     }
 );
 metric_group!(

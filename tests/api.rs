@@ -993,3 +993,112 @@ fn versions_answer_for_version_gated_clients() {
         "invalid character '_' at position 2",
     );
 }
+
+/// The metadata document through the API: `--metadata` starts it, PUT replaces it,
+/// PATCH merges into it (null deletes), GET shows it; a document over `--mmds-size-limit`
+/// is refused and changes nothing; `PUT /mmds/config` needs interfaces that exist, shows
+/// in `GET /vm/config`, and is pre-boot only.
+#[test]
+fn mmds_document_and_configuration_through_the_api() {
+    let dir = Scratch::new("mmds-api");
+    let metadata = dir.write(
+        "md.json",
+        r#"{"latest": {"meta-data": {"ami-id": "ami-1"}}}"#,
+    );
+    let vm = ApiVm::start(&[
+        "--metadata",
+        metadata.to_str().unwrap(),
+        "--mmds-size-limit",
+        "200",
+    ]);
+    let ok = |method: &str, path: &str, body: &str| {
+        let r = vm.call(method, path, Some(body));
+        assert_eq!(r.status, 204, "{method} {path} {body}: {r:?}");
+    };
+    let refused = |method: &str, path: &str, body: &str, why: &str| {
+        let r = vm.call(method, path, Some(body));
+        assert_eq!(r.status, 400, "{method} {path} {body}: {r:?}");
+        let fault = r.json()["fault_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            fault.contains(why),
+            "{method} {path}: {fault} lacks {why:?}"
+        );
+    };
+    let get = || vm.call("GET", "/mmds", None).json();
+    assert_eq!(
+        get(),
+        serde_json::json!({"latest": {"meta-data": {"ami-id": "ami-1"}}})
+    );
+    ok("PUT", "/mmds", r#"{"a": {"b": "c", "d": "e"}, "f": 1}"#);
+    ok(
+        "PATCH",
+        "/mmds",
+        r#"{"a": {"b": null, "x": "y"}, "g": [1, 2]}"#,
+    );
+    assert_eq!(
+        get(),
+        serde_json::json!({"a": {"d": "e", "x": "y"}, "f": 1, "g": [1, 2]})
+    );
+    let big = format!(r#"{{"blob": "{}"}}"#, "x".repeat(300));
+    refused("PUT", "/mmds", &big, "limit of 200 bytes");
+    refused("PATCH", "/mmds", &big, "limit of 200 bytes");
+    refused("PUT", "/mmds", "[1]", "must be a JSON object");
+    assert_eq!(get()["f"], 1, "a refused document changes nothing");
+
+    refused(
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces": ["eth0"]}"#,
+        "network interface \"eth0\" does not exist",
+    );
+    refused(
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces": []}"#,
+        "at least one network interface",
+    );
+    let tap_free_iface = r#"{"iface_id": "eth0", "host_dev_name": "tap-mmds-api"}"#;
+    ok("PUT", "/network-interfaces/eth0", tap_free_iface);
+    refused(
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#,
+        "link-local",
+    );
+    refused(
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces": ["eth0"], "version": "V3"}"#,
+        "unknown variant",
+    );
+    ok(
+        "PUT",
+        "/mmds/config",
+        r#"{"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}"#,
+    );
+    let config = vm.call("GET", "/vm/config", None).json();
+    assert_eq!(
+        config["mmds-config"],
+        serde_json::json!({"version": "V2", "network_interfaces": ["eth0"],
+                           "ipv4_address": "169.254.170.2", "imds_compat": false})
+    );
+    let m = vm.call("GET", "/metrics/prometheus", None).body;
+    assert!(m.contains("ember_put_api_requests_mmds_fails 1"), "{m}");
+    assert!(m.contains("ember_patch_api_requests_mmds_count 2"), "{m}");
+    let _ = vm.terminate();
+
+    let bad = dir.write("bad.json", "{not json");
+    assert_fails(
+        &run_ember(&[
+            "--metadata",
+            bad.to_str().unwrap(),
+            "--api-sock",
+            "/nonexistent/x",
+        ]),
+        3,
+        "is not valid JSON",
+    );
+}

@@ -1315,3 +1315,125 @@ fn a_linux_guest_continues_from_full_and_diff_snapshots() {
         },
     );
 }
+
+/// The metadata service as a Linux guest uses it, configured the way Firecracker clients
+/// do (PUT /network-interfaces, /mmds/config, /mmds, then start): V2, so a request without
+/// a session token is refused; a token from `PUT /latest/api/token` (busybox nc: busybox
+/// wget cannot send PUT) opens it to busybox wget, in IMDS text and in JSON; a PATCH /mmds
+/// while the guest runs is what the guest reads next. None of it reaches the TAP.
+#[test]
+fn mmds_serves_a_linux_guest_over_virtio_net() {
+    linux_test("mmds_serves_a_linux_guest_over_virtio_net", |images| {
+        let dir = Scratch::new("linux-mmds");
+        persistent_tap("tapmmds", "172.16.4.1/30");
+        let initrd = guest_initrd(
+            images,
+            &dir,
+            r#"
+ip link set eth0 up
+ip addr add 172.16.4.2/30 dev eth0
+ip route add 169.254.169.254 dev eth0
+md=http://169.254.169.254
+token() {
+    printf 'PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' |
+        nc 169.254.169.254 80 | tail -n 1
+}
+get() { wget -q -O - --header "X-metadata-token: $TOKEN" "$@"; }
+echo "EMBER-TEST mmds no-token=$(wget -O - $md/latest/meta-data/ 2>&1 | grep -o '40[0-9][^"]*' | head -1)"
+TOKEN=$(token)
+echo "EMBER-TEST mmds token-length=${#TOKEN}"
+echo "EMBER-TEST mmds list=$(get $md/latest/meta-data/ | tr '\n' ',')"
+echo "EMBER-TEST mmds ami=$(get $md/latest/meta-data/ami-id)"
+echo "EMBER-TEST mmds json=$(get --header 'Accept: application/json' $md/latest/meta-data/ami-id)"
+echo "EMBER-TEST mmds bad-token=$(wget -O - --header 'X-metadata-token: nope' $md/latest/meta-data/ 2>&1 | grep -o '40[0-9][^"]*' | head -1)"
+echo "EMBER-TEST type go"
+read -r go < /dev/console
+echo "EMBER-TEST mmds patched=$(get $md/latest/meta-data/ami-id) new=$(get $md/latest/meta-data/zone)"
+poweroff -f
+"#,
+        );
+        let mut vm = LinuxVm::serve_api(&dir);
+        let mut api = vm.api();
+        let mut call = |method: &str, path: &str, body: serde_json::Value| {
+            let r = api.call(method, path, Some(&body.to_string()));
+            assert_eq!(r.status, 204, "{method} {path}: {r:?}");
+        };
+        call(
+            "PUT",
+            "/machine-config",
+            serde_json::json!({"vcpu_count": 1, "mem_size_mib": 256}),
+        );
+        call(
+            "PUT",
+            "/boot-source",
+            serde_json::json!({"kernel_image_path": images.bzimage, "initrd_path": initrd,
+                               "boot_args": BOOT_ARGS}),
+        );
+        call(
+            "PUT",
+            "/network-interfaces/eth0",
+            serde_json::json!({"iface_id": "eth0", "host_dev_name": "tapmmds",
+                               "guest_mac": "06:00:AC:10:04:02"}),
+        );
+        call(
+            "PUT",
+            "/mmds/config",
+            serde_json::json!({"version": "V2", "network_interfaces": ["eth0"]}),
+        );
+        call(
+            "PUT",
+            "/mmds",
+            serde_json::json!({"latest": {"meta-data": {"ami-id": "ami-12345678",
+                               "placement": {"zone": "edge-1"}}}}),
+        );
+        // Everything the guest sends to the TAP, to check none of it was for the service.
+        let tap = common::netns::PacketSocket::bind_all("tapmmds").expect("packet socket");
+        call(
+            "PUT",
+            "/actions",
+            serde_json::json!({"action_type": "InstanceStart"}),
+        );
+        let no_token = vm.wait_for("EMBER-TEST mmds no-token");
+        assert!(no_token.contains("401"), "{no_token}");
+        let token = vm.wait_for("EMBER-TEST mmds token-length");
+        assert!(number(&token, "token-length") >= 32, "{token}");
+        let list = vm.wait_for("EMBER-TEST mmds list");
+        assert_eq!(field(&list, "list"), "ami-id,placement/", "{list}");
+        let ami = vm.wait_for("EMBER-TEST mmds ami");
+        assert_eq!(field(&ami, "ami"), "ami-12345678", "{ami}");
+        let json = vm.wait_for("EMBER-TEST mmds json");
+        assert_eq!(field(&json, "json"), "\"ami-12345678\"", "{json}");
+        let bad = vm.wait_for("EMBER-TEST mmds bad-token");
+        assert!(bad.contains("401"), "{bad}");
+        vm.wait_for("EMBER-TEST type go");
+        let r = vm.api().call(
+            "PATCH",
+            "/mmds",
+            Some(r#"{"latest": {"meta-data": {"ami-id": "ami-87654321", "zone": "edge-2"}}}"#),
+        );
+        assert_eq!(r.status, 204, "{r:?}");
+        vm.type_text("go\n");
+        let patched = vm.wait_for("EMBER-TEST mmds patched");
+        assert_eq!(field(&patched, "patched"), "ami-87654321", "{patched}");
+        assert_eq!(field(&patched, "new"), "edge-2", "{patched}");
+        let (code, log) = vm.wait_exit();
+        assert_eq!(code, Some(0), "{log}");
+        let service = [169u8, 254, 169, 254];
+        let mut frames = 0;
+        while let Some(f) = tap.receive(Duration::from_millis(200)) {
+            frames += 1;
+            let ipv4_to_service =
+                f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[30..34] == service;
+            let arp_for_service =
+                f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[38..42] == service;
+            assert!(
+                !ipv4_to_service && !arp_for_service,
+                "a frame for the metadata service reached the TAP: {f:02x?}"
+            );
+        }
+        println!("{frames} other frames reached the TAP");
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", "tapmmds"])
+            .status();
+    });
+}

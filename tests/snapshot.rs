@@ -462,6 +462,10 @@ fn network_overrides_reattach_an_interface_to_another_tap() {
             "/network-interfaces/eth0",
             r#"{"iface_id":"eth0","host_dev_name":"tap-a"}"#.to_owned(),
         ),
+        (
+            "/mmds/config",
+            r#"{"network_interfaces":["eth0"],"version":"V2"}"#.to_owned(),
+        ),
         ("/actions", r#"{"action_type":"InstanceStart"}"#.to_owned()),
     ] {
         call_ok(&vm, "PUT", path, &body);
@@ -490,6 +494,12 @@ fn network_overrides_reattach_an_interface_to_another_tap() {
     assert_eq!(
         config["machine-config"]["track_dirty_pages"], true,
         "{config}"
+    );
+    // The metadata service's configuration came with the snapshot.
+    assert_eq!(config["mmds-config"]["version"], "V2", "{config}");
+    assert_eq!(
+        config["mmds-config"]["network_interfaces"],
+        serde_json::json!(["eth0"])
     );
     let (code, out, err) = vm.finish();
     assert_eq!(code, Some(0), "{out}\n{err}");

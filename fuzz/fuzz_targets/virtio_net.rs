@@ -130,6 +130,7 @@ fuzz_target!(|data: &[u8]| {
             mtu: None,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mmds: None,
         },
         Tap::from_fd(device_end, "fuzz"),
     )

@@ -35,13 +35,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics/prometheus"),
     ("PUT", "/snapshot/create"),
     ("PUT", "/snapshot/load"),
+    ("PUT", "/mmds"),
+    ("PATCH", "/mmds"),
+    ("GET", "/mmds"),
+    ("PUT", "/mmds/config"),
 ];
 
 /// Firecracker resources ember does not have; requests for them get a plain "not supported".
 pub const UNSUPPORTED: &[&str] = &[
     "balloon",
     "vsock",
-    "mmds",
     "entropy",
     "cpu-config",
     "pmem",
@@ -228,6 +231,10 @@ pub fn route(method: &str, target: &str, bytes: &[u8]) -> Result<VmmAction, Rout
             })?;
             LoadSnapshot(params)
         }
+        ("PUT", ["mmds"]) => PutMmds(body::<serde_json::Value>(&endpoint, bytes)?),
+        ("PATCH", ["mmds"]) => PatchMmds(body::<serde_json::Value>(&endpoint, bytes)?),
+        ("GET", ["mmds"]) => GetMmds,
+        ("PUT", ["mmds", "config"]) => PutMmdsConfig(body(&endpoint, bytes)?),
         _ => return Err(not_found()),
     })
 }

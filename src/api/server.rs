@@ -273,6 +273,7 @@ fn data_response(data: VmmData) -> Response {
         ),
         VmmData::MachineConfig(m) => to_json(serde_json::to_value(m)),
         VmmData::VmConfig(c) => to_json(c.full_json()),
+        VmmData::Mmds(value) => Response::json(200, &value),
         VmmData::Prometheus(text) => Response::text(200, "text/plain; version=0.0.4", text),
         VmmData::DriveAccess { read_only } => {
             Response::json(200, &serde_json::json!({ "read_only": read_only }))

@@ -29,6 +29,10 @@ pub struct MicroVmState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub devices: DevicesState,
+    /// The metadata service's configuration (not its document, which the orchestrator
+    /// sets again), so restored interfaces answer for it as before.
+    #[serde(default)]
+    pub mmds_config: Option<crate::mmds::MmdsConfig>,
 }
 
 impl MicroVmState {

@@ -10,6 +10,7 @@ use crate::config::{
     BootSourceConfig, ConfigError, DriveConfig, LoggerConfig, MachineConfig, MetricsConfig,
     NetConfig, VfioConfig, VmConfig,
 };
+use crate::mmds::MmdsConfig;
 use crate::snapshot::{CreateSnapshotParams, LoadSnapshotParams, SnapshotError, SnapshotType};
 use crate::vmm::builder::BuildError;
 use crate::vmm::resources::MachineConfigUpdate;
@@ -108,6 +109,12 @@ pub enum VmmAction {
     CheckSnapshotCreate(SnapshotType),
     CreateSnapshot(SnapshotCreate),
     LoadSnapshot(LoadSnapshotParams),
+    /// `PUT /mmds`: the whole metadata document.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: a JSON merge patch of it.
+    PatchMmds(serde_json::Value),
+    GetMmds,
+    PutMmdsConfig(MmdsConfig),
 }
 
 /// The `GET /` body.
@@ -129,6 +136,7 @@ pub enum VmmData {
     VmConfig(Box<VmConfig>),
     Prometheus(String),
     DriveAccess { read_only: bool },
+    Mmds(serde_json::Value),
 }
 
 /// Why an action was refused. The VM's state is unchanged by a refused action.
@@ -176,6 +184,12 @@ pub enum ActionError {
         "loading a snapshot is not allowed after configuring boot-specific resources; it must be the first thing a fresh ember is asked"
     )]
     LoadAfterConfiguration,
+    #[error("{0}")]
+    Mmds(crate::mmds::DataStoreError),
+    #[error("{0}")]
+    MmdsConfig(crate::mmds::ConfigError),
+    #[error("mmds-config.network_interfaces must name at least one network interface")]
+    MmdsNoInterfaces,
 }
 
 impl ActionError {

@@ -2,6 +2,7 @@
 //! the kernel and boot data in it, every device attached through the device manager,
 //! vCPUs configured but not started.
 
+use crate::mmds::Mmds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -114,6 +115,22 @@ pub struct BuildOptions {
     pub instance_id: String,
     /// `--enable-pci`: a PCI root complex for the guest (docs/pci.md).
     pub enable_pci: bool,
+    /// The metadata service, when configured: the interfaces its configuration names
+    /// answer frames for it.
+    pub mmds: Option<Arc<Mutex<Mmds>>>,
+}
+
+/// The metadata service for interface `iface_id`, if its configuration names it.
+fn mmds_for(mmds: Option<&Arc<Mutex<Mmds>>>, iface_id: &str) -> Option<Arc<Mutex<Mmds>>> {
+    let shared = mmds?;
+    let named = shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .config()
+        .network_interfaces
+        .iter()
+        .any(|id| id == iface_id);
+    named.then(|| shared.clone())
 }
 
 /// A VM with everything in place, vCPUs not yet running.
@@ -312,6 +329,7 @@ fn attach_nets(
     devices: &mut DeviceManager,
     interfaces: &[NetConfig],
     instance_id: &str,
+    mmds: Option<&Arc<Mutex<Mmds>>>,
 ) -> Result<AttachedNets, BuildError> {
     let mut nets = Vec::with_capacity(interfaces.len());
     for iface in interfaces {
@@ -323,6 +341,7 @@ fn attach_nets(
             mtu: iface.mtu,
             rx_rate_limiter: iface.rx_rate_limiter.clone(),
             tx_rate_limiter: iface.tx_rate_limiter.clone(),
+            mmds: mmds_for(mmds, &iface.iface_id),
         })?;
         let device = Arc::new(Mutex::new(device));
         let placement = devices.attach_virtio(vm, mem, &iface.iface_id, device.clone())?;
@@ -450,6 +469,7 @@ fn attach_devices(
         &mut devices,
         interfaces,
         &opts.instance_id,
+        opts.mmds.as_ref(),
     )?;
     #[cfg(target_arch = "x86_64")]
     devices.attach_vfio(vm, guest_memory, vfio)?;

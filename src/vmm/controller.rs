@@ -25,6 +25,7 @@ use crate::devices::virtio::block::open_backing;
 use crate::exit_code;
 use crate::logger;
 use crate::metrics::{METRICS, MetricsSink};
+use crate::mmds::{Mmds, MmdsConfig};
 use crate::seccomp::{Filters, ThreadKind};
 use crate::snapshot::SnapshotError;
 #[cfg(target_arch = "x86_64")]
@@ -79,6 +80,9 @@ pub struct Controller {
     seccomp: Arc<Filters>,
     /// `--enable-pci`: the guest gets a PCI root complex.
     enable_pci: bool,
+    /// The metadata service: its document is set through the API at any time; guests
+    /// reach it through the interfaces its configuration names.
+    mmds: Arc<Mutex<Mmds>>,
 }
 
 impl Controller {
@@ -95,7 +99,43 @@ impl Controller {
             prepare_failed: None,
             seccomp: Arc::new(Filters::none()),
             enable_pci: false,
+            mmds: Arc::new(Mutex::new(Mmds::default())),
         }
+    }
+
+    /// The largest metadata document, in bytes (`--mmds-size-limit`).
+    pub fn with_mmds_size_limit(self, limit: usize) -> Self {
+        self.mmds.lock().unwrap_or_else(|e| e.into_inner()).store =
+            crate::mmds::MmdsStore::with_limit(limit);
+        self
+    }
+
+    /// `PUT /mmds/config`: the interfaces it names must exist; the service's address and
+    /// token policy change for the guest once the VM starts.
+    fn put_mmds_config(&mut self, config: MmdsConfig) -> Result<(), ActionError> {
+        config.validate().map_err(ActionError::MmdsConfig)?;
+        if config.network_interfaces.is_empty() {
+            return Err(ActionError::MmdsNoInterfaces);
+        }
+        if let Some(missing) = config.network_interfaces.iter().find(|id| {
+            !self
+                .resources
+                .network_interfaces
+                .iter()
+                .any(|n| &n.iface_id == *id)
+        }) {
+            return Err(ActionError::NotFound {
+                kind: "network interface",
+                id: missing.clone(),
+            });
+        }
+        self.mmds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_config(config.clone())
+            .map_err(ActionError::MmdsConfig)?;
+        self.resources.mmds_config = Some(config);
+        Ok(())
     }
 
     /// The seccomp filters the VM's threads run under once it starts.
@@ -269,6 +309,29 @@ impl Controller {
             PatchNetworkInterface(u) => {
                 self.post_boot("PATCH /network-interfaces")?;
                 empty(self.patch_network_interface(u))
+            }
+            PutMmds(data) => {
+                let mut mmds = self.mmds.lock().unwrap_or_else(|e| e.into_inner());
+                mmds.store.put(data).map_err(ActionError::Mmds)?;
+                Ok(VmmData::Empty)
+            }
+            PatchMmds(patch) => {
+                let mut mmds = self.mmds.lock().unwrap_or_else(|e| e.into_inner());
+                mmds.store.patch(&patch).map_err(ActionError::Mmds)?;
+                Ok(VmmData::Empty)
+            }
+            GetMmds => {
+                let mmds = self.mmds.lock().unwrap_or_else(|e| e.into_inner());
+                // Before the first PUT the document is an empty object.
+                Ok(VmmData::Mmds(if mmds.store.is_initialized() {
+                    mmds.store.get().clone()
+                } else {
+                    serde_json::json!({})
+                }))
+            }
+            PutMmdsConfig(config) => {
+                self.pre_boot("PUT /mmds/config")?;
+                empty(self.put_mmds_config(config))
             }
             PutLogger(l) => {
                 // Opening a log file is not allowed to the running vmm thread (seccomp).
@@ -470,6 +533,11 @@ impl Controller {
                 stop: self.stop.clone(),
                 instance_id: self.instance_id.clone(),
                 enable_pci: self.enable_pci,
+                mmds: self
+                    .resources
+                    .mmds_config
+                    .is_some()
+                    .then(|| self.mmds.clone()),
             },
         )?;
         self.launch(microvm, events, true)?;
@@ -742,6 +810,7 @@ impl Controller {
             vcpus,
             vm: vm_state,
             devices,
+            mmds_config: self.resources.mmds_config.clone(),
         };
         let bytes = state.encode().map_err(fail)?;
         let write_err = |e| fail(crate::snapshot::file::FileError::Write(e).into());
@@ -849,6 +918,21 @@ impl Controller {
                 }
             }
         };
+        // The interfaces read the service's address as they are made; a failed load puts
+        // the previous configuration back.
+        let mmds_before = self
+            .mmds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()
+            .clone();
+        if let Some(config) = &state.mmds_config {
+            self.mmds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_config(config.clone())
+                .map_err(ActionError::MmdsConfig)?;
+        }
         let microvm = restore_microvm(
             &state,
             memory,
@@ -859,9 +943,17 @@ impl Controller {
                 stop: self.stop.clone(),
                 instance_id: self.instance_id.clone(),
                 enable_pci: false,
+                mmds: state.mmds_config.is_some().then(|| self.mmds.clone()),
             },
         )
-        .map_err(ActionError::Restore)?;
+        .map_err(|e| {
+            let _ = self
+                .mmds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_config(mmds_before);
+            ActionError::Restore(e)
+        })?;
         if let Some(old) = self.prepared.take() {
             old.discard();
         }
@@ -874,6 +966,7 @@ impl Controller {
         self.resources.boot_source = state.boot_source.take();
         self.resources.drives = std::mem::take(&mut state.drives);
         self.resources.network_interfaces = std::mem::take(&mut state.network_interfaces);
+        self.resources.mmds_config = state.mmds_config.take();
         let us = started.elapsed().as_micros() as u64;
         METRICS.latencies_us.load_snapshot_us.set(us);
         log::info!(
@@ -1008,5 +1101,9 @@ fn request_counters(
             (&put.snapshot_create_count, Some(&put.snapshot_create_fails))
         }
         LoadSnapshot(_) => (&put.snapshot_load_count, Some(&put.snapshot_load_fails)),
+        PutMmds(_) => (&put.mmds_count, Some(&put.mmds_fails)),
+        PatchMmds(_) => (&patch.mmds_count, Some(&patch.mmds_fails)),
+        GetMmds => (&get.mmds_count, None),
+        PutMmdsConfig(_) => (&put.mmds_config_count, Some(&put.mmds_config_fails)),
     }
 }

@@ -191,6 +191,9 @@ pub fn config_actions(config: VmConfig) -> Vec<VmmAction> {
             .map(VmmAction::PutNetworkInterface),
     );
     actions.extend(config.vfio.into_iter().map(VmmAction::PutVfioDevice));
+    if let Some(m) = config.mmds_config {
+        actions.push(VmmAction::PutMmdsConfig(m));
+    }
     actions.push(VmmAction::InstanceStart);
     actions
 }
@@ -208,6 +211,10 @@ pub struct VmmOptions {
     pub seccomp: crate::seccomp::Filters,
     /// `--enable-pci`: the guest gets a PCI root complex.
     pub enable_pci: bool,
+    /// `--mmds-size-limit`: the largest metadata document, in bytes.
+    pub mmds_size_limit: usize,
+    /// `--metadata`: the metadata document to start with.
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// Runs the vmm thread's loop until the microVM stops (or, before it starts, until a
@@ -240,12 +247,17 @@ pub fn run_vmm(opts: VmmOptions) -> Result<VmExit, VmmError> {
 
     let mut controller = Controller::new(opts.instance_id, stop.clone(), opts.boot_timer_start)
         .with_seccomp(opts.seccomp)
-        .with_pci(opts.enable_pci);
+        .with_pci(opts.enable_pci)
+        .with_mmds_size_limit(opts.mmds_size_limit);
     // With the API, the VM and its memory are made while the vmm thread is idle, once the
     // machine configuration has not changed for PREPARE_QUIET_TIME: a client changing it
     // request after request does not pay for VMs it never starts.
     let mut last_request = Instant::now();
-    let flag_actions = opts.metrics.map(VmmAction::PutMetrics);
+    let flag_actions = opts
+        .metadata
+        .map(VmmAction::PutMmds)
+        .into_iter()
+        .chain(opts.metrics.map(VmmAction::PutMetrics));
     let file_actions = opts.config.map(config_actions).unwrap_or_default();
     for action in flag_actions.into_iter().chain(file_actions) {
         if let Err(e) = controller.handle(action, &mut events) {

@@ -35,6 +35,8 @@ pub struct VmResources {
     pub vfio: Vec<VfioConfig>,
     pub logger: Option<LoggerConfig>,
     pub metrics: Option<MetricsConfig>,
+    /// The metadata service's configuration (`PUT /mmds/config`).
+    pub mmds_config: Option<crate::mmds::MmdsConfig>,
 }
 
 impl VmResources {
@@ -109,6 +111,7 @@ impl VmResources {
             vfio: self.vfio.clone(),
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
+            mmds_config: self.mmds_config.clone(),
             ..Default::default()
         }
     }

@@ -99,7 +99,7 @@ impl TestNetns {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(format!("setns: {}", std::io::Error::last_os_error()));
             }
-            PacketSocket::bind(&ifname)
+            PacketSocket::bind(&ifname, TEST_ETHERTYPE)
         })
         .join()
         .map_err(|_| "the namespace thread panicked".to_owned())?
@@ -118,8 +118,14 @@ pub struct PacketSocket {
 }
 
 impl PacketSocket {
-    fn bind(ifname: &str) -> Result<Self, String> {
-        let proto = TEST_ETHERTYPE.to_be();
+    /// A raw socket on interface `ifname` of this thread's namespace for every frame.
+    #[allow(dead_code)]
+    pub fn bind_all(ifname: &str) -> Result<Self, String> {
+        Self::bind(ifname, libc::ETH_P_ALL as u16)
+    }
+
+    fn bind(ifname: &str, ethertype: u16) -> Result<Self, String> {
+        let proto = ethertype.to_be();
         // SAFETY: creates a new socket; the result is checked.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
         if fd < 0 {

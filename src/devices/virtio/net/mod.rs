@@ -9,6 +9,7 @@
 //! resumes when it notifies the receive queue.
 
 pub mod header;
+pub mod mmds;
 pub mod rx;
 pub mod tap;
 pub mod tx;
@@ -63,6 +64,8 @@ pub enum NetError {
     Timer { id: String, source: std::io::Error },
     #[error("network interface {id:?}: cannot create a socket to look up interfaces: {source}")]
     Probe { id: String, source: std::io::Error },
+    #[error("network interface {id:?}: cannot set up the metadata service: {source}")]
+    Mmds { id: String, source: std::io::Error },
 }
 
 /// What the device is made from.
@@ -75,6 +78,8 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The metadata service, when its configuration names this interface.
+    pub mmds: Option<Arc<std::sync::Mutex<crate::mmds::Mmds>>>,
 }
 
 /// The MAC address an interface's guest sees: the configured `guest_mac` if it parses,
@@ -152,6 +157,8 @@ pub struct Net {
     /// A queue's rings were found inconsistent: neither queue is touched until the driver
     /// resets the device (DEVICE_NEEDS_RESET).
     broken: bool,
+    /// Frames for the metadata service go here instead of the TAP.
+    mmds: Option<mmds::MmdsEndpoint>,
     metrics: DeviceCounters<NetMetrics>,
 }
 
@@ -190,6 +197,17 @@ impl Net {
             id: config.id.clone(),
             source,
         })?;
+        let mmds = match &config.mmds {
+            Some(shared) => {
+                Some(
+                    mmds::MmdsEndpoint::new(shared.clone()).map_err(|source| NetError::Mmds {
+                        id: config.id.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
         let mut config_space = [0u8; 12];
         config_space[..6].copy_from_slice(&config.mac);
         config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
@@ -215,6 +233,7 @@ impl Net {
             detached: None,
             interfaces,
             broken: false,
+            mmds,
             metrics: DeviceCounters::new(&METRICS.net),
         })
     }
@@ -302,6 +321,23 @@ impl Net {
         loop {
             let pending = match self.rx_pending {
                 Some(p) => p,
+                None if self.mmds.as_ref().is_some_and(|m| m.has_reply()) => {
+                    // The metadata service's replies go first; they come from the bounce
+                    // buffer behind an all-zero header (complete checksums, no segments).
+                    let Some(m) = self.mmds.as_mut() else { break };
+                    self.rx_frame[..VNET_HDR_LEN].fill(0);
+                    match m.write_reply(&mut self.rx_frame[VNET_HDR_LEN..]) {
+                        Some(n) => {
+                            let p = PendingFrame {
+                                len: VNET_HDR_LEN + n,
+                                in_place: 0,
+                            };
+                            self.rx_pending = Some(p);
+                            p
+                        }
+                        None => continue,
+                    }
+                }
                 None => {
                     let Some(tap) = &self.tap else { break };
                     // Room first, so the frame is read straight into the guest's buffers:
@@ -489,6 +525,8 @@ impl Net {
         }
         let mut returned = false;
         let mut sent = Sent::default();
+        // Frames the metadata service took: its replies are received right after.
+        let mut answered_locally = false;
         'chains: loop {
             let mut popped = 0usize;
             loop {
@@ -522,6 +560,14 @@ impl Net {
                     active.features,
                     &mut self.tx_frame,
                 ) {
+                    Ok(())
+                        if self
+                            .mmds
+                            .as_mut()
+                            .is_some_and(|m| m.intercept(&self.tx_frame)) =>
+                    {
+                        answered_locally = true;
+                    }
                     Ok(()) => Self::send(
                         &self.config,
                         &mut self.tap,
@@ -577,6 +623,9 @@ impl Net {
             active
                 .interrupt
                 .trigger(VirtioInterruptType::Queue(TX_QUEUE as u16));
+        }
+        if answered_locally {
+            self.process_rx();
         }
     }
 
@@ -835,6 +884,9 @@ impl VirtioDevice for Net {
             (self.tx_limiter.as_raw_fd(), EventSet::IN),
             (self.reattach.as_raw_fd(), EventSet::IN),
         ];
+        if let Some(m) = &self.mmds {
+            v.push((m.timer_fd(), EventSet::IN));
+        }
         if let Some(tap) = &self.tap {
             v.push((tap.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED));
         }
@@ -865,6 +917,11 @@ impl VirtioDevice for Net {
             self.process_tx();
         } else if fd == self.reattach.as_raw_fd() {
             self.try_reattach();
+        } else if let Some(m) = self.mmds.as_mut()
+            && fd == m.timer_fd()
+        {
+            m.timer_fired();
+            self.process_rx();
         }
     }
 

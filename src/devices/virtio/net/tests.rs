@@ -60,6 +60,7 @@ fn config() -> NetConfig {
         mtu: None,
         rx_rate_limiter: None,
         tx_rate_limiter: None,
+        mmds: None,
     }
 }
 
@@ -506,4 +507,76 @@ fn a_broken_ring_stops_the_device_until_reset() {
     assert_eq!(r.interrupt.0.load(Ordering::SeqCst), before);
     r.net.reset();
     assert!(!r.net.needs_reset());
+}
+
+/// An ARP request from the guest's MAC (06:00:ac:10:00:02, 172.16.0.2) for `target`.
+fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x06, 0, 0xac, 0x10, 0, 2]);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0x06, 0, 0xac, 0x10, 0, 2, 172, 16, 0, 2]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f
+}
+
+/// With the metadata service on the interface, the guest's frames for its address are
+/// answered by the device (an ARP reply from the service's MAC lands in the receive
+/// queue) and never reach the TAP; other frames still do.
+#[test]
+fn frames_for_the_metadata_service_are_answered_by_the_device() {
+    let shared = Arc::new(Mutex::new(
+        crate::mmds::Mmds::new(crate::mmds::MmdsConfig {
+            network_interfaces: vec!["eth0".into()],
+            ..Default::default()
+        })
+        .unwrap(),
+    ));
+    let mut r = Rig::with_config(
+        NetConfig {
+            mmds: Some(shared),
+            ..config()
+        },
+        0,
+    );
+    r.rx.add_chain(&r.mem, &[writable(BUFFERS + 0x8000, 1536)]);
+    let mut chain = vec![0u8; VNET_HDR_LEN];
+    chain.extend_from_slice(&arp_request([169, 254, 169, 254]));
+    write_buf(&r.mem, BUFFERS, &chain);
+    r.tx.add_chain(&r.mem, &[readable(BUFFERS, chain.len() as u32)]);
+    r.net.process_queue(TX_QUEUE);
+    assert!(r.host_receive().is_none(), "the request reached the TAP");
+    assert_eq!(r.tx.take_used(&r.mem), vec![(0, 0)]);
+    let used = r.rx.take_used(&r.mem);
+    assert_eq!(used.len(), 1, "one reply: {used:?}");
+    let mut reply = vec![0u8; used[0].1 as usize];
+    r.mem
+        .read_slice(&mut reply, GuestAddress(BUFFERS + 0x8000))
+        .unwrap();
+    let arp = &reply[VNET_HDR_LEN..];
+    assert_eq!(&arp[..6], &[0x06, 0, 0xac, 0x10, 0, 2], "to the guest");
+    assert_eq!(
+        &arp[6..12],
+        &crate::mmds::stack::MMDS_MAC,
+        "from the service"
+    );
+    assert_eq!(&arp[12..14], &[0x08, 0x06]);
+    assert_eq!(&arp[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(
+        &arp[28..32],
+        &[169, 254, 169, 254],
+        "for the service's address"
+    );
+
+    // An ARP request for another address goes to the TAP as before.
+    let other = arp_request([172, 16, 0, 1]);
+    let mut chain = vec![0u8; VNET_HDR_LEN];
+    chain.extend_from_slice(&other);
+    write_buf(&r.mem, BUFFERS, &chain);
+    r.tx.add_chain(&r.mem, &[readable(BUFFERS, chain.len() as u32)]);
+    r.net.process_queue(TX_QUEUE);
+    assert_eq!(
+        r.host_receive().map(|f| f[VNET_HDR_LEN..].to_vec()),
+        Some(other)
+    );
 }

@@ -87,6 +87,31 @@ impl TxFrame {
     }
 }
 
+impl TxFrame {
+    /// Copies up to `max` bytes of the frame after its header into `out` (replacing what
+    /// it held), for frames the device answers itself instead of sending.
+    pub fn copy_frame(&self, out: &mut Vec<u8>, max: usize) {
+        out.clear();
+        let mut skip = VNET_HDR_LEN;
+        for p in &self.pieces {
+            if out.len() >= max {
+                break;
+            }
+            if skip >= p.iov_len {
+                skip -= p.iov_len;
+                continue;
+            }
+            let n = (p.iov_len - skip).min(max - out.len());
+            // SAFETY: the piece is a checked range of guest memory (see `gather`), and
+            // `skip + n` <= its length. The guest may change the bytes meanwhile; the copy
+            // is then of whatever it wrote, which only the guest's own answer depends on.
+            let bytes = unsafe { std::slice::from_raw_parts(p.iov_base.cast::<u8>().add(skip), n) };
+            out.extend_from_slice(bytes);
+            skip = 0;
+        }
+    }
+}
+
 impl Default for TxFrame {
     fn default() -> Self {
         Self::new()
