@@ -218,7 +218,7 @@ metric_group!(
             machine_cfg_fails, metrics_count, metrics_fails, network_count, network_fails,
             snapshot_create_count, snapshot_create_fails, snapshot_load_count,
             snapshot_load_fails, vfio_count, vfio_fails, mmds_count, mmds_fails,
-            mmds_config_count, mmds_config_fails],
+            mmds_config_count, mmds_config_fails, entropy_count, entropy_fails],
     }
 );
 metric_group!(
@@ -301,6 +301,20 @@ metric_group!(
     }
 );
 metric_group!(
+    /// The entropy device.
+    EntropyMetrics {
+        counters: [
+            /// Requests answered with random bytes, and the bytes.
+            entropy_event_count, entropy_bytes,
+            /// Requests answered empty: the host's getrandom failed.
+            host_rng_fails,
+            /// Chains with a buffer the device may not write, returned empty.
+            invalid_requests,
+            /// Times a request waited for the rate limiter.
+            rate_limiter_throttled],
+    }
+);
+metric_group!(
     /// Signals ember received.
     SignalMetrics {
         counters: [sigterm, sigint, sighup],
@@ -332,6 +346,7 @@ pub struct Metrics {
     pub i8042: I8042Metrics,
     pub block: BlockMetrics,
     pub net: NetMetrics,
+    pub entropy: EntropyMetrics,
     pub signals: SignalMetrics,
     pub seccomp: SeccompMetrics,
     pub metrics: MetricsSystemMetrics,
@@ -355,6 +370,7 @@ impl Metrics {
             i8042: I8042Metrics::new(),
             block: BlockMetrics::new(),
             net: NetMetrics::new(),
+            entropy: EntropyMetrics::new(),
             signals: SignalMetrics::new(),
             seccomp: SeccompMetrics::new(),
             metrics: MetricsSystemMetrics::new(),
@@ -376,7 +392,7 @@ impl Metrics {
         }
     }
 
-    fn groups(&self) -> [(&'static str, &dyn Group); 14] {
+    fn groups(&self) -> [(&'static str, &dyn Group); 15] {
         [
             ("api_server", &self.api_server),
             ("get_api_requests", &self.get_api_requests),
@@ -389,6 +405,7 @@ impl Metrics {
             ("i8042", &self.i8042),
             ("block", &self.block),
             ("net", &self.net),
+            ("entropy", &self.entropy),
             ("signals", &self.signals),
             ("seccomp", &self.seccomp),
             ("metrics", &self.metrics),

@@ -410,6 +410,13 @@ fn bad_requests_get_400_and_change_nothing() {
         ("PUT", "/vsock", r#"{}"#, "not supported by ember yet"),
         (
             "PUT",
+            "/entropy",
+            r#"{"rate_limiter": {"ops": {"size": 5, "refill_time": 0}}}"#,
+            "ops.refill_time must be greater than 0",
+        ),
+        ("PUT", "/entropy", r#"{"rate": 1}"#, "unknown field `rate`"),
+        (
+            "PUT",
             "/snapshot/create",
             r#"{}"#,
             "missing field `snapshot_path`",
@@ -1079,7 +1086,16 @@ fn mmds_document_and_configuration_through_the_api() {
         "/mmds/config",
         r#"{"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}"#,
     );
+    ok(
+        "PUT",
+        "/entropy",
+        r#"{"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100}}}"#,
+    );
     let config = vm.call("GET", "/vm/config", None).json();
+    assert_eq!(
+        config["entropy"]["rate_limiter"]["bandwidth"]["size"], 4096,
+        "{config}"
+    );
     assert_eq!(
         config["mmds-config"],
         serde_json::json!({"version": "V2", "network_interfaces": ["eth0"],

@@ -1437,3 +1437,51 @@ poweroff -f
             .status();
     });
 }
+
+/// The entropy device as Linux uses it: the guest's hw_random core picks virtio-rng,
+/// `/dev/hwrng` gives bytes that do not compress (random, not zeros), and the device's
+/// rate limiter (8 KiB per second here) holds: 32 KiB take at least three refills.
+#[test]
+fn entropy_device_feeds_dev_hwrng_within_its_rate_limit() {
+    linux_test(
+        "entropy_device_feeds_dev_hwrng_within_its_rate_limit",
+        |images| {
+            let dir = Scratch::new("linux-entropy");
+            let initrd = guest_initrd(
+                images,
+                &dir,
+                r#"
+centis() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+echo "EMBER-TEST rng current=$(cat /sys/class/misc/hw_random/rng_current)"
+echo "EMBER-TEST rng sample=$(head -c 4096 /dev/hwrng | wc -c) packed=$(head -c 4096 /dev/hwrng | gzip -9 | wc -c)"
+t0=$(centis)
+got=$(dd if=/dev/hwrng bs=1024 count=32 iflag=fullblock 2>/dev/null | wc -c)
+echo "EMBER-TEST rng limited=$got centis=$(( $(centis) - t0 ))"
+poweroff -f
+"#,
+            );
+            let mut cfg = config(&images.bzimage, &initrd, 1, 256, BOOT_ARGS);
+            cfg["entropy"] = serde_json::json!({
+                "rate_limiter": {"bandwidth": {"size": 8192, "refill_time": 1000}}
+            });
+            let mut vm = LinuxVm::boot_config(&dir, &cfg);
+            let current = vm.wait_for("EMBER-TEST rng current");
+            assert!(
+                field(&current, "current").starts_with("virtio_rng"),
+                "{current}"
+            );
+            let sample = vm.wait_for("EMBER-TEST rng sample");
+            assert_eq!(number(&sample, "sample"), 4096, "{sample}");
+            // Random bytes do not compress; 4 KiB of one value would shrink to a few dozen.
+            assert!(number(&sample, "packed") > 4000, "{sample}");
+            let limited = vm.wait_for("EMBER-TEST rng limited");
+            assert_eq!(number(&limited, "limited"), 32768, "{limited}");
+            // The sample's 8 KiB already spent the first second's budget; 32 KiB more at 8 KiB
+            // per second cannot take less than about three seconds.
+            assert!(number(&limited, "centis") >= 250, "{limited}");
+            let (code, log) = vm.wait_exit();
+            assert_eq!(code, Some(0), "{log}");
+            assert!(log.contains("entropy device"), "{log}");
+        },
+    );
+}

@@ -466,6 +466,10 @@ fn network_overrides_reattach_an_interface_to_another_tap() {
             "/mmds/config",
             r#"{"network_interfaces":["eth0"],"version":"V2"}"#.to_owned(),
         ),
+        (
+            "/entropy",
+            r#"{"rate_limiter":{"ops":{"size":10,"refill_time":100}}}"#.to_owned(),
+        ),
         ("/actions", r#"{"action_type":"InstanceStart"}"#.to_owned()),
     ] {
         call_ok(&vm, "PUT", path, &body);
@@ -495,7 +499,11 @@ fn network_overrides_reattach_an_interface_to_another_tap() {
         config["machine-config"]["track_dirty_pages"], true,
         "{config}"
     );
-    // The metadata service's configuration came with the snapshot.
+    // The entropy device and the metadata service's configuration came with it.
+    assert_eq!(
+        config["entropy"]["rate_limiter"]["ops"]["size"], 10,
+        "{config}"
+    );
     assert_eq!(config["mmds-config"]["version"], "V2", "{config}");
     assert_eq!(
         config["mmds-config"]["network_interfaces"],

@@ -39,13 +39,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/mmds"),
     ("GET", "/mmds"),
     ("PUT", "/mmds/config"),
+    ("PUT", "/entropy"),
 ];
 
 /// Firecracker resources ember does not have; requests for them get a plain "not supported".
 pub const UNSUPPORTED: &[&str] = &[
     "balloon",
     "vsock",
-    "entropy",
     "cpu-config",
     "pmem",
     "serial",
@@ -235,6 +235,7 @@ pub fn route(method: &str, target: &str, bytes: &[u8]) -> Result<VmmAction, Rout
         ("PATCH", ["mmds"]) => PatchMmds(body::<serde_json::Value>(&endpoint, bytes)?),
         ("GET", ["mmds"]) => GetMmds,
         ("PUT", ["mmds", "config"]) => PutMmdsConfig(body(&endpoint, bytes)?),
+        ("PUT", ["entropy"]) => PutEntropy(body(&endpoint, bytes)?),
         _ => return Err(not_found()),
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod boot_source;
 pub mod drive;
+pub mod entropy;
 pub mod logging;
 pub mod machine_config;
 pub mod net;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use boot_source::{BootSourceConfig, BootSourceError};
 pub use drive::{DriveConfig, DriveError};
+pub use entropy::{EntropyConfig, EntropyError};
 pub use logging::{LogLevel, LoggerConfig, MetricsConfig};
 pub use machine_config::{HugePages, Irqchip, MachineConfig, MachineConfigError};
 pub use net::{NetConfig, NetError};
@@ -56,8 +58,9 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub mmds_config: Option<crate::mmds::MmdsConfig>,
-    #[serde(default, skip_serializing, deserialize_with = "given")]
-    pub(crate) entropy: Option<serde_json::Value>,
+    /// The virtio-rng device (`PUT /entropy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
     #[serde(
         rename = "cpu-config",
         default,
@@ -106,6 +109,8 @@ pub enum ConfigError {
     Net(#[from] NetError),
     #[error("{0}")]
     Vfio(#[from] VfioConfigError),
+    #[error("{0}")]
+    Entropy(#[from] EntropyError),
     #[error("config key {0:?} is not supported by ember yet")]
     Unsupported(&'static str),
 }
@@ -192,7 +197,6 @@ impl VmConfig {
         let unsupported = [
             ("balloon", self.balloon.is_some()),
             ("vsock", self.vsock.is_some()),
-            ("entropy", self.entropy.is_some()),
             ("cpu-config", self.cpu_config.is_some()),
             ("pmem", self.pmem.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
@@ -208,6 +212,9 @@ impl VmConfig {
         drive::validate_drives(&self.drives)?;
         net::validate_interfaces(&self.network_interfaces)?;
         vfio::validate_devices(&self.vfio)?;
+        if let Some(e) = &self.entropy {
+            e.validate()?;
+        }
         Ok(())
     }
 }

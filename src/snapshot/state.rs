@@ -33,6 +33,9 @@ pub struct MicroVmState {
     /// sets again), so restored interfaces answer for it as before.
     #[serde(default)]
     pub mmds_config: Option<crate::mmds::MmdsConfig>,
+    /// The entropy device, attached after the network interfaces.
+    #[serde(default)]
+    pub entropy: Option<crate::config::EntropyConfig>,
 }
 
 impl MicroVmState {

@@ -115,6 +115,7 @@ pub enum VmmAction {
     PatchMmds(serde_json::Value),
     GetMmds,
     PutMmdsConfig(MmdsConfig),
+    PutEntropy(crate::config::EntropyConfig),
 }
 
 /// The `GET /` body.

@@ -2,6 +2,7 @@
 //! the kernel and boot data in it, every device attached through the device manager,
 //! vCPUs configured but not started.
 
+use crate::devices::virtio::rng::Rng;
 use crate::mmds::Mmds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,8 @@ pub enum BuildError {
     Block(#[from] BlockError),
     #[error("{0}")]
     Net(#[from] NetError),
+    #[error("{0}")]
+    Entropy(#[from] crate::devices::virtio::rng::RngError),
     #[error(
         "the kernel command line with ember's device parameters is {len} bytes; the boot protocol allows at most {max}"
     )]
@@ -118,6 +121,8 @@ pub struct BuildOptions {
     /// The metadata service, when configured: the interfaces its configuration names
     /// answer frames for it.
     pub mmds: Option<Arc<Mutex<Mmds>>>,
+    /// The virtio-rng device, when configured.
+    pub entropy: Option<crate::config::EntropyConfig>,
 }
 
 /// The metadata service for interface `iface_id`, if its configuration names it.
@@ -471,6 +476,12 @@ fn attach_devices(
         &opts.instance_id,
         opts.mmds.as_ref(),
     )?;
+    if let Some(entropy) = &opts.entropy {
+        let device = Rng::new(entropy.rate_limiter.as_ref())?;
+        let placement =
+            devices.attach_virtio(vm, guest_memory, "entropy", Arc::new(Mutex::new(device)))?;
+        log::info!("entropy device {placement}");
+    }
     #[cfg(target_arch = "x86_64")]
     devices.attach_vfio(vm, guest_memory, vfio)?;
     Ok((devices, blocks, root_args, nets))

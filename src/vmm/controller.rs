@@ -329,6 +329,12 @@ impl Controller {
                     serde_json::json!({})
                 }))
             }
+            PutEntropy(config) => {
+                self.pre_boot("PUT /entropy")?;
+                config.validate().map_err(ConfigError::from)?;
+                self.resources.entropy = Some(config);
+                Ok(VmmData::Empty)
+            }
             PutMmdsConfig(config) => {
                 self.pre_boot("PUT /mmds/config")?;
                 empty(self.put_mmds_config(config))
@@ -538,6 +544,7 @@ impl Controller {
                     .mmds_config
                     .is_some()
                     .then(|| self.mmds.clone()),
+                entropy: self.resources.entropy.clone(),
             },
         )?;
         self.launch(microvm, events, true)?;
@@ -811,6 +818,7 @@ impl Controller {
             vm: vm_state,
             devices,
             mmds_config: self.resources.mmds_config.clone(),
+            entropy: self.resources.entropy.clone(),
         };
         let bytes = state.encode().map_err(fail)?;
         let write_err = |e| fail(crate::snapshot::file::FileError::Write(e).into());
@@ -944,6 +952,7 @@ impl Controller {
                 instance_id: self.instance_id.clone(),
                 enable_pci: false,
                 mmds: state.mmds_config.is_some().then(|| self.mmds.clone()),
+                entropy: state.entropy.clone(),
             },
         )
         .map_err(|e| {
@@ -967,6 +976,7 @@ impl Controller {
         self.resources.drives = std::mem::take(&mut state.drives);
         self.resources.network_interfaces = std::mem::take(&mut state.network_interfaces);
         self.resources.mmds_config = state.mmds_config.take();
+        self.resources.entropy = state.entropy.take();
         let us = started.elapsed().as_micros() as u64;
         METRICS.latencies_us.load_snapshot_us.set(us);
         log::info!(
@@ -1105,5 +1115,6 @@ fn request_counters(
         PatchMmds(_) => (&patch.mmds_count, Some(&patch.mmds_fails)),
         GetMmds => (&get.mmds_count, None),
         PutMmdsConfig(_) => (&put.mmds_config_count, Some(&put.mmds_config_fails)),
+        PutEntropy(_) => (&put.entropy_count, Some(&put.entropy_fails)),
     }
 }

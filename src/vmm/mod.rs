@@ -194,6 +194,9 @@ pub fn config_actions(config: VmConfig) -> Vec<VmmAction> {
     if let Some(m) = config.mmds_config {
         actions.push(VmmAction::PutMmdsConfig(m));
     }
+    if let Some(e) = config.entropy {
+        actions.push(VmmAction::PutEntropy(e));
+    }
     actions.push(VmmAction::InstanceStart);
     actions
 }

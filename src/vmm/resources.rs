@@ -37,6 +37,8 @@ pub struct VmResources {
     pub metrics: Option<MetricsConfig>,
     /// The metadata service's configuration (`PUT /mmds/config`).
     pub mmds_config: Option<crate::mmds::MmdsConfig>,
+    /// The virtio-rng device (`PUT /entropy`).
+    pub entropy: Option<crate::config::EntropyConfig>,
 }
 
 impl VmResources {
@@ -112,6 +114,7 @@ impl VmResources {
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
             mmds_config: self.mmds_config.clone(),
+            entropy: self.entropy.clone(),
             ..Default::default()
         }
     }

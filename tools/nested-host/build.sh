@@ -49,7 +49,7 @@ KERNEL_VERSION=6.1.176-1
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
 
 # Modules each side loads (with their dependencies, which modules.dep resolves).
-GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ext4 crc32c_generic"
+GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ext4 crc32c_generic virtio-rng vmw_vsock_virtio_transport"
 if [ "$arch" = amd64 ]; then
     # e1000 drives the passthrough host's two-function NIC (one IOMMU group), so a test can
     # find a function of that group bound to a host driver.

@@ -4,6 +4,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
 pub mod transport;
