@@ -1,13 +1,28 @@
-//! What the transports' tests share: a device that records what its transport told it, and
-//! a thread standing in for the vmm thread.
+//! What the transports' and devices' tests share: a device that records what its transport
+//! told it, an interrupt that counts what it was asked to raise, and a thread standing in
+//! for the vmm thread.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::memory::GuestMemoryMmap;
 use virtio_queue::Queue;
 
-use super::{ActivateError, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt};
+use super::{
+    ActivateError, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+};
 use crate::devices::work_queue::WorkQueue;
+
+/// An interrupt that counts its triggers and records their kinds.
+#[derive(Default)]
+pub struct CountingInterrupt(pub AtomicUsize, pub Mutex<Vec<VirtioInterruptType>>);
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn trigger(&self, kind: VirtioInterruptType) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).push(kind);
+    }
+}
 
 /// A block-typed device that records what the transport told it.
 pub struct FakeDevice {

@@ -11,14 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::config::rate_limiter::TokenBucketConfig;
 
-struct CountingInterrupt(AtomicUsize, Mutex<Vec<VirtioInterruptType>>);
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, kind: VirtioInterruptType) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        self.1.lock().unwrap().push(kind);
-    }
-}
+use crate::devices::virtio::test_utils::CountingInterrupt;
 
 const MEM_SIZE: usize = 4 << 20;
 const RINGS: u64 = 0;
