@@ -301,6 +301,36 @@ metric_group!(
     }
 );
 metric_group!(
+    /// vsock devices: rx is toward the guest, tx from it.
+    VsockMetrics {
+        counters: [rx_packets_count, tx_packets_count, rx_bytes_count, tx_bytes_count,
+            conns_added, conns_removed,
+            /// Connections the device ended with an RST (guest error, host socket error,
+            /// timeout).
+            conns_killed,
+            /// Connection requests refused because the device holds its maximum.
+            conns_refused,
+            /// Guest connections to a host port nobody listens on.
+            connect_fails,
+            /// Host connections closed before or for their CONNECT line.
+            handshake_fails,
+            /// Guest data the host socket refused (it failed, not just full).
+            tx_write_fails,
+            /// Guest packets that were malformed or not valid where they came.
+            malformed_packets,
+            /// Guests that sent more than their credit.
+            credit_violations,
+            /// RSTs answering packets of no connection.
+            rst_replies,
+            /// Such RSTs dropped because too many waited for receive buffers.
+            replies_dropped,
+            /// Receive or event chains returned unused for their shape.
+            rx_malformed_chains,
+            /// Times the guest broke a queue (the device then waits for a reset).
+            queue_broken],
+    }
+);
+metric_group!(
     /// Signals ember received.
     SignalMetrics {
         counters: [sigterm, sigint, sighup],
@@ -332,6 +362,7 @@ pub struct Metrics {
     pub i8042: I8042Metrics,
     pub block: BlockMetrics,
     pub net: NetMetrics,
+    pub vsock: VsockMetrics,
     pub signals: SignalMetrics,
     pub seccomp: SeccompMetrics,
     pub metrics: MetricsSystemMetrics,
@@ -355,6 +386,7 @@ impl Metrics {
             i8042: I8042Metrics::new(),
             block: BlockMetrics::new(),
             net: NetMetrics::new(),
+            vsock: VsockMetrics::new(),
             signals: SignalMetrics::new(),
             seccomp: SeccompMetrics::new(),
             metrics: MetricsSystemMetrics::new(),
@@ -376,7 +408,7 @@ impl Metrics {
         }
     }
 
-    fn groups(&self) -> [(&'static str, &dyn Group); 14] {
+    fn groups(&self) -> [(&'static str, &dyn Group); 15] {
         [
             ("api_server", &self.api_server),
             ("get_api_requests", &self.get_api_requests),
@@ -389,6 +421,7 @@ impl Metrics {
             ("i8042", &self.i8042),
             ("block", &self.block),
             ("net", &self.net),
+            ("vsock", &self.vsock),
             ("signals", &self.signals),
             ("seccomp", &self.seccomp),
             ("metrics", &self.metrics),
@@ -661,6 +694,7 @@ mod tests {
             "vcpu",
             "block",
             "net",
+            "vsock",
             "seccomp",
             "signals",
             "latencies_us",

@@ -7,6 +7,7 @@ pub mod pci;
 #[cfg(test)]
 pub mod test_utils;
 pub mod transport;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
