@@ -315,6 +315,36 @@ metric_group!(
     }
 );
 metric_group!(
+    /// vsock devices: rx is toward the guest, tx from it.
+    VsockMetrics {
+        counters: [rx_packets_count, tx_packets_count, rx_bytes_count, tx_bytes_count,
+            conns_added, conns_removed,
+            /// Connections the device ended with an RST (guest error, host socket error,
+            /// timeout).
+            conns_killed,
+            /// Connection requests refused because the device holds its maximum.
+            conns_refused,
+            /// Guest connections to a host port nobody listens on.
+            connect_fails,
+            /// Host connections closed before or for their CONNECT line.
+            handshake_fails,
+            /// Guest data the host socket refused (it failed, not just full).
+            tx_write_fails,
+            /// Guest packets that were malformed or not valid where they came.
+            malformed_packets,
+            /// Guests that sent more than their credit.
+            credit_violations,
+            /// RSTs answering packets of no connection.
+            rst_replies,
+            /// Such RSTs dropped because too many waited for receive buffers.
+            replies_dropped,
+            /// Receive or event chains returned unused for their shape.
+            rx_malformed_chains,
+            /// Times the guest broke a queue (the device then waits for a reset).
+            queue_broken],
+    }
+);
+metric_group!(
     /// Signals ember received.
     SignalMetrics {
         counters: [sigterm, sigint, sighup],
@@ -347,6 +377,7 @@ pub struct Metrics {
     pub block: BlockMetrics,
     pub net: NetMetrics,
     pub entropy: EntropyMetrics,
+    pub vsock: VsockMetrics,
     pub signals: SignalMetrics,
     pub seccomp: SeccompMetrics,
     pub metrics: MetricsSystemMetrics,
@@ -371,6 +402,7 @@ impl Metrics {
             block: BlockMetrics::new(),
             net: NetMetrics::new(),
             entropy: EntropyMetrics::new(),
+            vsock: VsockMetrics::new(),
             signals: SignalMetrics::new(),
             seccomp: SeccompMetrics::new(),
             metrics: MetricsSystemMetrics::new(),
@@ -392,7 +424,7 @@ impl Metrics {
         }
     }
 
-    fn groups(&self) -> [(&'static str, &dyn Group); 15] {
+    fn groups(&self) -> [(&'static str, &dyn Group); 16] {
         [
             ("api_server", &self.api_server),
             ("get_api_requests", &self.get_api_requests),
@@ -406,6 +438,7 @@ impl Metrics {
             ("block", &self.block),
             ("net", &self.net),
             ("entropy", &self.entropy),
+            ("vsock", &self.vsock),
             ("signals", &self.signals),
             ("seccomp", &self.seccomp),
             ("metrics", &self.metrics),
@@ -678,6 +711,8 @@ mod tests {
             "vcpu",
             "block",
             "net",
+            "entropy",
+            "vsock",
             "seccomp",
             "signals",
             "latencies_us",

@@ -8,6 +8,7 @@ pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
 pub mod transport;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
