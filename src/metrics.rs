@@ -218,7 +218,8 @@ metric_group!(
             machine_cfg_fails, metrics_count, metrics_fails, network_count, network_fails,
             snapshot_create_count, snapshot_create_fails, snapshot_load_count,
             snapshot_load_fails, vfio_count, vfio_fails, mmds_count, mmds_fails,
-            mmds_config_count, mmds_config_fails, entropy_count, entropy_fails],
+            mmds_config_count, mmds_config_fails, entropy_count, entropy_fails, vsock_count,
+            vsock_fails],
     }
 );
 metric_group!(

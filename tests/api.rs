@@ -407,7 +407,13 @@ fn bad_requests_get_400_and_change_nothing() {
             r#"{"amount_mib": 1}"#,
             "not supported by ember yet",
         ),
-        ("PUT", "/vsock", r#"{}"#, "not supported by ember yet"),
+        ("PUT", "/vsock", r#"{}"#, "missing field `guest_cid`"),
+        (
+            "PUT",
+            "/vsock",
+            r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#,
+            "vsock.guest_cid must be 3 or more",
+        ),
         (
             "PUT",
             "/entropy",
@@ -1091,11 +1097,18 @@ fn mmds_document_and_configuration_through_the_api() {
         "/entropy",
         r#"{"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100}}}"#,
     );
+    ok(
+        "PUT",
+        "/vsock",
+        r#"{"vsock_id": "1", "guest_cid": 52, "uds_path": "/tmp/ember-test-v.sock"}"#,
+    );
     let config = vm.call("GET", "/vm/config", None).json();
     assert_eq!(
         config["entropy"]["rate_limiter"]["bandwidth"]["size"], 4096,
         "{config}"
     );
+    assert_eq!(config["vsock"]["guest_cid"], 52, "{config}");
+    assert_eq!(config["vsock"]["uds_path"], "/tmp/ember-test-v.sock");
     assert_eq!(
         config["mmds-config"],
         serde_json::json!({"version": "V2", "network_interfaces": ["eth0"],
@@ -1117,4 +1130,125 @@ fn mmds_document_and_configuration_through_the_api() {
         3,
         "is not valid JSON",
     );
+}
+
+/// The configuration flow of the firecracker-python SDK (0.0.5), request for request:
+/// boot source, root drive, machine, network interface, MMDS config (V2, its address, the
+/// interface) and document, vsock, start, then pause and resume. Where the guest is not
+/// needed it is checked from the host: the configuration as GET /vm/config reports it,
+/// and vsock's socket, which takes a `CONNECT` and, the probe having no vsock driver to
+/// ask, closes the connection.
+#[test]
+fn a_firecracker_sdk_configuration_flow_runs_unchanged() {
+    use common::netns::TestNetns;
+    let ns = match TestNetns::new("sdk") {
+        Ok(ns) => ns,
+        Err(e) => {
+            cannot_run(&format!("cannot create a network namespace: {e}"));
+            return;
+        }
+    };
+    if let Err(e) = ns.add_tap("tap-sdk") {
+        cannot_run(&format!("cannot create a TAP device: {e}"));
+        return;
+    }
+    let dir = Scratch::new("sdk");
+    let sock = dir.path("api.sock");
+    let uds = dir.path("v.sock");
+    let disk = disk_image(&dir, "rootfs.ext4", 0, 2048);
+    let cmd = ns.ember_command(&["--api-sock", sock.to_str().unwrap()]);
+    let vm = ApiVm::start_command(Scratch::new("sdk-api"), sock, cmd);
+    let steps = [
+        (
+            "PUT",
+            "/boot-source",
+            serde_json::json!({
+                "kernel_image_path": probe_elf(),
+                "boot_args": probe_args(2, 256, "probe.count=400"),
+            }),
+        ),
+        (
+            "PUT",
+            "/drives/rootfs",
+            serde_json::json!({
+                "drive_id": "rootfs", "path_on_host": disk,
+                "is_root_device": true, "is_read_only": false,
+            }),
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256}),
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            serde_json::json!({
+                "iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap-sdk",
+            }),
+        ),
+        (
+            "PUT",
+            "/mmds/config",
+            serde_json::json!({
+                "version": "V2", "ipv4_address": "169.254.169.254", "network_interfaces": ["eth0"],
+            }),
+        ),
+        (
+            "PUT",
+            "/mmds",
+            serde_json::json!({
+                "latest": {"meta-data": {"instance-id": "vm-sdk", "local-hostname": "sdk-host"}},
+            }),
+        ),
+        (
+            "PUT",
+            "/vsock",
+            serde_json::json!({"guest_cid": 3, "uds_path": uds}),
+        ),
+        (
+            "PUT",
+            "/actions",
+            serde_json::json!({"action_type": "InstanceStart"}),
+        ),
+        ("PATCH", "/vm", serde_json::json!({"state": "Paused"})),
+        ("PATCH", "/vm", serde_json::json!({"state": "Resumed"})),
+    ];
+    for (method, path, body) in &steps {
+        let r = vm.call(method, path, Some(&body.to_string()));
+        assert_eq!(r.status, 204, "{method} {path}: {r:?}");
+    }
+    let config = vm.call("GET", "/vm/config", None).json();
+    assert_eq!(
+        config["network-interfaces"][0]["guest_mac"],
+        "06:00:ac:10:00:02"
+    );
+    assert_eq!(config["mmds-config"]["version"], "V2");
+    assert_eq!(config["vsock"]["guest_cid"], 3);
+    assert_eq!(
+        vm.call("GET", "/mmds", None).json()["latest"]["meta-data"]["instance-id"],
+        "vm-sdk"
+    );
+    assert_eq!(vm.call("GET", "/", None).json()["state"], "Running");
+
+    // The host side of vsock: ember listens on uds_path; with no guest driver to ask, the
+    // host's connection is closed without an answer.
+    let mut host = UnixStream::connect(&uds).expect("ember listens on uds_path");
+    host.write_all(b"CONNECT 52\n").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = host.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the connection was never closed"
+    );
+    let metrics = vm.call("GET", "/metrics/prometheus", None).body;
+    assert!(
+        metrics.contains("ember_put_api_requests_vsock_count 1"),
+        "{metrics}"
+    );
+    let _ = vm.terminate();
 }

@@ -449,6 +449,7 @@ fn network_overrides_reattach_an_interface_to_another_tap() {
     let mut vm = api_vm_in(&ns, "snap-net");
     let dir = Scratch::new("snap-net-files");
     let (state, mem) = (dir.path("state"), dir.path("mem"));
+    let uds = dir.path("v.sock");
     for (path, body) in [
         (
             "/machine-config",
@@ -469,6 +470,10 @@ fn network_overrides_reattach_an_interface_to_another_tap() {
         (
             "/entropy",
             r#"{"rate_limiter":{"ops":{"size":10,"refill_time":100}}}"#.to_owned(),
+        ),
+        (
+            "/vsock",
+            serde_json::json!({"guest_cid": 7, "uds_path": uds}).to_string(),
         ),
         ("/actions", r#"{"action_type":"InstanceStart"}"#.to_owned()),
     ] {
@@ -499,7 +504,11 @@ fn network_overrides_reattach_an_interface_to_another_tap() {
         config["machine-config"]["track_dirty_pages"], true,
         "{config}"
     );
-    // The entropy device and the metadata service's configuration came with it.
+    // The entropy and vsock devices and the metadata service's configuration came with
+    // it; the restored vsock device listens on its socket again (the old one's file was
+    // left behind and is replaced).
+    assert_eq!(config["vsock"]["guest_cid"], 7, "{config}");
+    assert!(std::os::unix::net::UnixStream::connect(&uds).is_ok());
     assert_eq!(
         config["entropy"]["rate_limiter"]["ops"]["size"], 10,
         "{config}"

@@ -40,17 +40,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/mmds"),
     ("PUT", "/mmds/config"),
     ("PUT", "/entropy"),
+    ("PUT", "/vsock"),
 ];
 
 /// Firecracker resources ember does not have; requests for them get a plain "not supported".
-pub const UNSUPPORTED: &[&str] = &[
-    "balloon",
-    "vsock",
-    "cpu-config",
-    "pmem",
-    "serial",
-    "hotplug",
-];
+pub const UNSUPPORTED: &[&str] = &["balloon", "cpu-config", "pmem", "serial", "hotplug"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -236,6 +230,7 @@ pub fn route(method: &str, target: &str, bytes: &[u8]) -> Result<VmmAction, Rout
         ("GET", ["mmds"]) => GetMmds,
         ("PUT", ["mmds", "config"]) => PutMmdsConfig(body(&endpoint, bytes)?),
         ("PUT", ["entropy"]) => PutEntropy(body(&endpoint, bytes)?),
+        ("PUT", ["vsock"]) => PutVsock(body(&endpoint, bytes)?),
         _ => return Err(not_found()),
     })
 }
@@ -409,7 +404,7 @@ mod tests {
             "invalid request method and/or path: PUT /version"
         );
         assert!(err("PUT", "/balloon", "{}").contains("/balloon resource is not supported"));
-        assert!(err("GET", "/vsock", "").contains("not supported"));
+        assert!(err("GET", "/balloon", "").contains("not supported"));
         assert_eq!(
             err("GET", "/snapshot/create", ""),
             "invalid request method and/or path: GET /snapshot/create"

@@ -9,6 +9,7 @@ pub mod machine_config;
 pub mod net;
 pub mod rate_limiter;
 pub mod vfio;
+pub mod vsock;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,7 @@ pub use logging::{LogLevel, LoggerConfig, MetricsConfig};
 pub use machine_config::{HugePages, Irqchip, MachineConfig, MachineConfigError};
 pub use net::{NetConfig, NetError};
 pub use vfio::{Sbdf, VfioConfig, VfioConfigError};
+pub use vsock::{VsockConfig, VsockConfigError};
 
 /// The config file (`--config-file`) and `GET /vm/config` shape.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -48,8 +50,9 @@ pub struct VmConfig {
     // uses them gets "not supported" rather than a confusing "unknown field".
     #[serde(default, skip_serializing, deserialize_with = "given")]
     pub(crate) balloon: Option<serde_json::Value>,
-    #[serde(default, skip_serializing, deserialize_with = "given")]
-    pub(crate) vsock: Option<serde_json::Value>,
+    /// The virtio-vsock device (`PUT /vsock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     /// The metadata service (`PUT /mmds/config`): its address, token policy and the
     /// interfaces guests reach it through.
     #[serde(
@@ -111,6 +114,8 @@ pub enum ConfigError {
     Vfio(#[from] VfioConfigError),
     #[error("{0}")]
     Entropy(#[from] EntropyError),
+    #[error("{0}")]
+    Vsock(#[from] VsockConfigError),
     #[error("config key {0:?} is not supported by ember yet")]
     Unsupported(&'static str),
 }
@@ -196,7 +201,6 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let unsupported = [
             ("balloon", self.balloon.is_some()),
-            ("vsock", self.vsock.is_some()),
             ("cpu-config", self.cpu_config.is_some()),
             ("pmem", self.pmem.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
@@ -214,6 +218,9 @@ impl VmConfig {
         vfio::validate_devices(&self.vfio)?;
         if let Some(e) = &self.entropy {
             e.validate()?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
         }
         Ok(())
     }
@@ -267,8 +274,8 @@ mod tests {
                 "invalid type",
             ),
             (
-                r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{}}"#,
-                "\"vsock\" is not supported",
+                r#"{"boot-source":{"kernel_image_path":"/k"},"balloon":{}}"#,
+                "\"balloon\" is not supported",
             ),
         ];
         for (text, want) in cases {

@@ -36,6 +36,10 @@ pub struct MicroVmState {
     /// The entropy device, attached after the network interfaces.
     #[serde(default)]
     pub entropy: Option<crate::config::EntropyConfig>,
+    /// The vsock device, attached after the entropy device. Its connections are not
+    /// saved: a restored guest is told they were reset.
+    #[serde(default)]
+    pub vsock: Option<crate::config::VsockConfig>,
 }
 
 impl MicroVmState {

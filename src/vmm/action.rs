@@ -116,6 +116,7 @@ pub enum VmmAction {
     GetMmds,
     PutMmdsConfig(MmdsConfig),
     PutEntropy(crate::config::EntropyConfig),
+    PutVsock(crate::config::VsockConfig),
 }
 
 /// The `GET /` body.

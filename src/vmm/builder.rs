@@ -3,6 +3,7 @@
 //! vCPUs configured but not started.
 
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{self, Vsock};
 use crate::mmds::Mmds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,8 @@ pub enum BuildError {
     Net(#[from] NetError),
     #[error("{0}")]
     Entropy(#[from] crate::devices::virtio::rng::RngError),
+    #[error("{0}")]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(
         "the kernel command line with ember's device parameters is {len} bytes; the boot protocol allows at most {max}"
     )]
@@ -123,6 +126,8 @@ pub struct BuildOptions {
     pub mmds: Option<Arc<Mutex<Mmds>>>,
     /// The virtio-rng device, when configured.
     pub entropy: Option<crate::config::EntropyConfig>,
+    /// The virtio-vsock device, when configured.
+    pub vsock: Option<crate::config::VsockConfig>,
 }
 
 /// The metadata service for interface `iface_id`, if its configuration names it.
@@ -442,6 +447,18 @@ fn create_vcpus(
     Ok(vcpu_fds)
 }
 
+/// What `attach_devices` attached.
+struct AttachedDevices {
+    devices: DeviceManager,
+    blocks: AttachedDrives,
+    /// The root drive's command-line words.
+    root_args: Vec<String>,
+    nets: AttachedNets,
+    /// Told of a transport reset after a snapshot load (x86_64 only so far).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    vsock: Option<Arc<Mutex<Vsock>>>,
+}
+
 /// Every device a configuration names, attached in the one order a snapshot relies on:
 /// the platform's, the PCI root, drives (root first), network interfaces, VFIO functions.
 #[allow(clippy::too_many_arguments)]
@@ -454,7 +471,7 @@ fn attach_devices(
     vfio: &[VfioConfig],
     opts: &BuildOptions,
     on_first_byte: Option<Box<dyn FnOnce() + Send>>,
-) -> Result<(DeviceManager, AttachedDrives, Vec<String>, AttachedNets), BuildError> {
+) -> Result<AttachedDevices, BuildError> {
     let mut devices = DeviceManager::new()?;
     devices.attach_platform(vm, machine.vcpu_count, &opts.stop, on_first_byte)?;
     #[cfg(target_arch = "x86_64")]
@@ -482,9 +499,31 @@ fn attach_devices(
             devices.attach_virtio(vm, guest_memory, "entropy", Arc::new(Mutex::new(device)))?;
         log::info!("entropy device {placement}");
     }
+    let vsock = match &opts.vsock {
+        Some(config) => {
+            let device = Arc::new(Mutex::new(Vsock::new(vsock::VsockConfig {
+                guest_cid: config.guest_cid,
+                uds_path: config.uds_path.clone().into(),
+            })?));
+            let placement = devices.attach_virtio(vm, guest_memory, "vsock", device.clone())?;
+            log::info!(
+                "vsock device: guest CID {}, host socket {} {placement}",
+                config.guest_cid,
+                config.uds_path
+            );
+            Some(device)
+        }
+        None => None,
+    };
     #[cfg(target_arch = "x86_64")]
     devices.attach_vfio(vm, guest_memory, vfio)?;
-    Ok((devices, blocks, root_args, nets))
+    Ok(AttachedDevices {
+        devices,
+        blocks,
+        root_args,
+        nets,
+        vsock,
+    })
 }
 
 /// Builds a microVM, from `prepared` if it was made for this machine configuration.
@@ -517,7 +556,13 @@ pub fn build_microvm(
     };
     let irqchip = vm.irqchip().unwrap_or(machine.irqchip);
     let vcpu_fds = create_vcpus(&vm, &kvm, machine)?;
-    let (devices, blocks, root_args, nets) = attach_devices(
+    let AttachedDevices {
+        devices,
+        blocks,
+        root_args,
+        nets,
+        vsock: _,
+    } = attach_devices(
         &vm,
         &guest_memory,
         machine,
@@ -611,7 +656,13 @@ pub fn restore_microvm(
     let kvm = KvmContext::open()?;
     let vm = vm_with_memory(&kvm, &guest_memory, track_dirty_pages, state.irqchip)?;
     let vcpu_fds = create_vcpus(&vm, &kvm, &state.machine_config)?;
-    let (devices, blocks, _, nets) = attach_devices(
+    let AttachedDevices {
+        devices,
+        blocks,
+        nets,
+        vsock,
+        ..
+    } = attach_devices(
         &vm,
         &guest_memory,
         &state.machine_config,
@@ -638,6 +689,13 @@ pub fn restore_microvm(
             ),
         )
         .map_err(SnapshotError::from)?;
+    // Connections did not survive the snapshot: the guest's driver is told to drop its
+    // side of them.
+    if let Some(v) = vsock {
+        v.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_transport_reset();
+    }
     Ok(MicroVm {
         vcpus,
         devices,

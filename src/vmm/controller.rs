@@ -335,6 +335,12 @@ impl Controller {
                 self.resources.entropy = Some(config);
                 Ok(VmmData::Empty)
             }
+            PutVsock(config) => {
+                self.pre_boot("PUT /vsock")?;
+                config.validate().map_err(ConfigError::from)?;
+                self.resources.vsock = Some(config);
+                Ok(VmmData::Empty)
+            }
             PutMmdsConfig(config) => {
                 self.pre_boot("PUT /mmds/config")?;
                 empty(self.put_mmds_config(config))
@@ -545,6 +551,7 @@ impl Controller {
                     .is_some()
                     .then(|| self.mmds.clone()),
                 entropy: self.resources.entropy.clone(),
+                vsock: self.resources.vsock.clone(),
             },
         )?;
         self.launch(microvm, events, true)?;
@@ -819,6 +826,7 @@ impl Controller {
             devices,
             mmds_config: self.resources.mmds_config.clone(),
             entropy: self.resources.entropy.clone(),
+            vsock: self.resources.vsock.clone(),
         };
         let bytes = state.encode().map_err(fail)?;
         let write_err = |e| fail(crate::snapshot::file::FileError::Write(e).into());
@@ -953,6 +961,7 @@ impl Controller {
                 enable_pci: false,
                 mmds: state.mmds_config.is_some().then(|| self.mmds.clone()),
                 entropy: state.entropy.clone(),
+                vsock: state.vsock.clone(),
             },
         )
         .map_err(|e| {
@@ -977,6 +986,7 @@ impl Controller {
         self.resources.network_interfaces = std::mem::take(&mut state.network_interfaces);
         self.resources.mmds_config = state.mmds_config.take();
         self.resources.entropy = state.entropy.take();
+        self.resources.vsock = state.vsock.take();
         let us = started.elapsed().as_micros() as u64;
         METRICS.latencies_us.load_snapshot_us.set(us);
         log::info!(
@@ -1116,5 +1126,6 @@ fn request_counters(
         GetMmds => (&get.mmds_count, None),
         PutMmdsConfig(_) => (&put.mmds_config_count, Some(&put.mmds_config_fails)),
         PutEntropy(_) => (&put.entropy_count, Some(&put.entropy_fails)),
+        PutVsock(_) => (&put.vsock_count, Some(&put.vsock_fails)),
     }
 }

@@ -197,6 +197,9 @@ pub fn config_actions(config: VmConfig) -> Vec<VmmAction> {
     if let Some(e) = config.entropy {
         actions.push(VmmAction::PutEntropy(e));
     }
+    if let Some(v) = config.vsock {
+        actions.push(VmmAction::PutVsock(v));
+    }
     actions.push(VmmAction::InstanceStart);
     actions
 }

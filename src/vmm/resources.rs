@@ -39,6 +39,8 @@ pub struct VmResources {
     pub mmds_config: Option<crate::mmds::MmdsConfig>,
     /// The virtio-rng device (`PUT /entropy`).
     pub entropy: Option<crate::config::EntropyConfig>,
+    /// The virtio-vsock device (`PUT /vsock`).
+    pub vsock: Option<crate::config::VsockConfig>,
 }
 
 impl VmResources {
@@ -115,6 +117,7 @@ impl VmResources {
             metrics: self.metrics.clone(),
             mmds_config: self.mmds_config.clone(),
             entropy: self.entropy.clone(),
+            vsock: self.vsock.clone(),
             ..Default::default()
         }
     }

@@ -138,6 +138,12 @@ impl LinuxVm {
         }
     }
 
+    /// ember's process id.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A connection to ember's API.
     pub fn api(&self) -> ApiClient {
         ApiClient::connect(

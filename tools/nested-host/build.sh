@@ -81,7 +81,7 @@ flock 9
 
 stamp_input="$(
     echo "$arch $KERNEL_PACKAGE $KERNEL_VERSION $BUSYBOX_VERSION $OUTER_MODULES $GUEST_MODULES $GUEST_EXTRA_MODULES"
-    cat "$here/build.sh" "$here/outer-init" "$here/guest-init"
+    cat "$here/build.sh" "$here/outer-init" "$here/guest-init" "$here/vsock-test.c"
     # The outer host runs ember and the test binaries with these C libraries.
     sha256sum "$LOADER" "$LIBS_FROM/libc.so.6"
 )"
@@ -94,6 +94,12 @@ need=()
 command -v cpio >/dev/null || need+=(cpio)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+if [ "$arch" = amd64 ]; then
+    { command -v gcc >/dev/null && [ -f /usr/lib/x86_64-linux-gnu/libc.a ]; } || need+=(gcc libc6-dev)
+else
+    { command -v aarch64-linux-gnu-gcc >/dev/null && [ -f /usr/aarch64-linux-gnu/lib/libc.a ]; } ||
+        need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+fi
 command -v apt-get >/dev/null || die "apt-get is missing: the images are built from Debian packages"
 if [ ${#need[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || die "missing ${need[*]}; install them (apt-get install ${need[*]}) or run as root"
@@ -205,6 +211,10 @@ make_cpio outer outer.cpio
 stage_busybox guest
 stage_modules guest $GUEST_MODULES $GUEST_EXTRA_MODULES
 echo "$GUEST_MODULES" >guest/etc/modules
+# The guest side of the vsock tests (busybox has no AF_VSOCK), static like busybox.
+if [ "$arch" = amd64 ]; then guest_cc=gcc; else guest_cc=aarch64-linux-gnu-gcc; fi
+"$guest_cc" -static -O2 -o guest/bin/vsock-test "$here/vsock-test.c" ||
+    die "cannot build vsock-test with $guest_cc"
 mkdir -p guest/newroot
 install -m 0755 "$here/guest-init" guest/init
 make_cpio guest guest.cpio

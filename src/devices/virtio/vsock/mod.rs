@@ -790,8 +790,10 @@ impl Vsock {
             peer_port: port,
         };
         let conn = Connection::host_initiated(stream, key, Instant::now() + REQUEST_TIMEOUT);
-        // Same socket as during the handshake: already watched.
-        self.add_conn(conn, false);
+        // The socket was watched for reading only during the handshake; a connection's is
+        // watched for writing too (to flush what the host could not take at once), so the
+        // loop must register it again.
+        self.add_conn(conn, true);
     }
 
     fn on_timer(&mut self) {

@@ -439,6 +439,15 @@ fn host_initiated_connection_carries_data_both_ways() {
     let local = h.src_port;
     r.send(ghdr(OP_RESPONSE, 1234, local), &[]);
     assert_eq!(read_line(&mut r, &mut host), format!("OK {local}\n"));
+    // From now on the event loop must also report when the host can take more: the
+    // socket is watched for writing, which it was not during the handshake.
+    r.pump();
+    let writable: Vec<_> = r
+        .watched
+        .iter()
+        .filter(|(_, set)| set.contains(EventSet::OUT))
+        .collect();
+    assert_eq!(writable.len(), 1, "{:?}", r.watched);
 
     // Host to guest.
     let to_guest = pattern(1, 100_000);
@@ -1132,4 +1141,31 @@ fn connections_beyond_the_maximum_are_refused() {
     // A host process is turned away too.
     let mut host = UnixStream::connect(&r.uds).unwrap();
     assert!(host_sees_eof(&mut r, &mut host));
+}
+
+/// A host process that reads only after the guest sent more than its socket holds: what
+/// waited in the device reaches it once the socket has room again (the device learns that
+/// from the event loop, so a host-initiated connection's socket must be watched for
+/// writing once the handshake is over).
+#[test]
+fn a_host_initiated_connection_flushes_when_the_host_catches_up() {
+    let mut r = Rig::new();
+    r.give_rx(64);
+    let mut host = UnixStream::connect(&r.uds).unwrap();
+    // The device takes the connection before its line comes, as an event loop usually does.
+    r.pump();
+    host.write_all(b"CONNECT 77\n").unwrap();
+    let req = r.wait_rx();
+    let local = req[0].hdr.src_port;
+    r.send(ghdr(OP_RESPONSE, 77, local), &[]);
+    assert_eq!(read_line(&mut r, &mut host), format!("OK {local}\n"));
+    // More than a Unix socket's default buffer (about 208 KiB), less than the 256 KiB the
+    // device holds beyond it.
+    let to_host = pattern(3, 380_000);
+    for chunk in to_host.chunks(20_000) {
+        r.send(ghdr(OP_RW, 77, local), chunk);
+    }
+    assert!(r.dev.buffered_bytes() > 0, "the host socket took it all");
+    assert_eq!(host_read(&mut r, &mut host, to_host.len()), to_host);
+    assert_eq!(r.dev.buffered_bytes(), 0);
 }
