@@ -79,8 +79,11 @@ pub enum CpuTemplate {
     V1N1,
 }
 
-fn no_template(t: &Option<CpuTemplate>) -> bool {
-    matches!(t, None | Some(CpuTemplate::None))
+fn template_or_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<CpuTemplate>, D::Error> {
+    let t: Option<CpuTemplate> = Deserialize::deserialize(d)?;
+    Ok(t.filter(|t| *t != CpuTemplate::None))
 }
 
 /// The `machine-config` body and config-file key.
@@ -95,8 +98,12 @@ pub struct MachineConfig {
     pub track_dirty_pages: bool,
     #[serde(default)]
     pub huge_pages: HugePages,
-    /// Not shown when there is none (`None` included), as clients expect.
-    #[serde(default, skip_serializing_if = "no_template")]
+    /// `"None"` is read as no template, and no template is not shown, as clients expect.
+    #[serde(
+        default,
+        deserialize_with = "template_or_none",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cpu_template: Option<CpuTemplate>,
     /// Shown only when not the default, so Firecracker clients see the shape they know.
     #[serde(default, skip_serializing_if = "Irqchip::is_default")]
@@ -294,12 +301,14 @@ mod tests {
 
     #[test]
     fn no_template_not_shown() {
+        let none: MachineConfig = serde_json::from_str(
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "None"}"#,
+        )
+        .unwrap();
+        assert_eq!(none.cpu_template, None);
+        let shown = serde_json::to_value(&none).unwrap();
+        assert!(shown.get("cpu_template").is_none(), "{shown}");
         let mut c = config(1, 128);
-        for t in [None, Some(CpuTemplate::None)] {
-            c.cpu_template = t;
-            let shown = serde_json::to_value(&c).unwrap();
-            assert!(shown.get("cpu_template").is_none(), "{shown}");
-        }
         c.cpu_template = Some(CpuTemplate::T2S);
         assert_eq!(serde_json::to_value(&c).unwrap()["cpu_template"], "T2S");
         let keys: Vec<String> = serde_json::to_value(config(2, 256))

@@ -76,8 +76,9 @@ impl VmResources {
         if let Some(v) = update.huge_pages {
             next.huge_pages = v;
         }
-        if update.cpu_template.is_some() {
-            next.cpu_template = update.cpu_template;
+        if let Some(t) = update.cpu_template {
+            // "None" takes a template away.
+            next.cpu_template = (t != CpuTemplate::None).then_some(t);
         }
         if let Some(v) = update.irqchip {
             next.irqchip = v;
