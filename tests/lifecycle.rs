@@ -237,7 +237,13 @@ fn not_yet_effective_flags_are_accepted_and_logged() {
     r.assert_probe_passed(PROBE_CHECKS);
     assert!(
         r.stderr
-            .contains("--mmds-size-limit is accepted but not yet effective"),
+            .contains("--start-time-cpu-us is accepted but not yet effective"),
+        "{}",
+        r.stderr
+    );
+    // The metadata service's size limit is a working flag now, not a logged one.
+    assert!(
+        !r.stderr.contains("--mmds-size-limit is accepted"),
         "{}",
         r.stderr
     );
