@@ -12,6 +12,7 @@ pub mod config;
 pub mod devices;
 pub mod exit_code;
 pub mod host_file;
+pub mod host_random;
 pub mod logger;
 pub mod memory;
 pub mod metrics;

@@ -102,23 +102,7 @@ impl TokenAuthority {
 
 /// Fills `buf` from the kernel's CSPRNG.
 pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), TokenError> {
-    let mut filled = 0;
-    while let Some(rest) = buf.get_mut(filled..) {
-        if rest.is_empty() {
-            break;
-        }
-        // SAFETY: the pointer and length describe `rest`, a live, writable slice.
-        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if got < 0 {
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            if errno == libc::EINTR {
-                continue;
-            }
-            return Err(TokenError::Entropy(errno));
-        }
-        filled = filled.saturating_add(got.unsigned_abs());
-    }
-    Ok(())
+    crate::host_random::fill(buf).map_err(|e| TokenError::Entropy(e.raw_os_error().unwrap_or(0)))
 }
 
 const BASE64_ALPHABET: &[u8; 64] =

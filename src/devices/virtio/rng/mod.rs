@@ -43,6 +43,8 @@ pub struct Rng {
     limiter: RateLimiter,
     /// Random bytes for one request, reused.
     buffer: Vec<u8>,
+    /// The descriptors of the request being answered, reused.
+    descs: Vec<virtio_queue::desc::split::Descriptor>,
     /// The queue's rings were found inconsistent: not touched until the driver resets.
     broken: bool,
     metrics: DeviceCounters<EntropyMetrics>,
@@ -59,6 +61,7 @@ impl Rng {
             active: None,
             limiter,
             buffer: Vec::with_capacity(MAX_REQUEST_BYTES),
+            descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             broken: false,
             metrics: DeviceCounters::new(&METRICS.entropy),
         })
@@ -95,7 +98,9 @@ impl Rng {
                 }
             };
             let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
+            self.descs.clear();
+            self.descs.extend(chain);
+            let descs = &self.descs;
             // Only device-writable buffers; a chain with another kind is not a request.
             let wanted = if descs.iter().all(|d| d.is_write_only()) {
                 descs
@@ -123,8 +128,9 @@ impl Rng {
             let written = if wanted == 0 {
                 0
             } else {
-                match fill_random(&mut self.buffer, wanted) {
-                    Ok(()) => write_buffers(&active.mem, &descs, &self.buffer),
+                self.buffer.resize(wanted, 0);
+                match crate::host_random::fill(&mut self.buffer) {
+                    Ok(()) => write_buffers(&active.mem, descs, &self.buffer),
                     Err(e) => {
                         self.metrics.inc(|m| &m.host_rng_fails);
                         crate::rate_limited_log!(
@@ -164,26 +170,6 @@ fn queue_broken(broken: &mut bool, what: &str) {
         );
     }
     *broken = true;
-}
-
-/// `len` random bytes from the host's `getrandom` (the same pool /dev/urandom reads) into
-/// `buffer`.
-fn fill_random(buffer: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
-    buffer.resize(len, 0);
-    let mut got = 0;
-    while got < len {
-        // SAFETY: writes at most `len - got` bytes into the live buffer from `got`.
-        let n = unsafe { libc::getrandom(buffer[got..].as_mut_ptr().cast(), len - got, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        got += n as usize;
-    }
-    Ok(())
 }
 
 /// Writes `bytes` across the chain's buffers in order; returns how many were written (a
